@@ -1,0 +1,120 @@
+"""tastebud: `create_app()` builds the site; `python app.py` serves it with its job worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flask import Flask, render_template, request
+from flask_login import LoginManager
+from flask_migrate import Migrate, upgrade
+from flask_wtf.csrf import CSRFProtect
+from sqlalchemy import event
+
+from rating import admin, auth, crowd, jobs, me, media, rate
+from rating.limits import limiter
+from rating.models import User, db
+from rating.settings import load_settings
+
+MIGRATIONS = str(Path(__file__).resolve().parent / "migrations")
+
+csrf = CSRFProtect()
+migrate = Migrate()
+login_manager = LoginManager()
+login_manager.login_view = "auth.login"
+login_manager.login_message = "Sign in to continue."
+
+
+@login_manager.user_loader
+def load_user(user_id: str) -> User | None:
+    """Return the signed-in person from the session's id."""
+    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+
+
+def create_app(test_config: dict | None = None, instance_path: str | None = None) -> Flask:
+    """Build the app: settings, extensions, blueprints, error pages; migrate the database."""
+    instance_path = instance_path or os.environ.get("TASTEBUD_INSTANCE_PATH") or None
+    app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
+    load_settings(app, test_config)
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    limiter.init_app(app)
+    jobs.init_app(app)
+    for module in (auth, rate, me, crowd, admin, media):
+        app.register_blueprint(module.bp)
+    register_error_pages(app)
+
+    with app.app_context():
+        if db.engine.dialect.name == "sqlite":
+            event.listen(db.engine, "connect", _tune_sqlite)
+        if app.config["AUTO_MIGRATE"]:
+            upgrade(directory=MIGRATIONS)
+    return app
+
+
+def _tune_sqlite(dbapi_connection, _record) -> None:
+    """Use WAL (readers never wait for the writer) and wait, not fail, on a locked database."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
+    cursor.execute("PRAGMA busy_timeout=15000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def register_error_pages(app: Flask) -> None:
+    """Answer errors with a page (or an htmx fragment) that says what to do next."""
+    hints = {
+        400: ("That request was not understood.", "Reload the page and try again."),
+        403: ("That is not allowed for your account.", "Ask an admin if you need access."),
+        404: ("Nothing here.", "It may have been removed, or it is not yours to see."),
+        413: ("That upload is too large.", "Send a smaller file."),
+        429: ("Too many attempts.", "Wait a minute, then try again."),
+        500: ("Something went wrong on our side.", "Your ratings are safe; try again."),
+    }
+
+    def render_error(error):
+        code = getattr(error, "code", 500) or 500
+        if code >= 500:
+            db.session.rollback()
+        title, hint = hints.get(code, (getattr(error, "name", "Error"), "Go back and try again."))
+        detail = getattr(error, "description", "") if code == 400 else ""
+        context = dict(code=code, title=title, hint=hint, detail=detail)
+        if not request.headers.get("HX-Request"):
+            return render_template("error.html", **context), code
+        # htmx: show the message above the page and leave what is on screen as it is
+        headers = {"HX-Retarget": "#notice", "HX-Reswap": "innerHTML"}
+        return render_template("_error.html", **context), code, headers
+
+    for code in hints:
+        app.register_error_handler(code, render_error)
+
+
+def main() -> None:
+    """Serve the site with waitress and run the job worker in this process."""
+    import waitress
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app()
+    consumer = None
+    if app.config["EMBEDDED_WORKER"] and app.config["QUEUE"] != "immediate":
+        with app.app_context():
+            stuck = jobs.fail_orphaned_jobs()
+        if stuck:
+            logging.warning("marked %d job(s) left running by a stopped worker as failed", stuck)
+        consumer = jobs.start_embedded_worker(app)
+    host, port = app.config["HOST"], int(app.config["PORT"])
+    print(f"tastebud is running on http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+    try:
+        waitress.serve(app, host=host, port=port, threads=int(app.config["SERVER_THREADS"]))
+    finally:
+        if consumer is not None:
+            consumer.stop()
+
+
+if __name__ == "__main__":
+    main()

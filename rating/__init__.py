@@ -1,0 +1,1 @@
+"""The web side of tastebud: everything that knows about Flask, HTTP or the database."""

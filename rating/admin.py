@@ -1,0 +1,115 @@
+"""Admin pages: image sources (the demo pack for now), jobs, and people."""
+
+from __future__ import annotations
+
+import click
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required
+from sqlalchemy import func, select
+
+from rating import jobs
+from rating.auth import admin_required
+from rating.models import Image, Job, Rating, Source, User, db, get_or_404
+from rating.rate import page_or_fragment
+from rating.sources import demo  # noqa: F401 - registers the demo_pack job
+
+bp = Blueprint("admin", __name__, url_prefix="/admin", cli_group="images")
+
+MAX_DEMO_PACK = 5000
+
+
+@bp.get("/")
+@admin_required
+def index():
+    """Show the sources with their image counts, the demo pack button, and recent jobs."""
+    sources = db.session.execute(
+        select(Source, func.count(Image.id), func.sum(Image.hidden.cast(db.Integer)))
+        .outerjoin(Image)
+        .group_by(Source.id)
+        .order_by(Source.id.desc())
+    ).all()
+    recent = db.session.scalars(
+        select(Job).where(Job.owner_id == current_user.id).order_by(Job.id.desc()).limit(5)
+    ).all()
+    return render_template("admin/index.html", sources=sources, jobs=recent)
+
+
+@bp.post("/demo")
+@admin_required
+def load_demo():
+    """Queue a job that adds demo-pack images; answer with its progress bar."""
+    count = request.form.get("count", type=int)  # None when missing or not a number
+    if count is None or not 1 <= count <= MAX_DEMO_PACK:
+        abort(400, description=f"Choose between 1 and {MAX_DEMO_PACK} images.")
+    job = jobs.enqueue(
+        "demo_pack", current_user.id, count=count, seed=current_app.config["DEMO_PACK_SEED"]
+    )
+    if not request.headers.get("HX-Request"):
+        return redirect(url_for("admin.index"))
+    return render_template("_job.html", job=job)
+
+
+@bp.get("/jobs/<int:job_id>")
+@login_required
+def job(job_id: int):
+    """Show a job's progress (the widget polls this until the job ends)."""
+    found = get_or_404(Job, job_id, owner=current_user)
+    return page_or_fragment("admin/job.html", "_job.html", job=found)
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+@login_required
+def cancel(job_id: int):
+    """Ask a job to stop."""
+    found = get_or_404(Job, job_id, owner=current_user)
+    if not found.done:
+        jobs.request_stop(found)
+    return page_or_fragment("admin/job.html", "_job.html", job=found)
+
+
+@bp.get("/users")
+@admin_required
+def users():
+    """List accounts with their rating counts."""
+    rows = db.session.execute(
+        select(User, func.count(Rating.id)).outerjoin(Rating).group_by(User.id).order_by(User.id)
+    ).all()
+    return render_template("admin/users.html", rows=rows)
+
+
+@bp.post("/users/<int:user_id>")
+@admin_required
+def update_user(user_id: int):
+    """Grant or remove admin, or disable or enable an account (never your own)."""
+    user = get_or_404(User, user_id)
+    if user.id == current_user.id:
+        flash("You cannot change your own role or lock yourself out.")
+        return redirect(url_for("admin.users"))
+    action = request.form.get("action")
+    changes = {
+        "make_admin": ("is_admin", True), "remove_admin": ("is_admin", False),
+        "disable": ("disabled", True), "enable": ("disabled", False),
+    }
+    if action not in changes:
+        abort(400, description="Unknown action.")
+    setattr(user, *changes[action])
+    db.session.commit()
+    flash(f"{user.username}: {action.replace('_', ' ')} done.")
+    return redirect(url_for("admin.users"))
+
+
+@bp.cli.command("demo")
+@click.option("--count", type=click.IntRange(1, MAX_DEMO_PACK), default=None)
+def demo_command(count: int | None) -> None:
+    """Add demo-pack images to the pool (runs here, not on the queue)."""
+    job = Job(kind="demo_pack", params={
+        "count": count or current_app.config["DEMO_PACK_SIZE"],
+        "seed": current_app.config["DEMO_PACK_SEED"],
+    })
+    db.session.add(job)
+    db.session.commit()
+    jobs.run_job(job.id)
+    db.session.refresh(job)
+    click.echo(f"{job.status}: {job.message}")
+    if job.status != "succeeded":
+        raise click.ClickException(job.error or job.message)

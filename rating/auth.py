@@ -1,0 +1,140 @@
+"""Accounts: register, sign in, sign out, and the `flask user create` command."""
+
+from __future__ import annotations
+
+from functools import wraps
+from urllib.parse import urlsplit
+
+import click
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required, login_user, logout_user
+from flask_wtf import FlaskForm
+from sqlalchemy import func, select
+from wtforms import BooleanField, PasswordField, StringField
+from wtforms.validators import EqualTo, InputRequired, Length, Regexp, ValidationError
+
+from rating.limits import limiter, submitted_username
+from rating.models import User, db
+
+bp = Blueprint("auth", __name__, cli_group="user")
+
+USERNAME_RULES = [
+    InputRequired(),
+    Length(3, 40),
+    Regexp(r"^[A-Za-z0-9_.-]+$", message="Use letters, digits, dot, dash or underscore."),
+]
+
+
+class LoginForm(FlaskForm):
+    username = StringField("Username", [InputRequired(), Length(max=40)])
+    password = PasswordField("Password", [InputRequired(), Length(max=200)])
+    remember = BooleanField("Keep me signed in")
+
+
+class RegisterForm(FlaskForm):
+    username = StringField("Username", USERNAME_RULES)
+    password = PasswordField("Password", [InputRequired(), Length(8, 200)])
+    confirm = PasswordField("Repeat password", [EqualTo("password", "The passwords differ.")])
+
+    def validate_username(self, field):
+        """Refuse a name that is taken, whatever its case."""
+        if find_user(field.data):
+            raise ValidationError("That username is taken.")
+
+
+def find_user(username: str) -> User | None:
+    """Return the account with this username, ignoring case."""
+    name = (username or "").strip().lower()
+    return db.session.scalar(select(User).where(func.lower(User.username) == name))
+
+
+def create_user(username: str, password: str, *, admin: bool = False) -> User:
+    """Create an account; the first account on a site is always an admin."""
+    first = db.session.scalar(select(func.count(User.id))) == 0
+    user = User(username=username.strip(), is_admin=admin or first)
+    user.set_password(password)
+    db.session.add(user)
+    db.session.commit()
+    return user
+
+
+def admin_required(view):
+    """Let only admins through; others get 403."""
+
+    @wraps(view)
+    @login_required
+    def wrapped(*args, **kwargs):
+        if not current_user.is_admin:
+            abort(403)
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def safe_next(target: str | None) -> str:
+    """Return `target` if it is a path on this site, else the home page (no open redirects)."""
+    parts = urlsplit(target or "")
+    if target and not parts.scheme and not parts.netloc and target.startswith("/"):
+        return target
+    return url_for("rate.home")
+
+
+@bp.route("/register", methods=["GET", "POST"])
+def register():
+    """Create an account and sign in."""
+    if not current_app.config["ALLOW_REGISTRATION"]:
+        abort(403)
+    form = RegisterForm()
+    if form.validate_on_submit():
+        user = create_user(form.username.data, form.password.data)
+        login_user(user)
+        flash(f"Welcome, {user.username}!" + (" You are the admin." if user.is_admin else ""))
+        return redirect(url_for("rate.home"))
+    return render_template("auth/register.html", form=form), 400 if form.errors else 200
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT"], methods=["POST"])
+@limiter.limit(
+    lambda: current_app.config["LOGIN_RATE_LIMIT"], methods=["POST"], key_func=submitted_username
+)
+def login():
+    """Sign in with a username and password."""
+    form = LoginForm()
+    if form.validate_on_submit():
+        user = find_user(form.username.data)
+        if user and user.check_password(form.password.data) and user.is_active:
+            login_user(user, remember=form.remember.data)
+            return redirect(safe_next(request.args.get("next")))
+        form.password.errors.append("Wrong username or password.")
+    return render_template("auth/login.html", form=form), 400 if form.errors else 200
+
+
+@bp.route("/logout", methods=["POST"])
+def logout():
+    """Sign out."""
+    logout_user()
+    flash("Signed out.")
+    return redirect(url_for("auth.login"))
+
+
+@bp.cli.command("create")
+@click.argument("username")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option("--admin", is_flag=True, help="Make the account an admin.")
+def create_command(username: str, password: str, admin: bool) -> None:
+    """Create an account: flask --app app user create NAME [--admin]."""
+    problems = list(_check_new_account(username, password))
+    if problems:
+        raise click.ClickException(" ".join(problems))
+    user = create_user(username, password, admin=admin)
+    click.echo(f"created {user.username}" + (" (admin)" if user.is_admin else ""))
+
+
+def _check_new_account(username: str, password: str):
+    if find_user(username):
+        yield f"The username {username!r} is taken."
+    if len(password) < 8:
+        yield "The password needs at least 8 characters."
+    if not USERNAME_RULES[2].regex.match(username) or not 3 <= len(username) <= 40:
+        yield "Usernames are 3–40 letters, digits, dots, dashes or underscores."

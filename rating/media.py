@@ -1,0 +1,54 @@
+"""Serving image files: thumbnails and originals under content-addressed URLs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flask import Blueprint, abort, current_app, send_file
+from flask_login import login_required
+from sqlalchemy import select
+
+from rating.models import Image, db
+from rating.store import ImageStore
+
+bp = Blueprint("media", __name__)
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ONE_YEAR = 365 * 24 * 3600
+
+
+def image_store() -> ImageStore:
+    """Return the image store under the configured storage root."""
+    root = Path(current_app.config["STORAGE_ROOT"]) / "images"
+    return ImageStore(root, thumb_side=current_app.config["THUMBNAIL_SIDE"])
+
+
+def _send_immutable(path: Path, mimetype: str):
+    if not path.is_file():
+        abort(404)
+    response = send_file(path, mimetype=mimetype, max_age=ONE_YEAR, conditional=True)
+    # The URL names the content, so it never changes; private: only signed-in people see it.
+    response.cache_control.immutable = True
+    response.cache_control.private = True
+    response.cache_control.public = False
+    return response
+
+
+@bp.get("/img/<sha256>.jpg")
+@login_required
+def thumb(sha256: str):
+    """Send an image's thumbnail (at most THUMBNAIL_SIDE px on the long side)."""
+    if not SHA256.match(sha256):
+        abort(404)
+    return _send_immutable(image_store().thumb_path(sha256), "image/jpeg")
+
+
+@bp.get("/img/<sha256>/original")
+@login_required
+def original(sha256: str):
+    """Send an image's original file."""
+    image = db.session.scalar(select(Image).where(Image.sha256 == sha256)) or abort(404)
+    path = image_store().original_path(image.sha256, image.original_ext)
+    mimetype = "image/jpeg" if image.original_ext == "jpg" else f"image/{image.original_ext}"
+    return _send_immutable(path, mimetype)

@@ -1,0 +1,190 @@
+"""The database: people, the image pool, ratings, pairwise picks and background jobs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flask import abort
+from flask_login import UserMixin
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
+
+# Named constraints so Alembic can alter them on SQLite (batch mode) and PostgreSQL alike.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+db = SQLAlchemy(model_class=Base)
+
+
+def utcnow() -> datetime:
+    """Return the current time in UTC (stored naive, always UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class User(UserMixin, db.Model):
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(40), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    # Admins can disable an account without deleting the ratings it made.
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def is_active(self) -> bool:
+        """Tell Flask-Login whether this account may sign in."""
+        return not self.disabled
+
+    def set_password(self, password: str) -> None:
+        """Store a salted hash of `password`, never the password."""
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password: str) -> bool:
+        """Return whether `password` matches the stored hash."""
+        return check_password_hash(self.password_hash, password)
+
+
+class Source(db.Model):
+    """One import of images: the demo pack, a civitai query, a URL list, a folder, uploads."""
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))  # demo | civitai | urls | folder | upload
+    label: Mapped[str] = mapped_column(String(200))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="source")
+
+
+class Image(db.Model):
+    """A candidate image, stored once by the sha256 of its normalised pixels."""
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    phash: Mapped[str] = mapped_column(String(16), index=True)
+    width: Mapped[int]
+    height: Mapped[int]
+    original_ext: Mapped[str] = mapped_column(String(8))
+    source_id: Mapped[int] = mapped_column(ForeignKey("source.id"), index=True)
+    # Where it came from, for attribution and re-fetching: a URL and the source's own id.
+    source_url: Mapped[str | None] = mapped_column(String(2000))
+    source_ref: Mapped[str | None] = mapped_column(String(200))
+    title: Mapped[str | None] = mapped_column(String(2000))
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    # Hidden images leave the pool but keep their ratings.
+    hidden: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    source: Mapped[Source] = relationship(back_populates="images")
+
+
+class Rating(db.Model):
+    """One person's 1–5 stars for one image; re-rating updates the same row."""
+
+    __table_args__ = (
+        UniqueConstraint("user_id", "image_id"),
+        CheckConstraint("stars BETWEEN 1 AND 5", name="stars_range"),
+        Index("ix_rating_image_id", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id"))
+    stars: Mapped[int]
+    # The stars before the last change (None: the rating was new), so undo can restore them.
+    undo_stars: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship()
+
+
+class Comparison(db.Model):
+    """One pairwise pick: image a against image b, won by a, by b, or a tie."""
+
+    __table_args__ = (
+        CheckConstraint("outcome IN ('a', 'b', 'tie')", name="outcome_values"),
+        CheckConstraint("image_a_id <> image_b_id", name="distinct_images"),
+        Index("ix_comparison_user_id", "user_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id"))
+    image_a_id: Mapped[int] = mapped_column(ForeignKey("image.id"))
+    image_b_id: Mapped[int] = mapped_column(ForeignKey("image.id"))
+    outcome: Mapped[str] = mapped_column(String(3))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image_a: Mapped[Image] = relationship(foreign_keys=[image_a_id])
+    image_b: Mapped[Image] = relationship(foreign_keys=[image_b_id])
+
+
+class Job(db.Model):
+    """A background job and its progress, as the page shows it."""
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(12), default="queued")
+    progress: Mapped[int] = mapped_column(default=0)
+    total: Mapped[int] = mapped_column(default=0)
+    message: Mapped[str] = mapped_column(String(500), default="")
+    error: Mapped[str | None] = mapped_column(String(4000))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict] = mapped_column(JSON, default=dict)
+    stop_requested: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    FINAL = ("succeeded", "failed", "cancelled")
+
+    @property
+    def done(self) -> bool:
+        """Return whether the job reached a final state."""
+        return self.status in self.FINAL
+
+    @property
+    def percent(self) -> int:
+        """Return progress as a whole percentage."""
+        return int(100 * self.progress / self.total) if self.total else 0
+
+    @property
+    def eta_seconds(self) -> int | None:
+        """Estimate the seconds left from the pace so far (None before there is a pace)."""
+        if self.done or not self.started_at or not self.progress or not self.total:
+            return None
+        elapsed = (utcnow() - self.started_at).total_seconds()
+        return round(elapsed * (self.total - self.progress) / self.progress)
+
+
+def get_or_404(model, ident, owner: User | None = None):
+    """Load a row by id or abort 404, also when it belongs to someone other than `owner`."""
+    row = db.session.get(model, ident)
+    if row is None:
+        abort(404)
+    owner_field = "owner_id" if hasattr(model, "owner_id") else "user_id"
+    if owner is not None and getattr(row, owner_field) != owner.id:
+        abort(404)
+    return row

@@ -1,0 +1,91 @@
+"""Which image (or pair) a person sees next."""
+
+from __future__ import annotations
+
+import random
+
+from sqlalchemy import func, select
+
+from rating.models import Comparison, Image, Rating, Source, db
+
+
+def parse_ids(text: str | None, limit: int) -> list[int]:
+    """Read a comma-separated list of ids from a form field, keeping the last `limit` valid ones."""
+    ids = [int(part) for part in (text or "").split(",") if part.strip().isdigit()]
+    return ids[-limit:] if limit else []
+
+
+def join_ids(ids: list[int]) -> str:
+    """Write ids for a hidden form field."""
+    return ",".join(str(i) for i in ids)
+
+
+def _unrated(user_id: int, exclude: list[int]):
+    rated = select(Rating.image_id).where(Rating.user_id == user_id)
+    query = select(Image.id).where(Image.hidden.is_(False), Image.id.not_in(rated))
+    return query.where(Image.id.not_in(exclude)) if exclude else query
+
+
+def next_image_ids(user_id: int, exclude: list[int], count: int) -> list[int]:
+    """Pick up to `count` images the person has not rated, alternating fresh and least-rated.
+
+    "Fresh" comes from the newest import, so new images reach people quickly; "least-rated"
+    has the fewest ratings from the crowd, so every image gathers ratings. Both break ties at
+    random, so two people rating at once see different images.
+    """
+    candidates = _unrated(user_id, exclude)
+    newest_source = select(func.max(Source.id)).join(Image).where(Image.hidden.is_(False))
+    fresh = db.session.scalars(
+        candidates.where(Image.source_id == newest_source.scalar_subquery())
+        .order_by(func.random())
+        .limit(count)
+    ).all()
+    crowd_count = (
+        select(func.count(Rating.id)).where(Rating.image_id == Image.id).scalar_subquery()
+    )
+    least_rated = db.session.scalars(
+        candidates.order_by(crowd_count, func.random()).limit(count)
+    ).all()
+    chosen: list[int] = []
+    for pair in zip(least_rated, fresh, strict=False):
+        chosen.extend(i for i in pair if i not in chosen)
+    chosen.extend(i for i in [*least_rated, *fresh] if i not in chosen)
+    return chosen[:count]
+
+
+def still_unrated(user_id: int, ids: list[int]) -> list[int]:
+    """Keep the ids (in order) that are visible and not yet rated by the person."""
+    if not ids:
+        return []
+    ok = set(db.session.scalars(_unrated(user_id, []).where(Image.id.in_(ids))))
+    return [i for i in ids if i in ok]
+
+
+def next_pair(user_id: int, recent: list[int], tries: int = 8) -> tuple[int, int] | None:
+    """Pick two different visible images the person has not compared yet, avoiding recent ones."""
+    pool = select(Image.id).where(Image.hidden.is_(False))
+    candidates = db.session.scalars(
+        pool.where(Image.id.not_in(recent)).order_by(func.random()).limit(2 * tries)
+    ).all()
+    if len(candidates) < 2:  # small pool: allow recent images again
+        candidates = db.session.scalars(pool.order_by(func.random()).limit(2 * tries)).all()
+    if len(candidates) < 2:
+        return None
+    done = compared_pairs(user_id, candidates)
+    for a, b in zip(candidates[::2], candidates[1::2], strict=False):
+        if frozenset((a, b)) not in done:
+            return a, b
+    a, b = random.sample(candidates, 2)  # every candidate pair was compared: repeat one
+    return a, b
+
+
+def compared_pairs(user_id: int, ids: list[int]) -> set[frozenset[int]]:
+    """Return the pairs among `ids` the person has already compared."""
+    rows = db.session.execute(
+        select(Comparison.image_a_id, Comparison.image_b_id).where(
+            Comparison.user_id == user_id,
+            Comparison.image_a_id.in_(ids),
+            Comparison.image_b_id.in_(ids),
+        )
+    )
+    return {frozenset(row) for row in rows}

@@ -1,0 +1,210 @@
+"""Rating pages: 1–5 stars one image at a time, and pairwise picks; htmx fragments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flask import Blueprint, abort, current_app, render_template, request
+from flask_login import current_user, login_required
+from sqlalchemy import func, select
+
+from rating.models import Comparison, Image, Rating, db
+from rating.picking import join_ids, next_image_ids, next_pair, parse_ids, still_unrated
+from rating.ratings import save_rating, undo_rating
+
+bp = Blueprint("rate", __name__)
+
+
+@dataclass
+class Sitting:
+    """What one browser tab has seen, carried in hidden fields so tabs never clash."""
+
+    queue: list[int] = field(default_factory=list)  # the image on screen, then the prefetched
+    skipped: list[int] = field(default_factory=list)
+    history: list[int] = field(default_factory=list)  # what undo walks back through
+
+    @classmethod
+    def from_form(cls) -> Sitting:
+        """Read the sitting from the submitted form."""
+        depth = current_app.config["UNDO_DEPTH"]
+        return cls(
+            queue=parse_ids(request.form.get("queue"), 1 + current_app.config["PREFETCH"]),
+            skipped=parse_ids(request.form.get("skipped"), 2000),
+            history=parse_ids(request.form.get("history"), depth),
+        )
+
+
+def page_or_fragment(page: str, fragment: str, **context):
+    """Render the whole page, or just the fragment when htmx asks."""
+    template = fragment if request.headers.get("HX-Request") else page
+    return render_template(template, **context)
+
+
+def visible_image_or_404(image_id: int) -> Image:
+    """Load an image that is in the pool, or answer 404."""
+    image = db.session.get(Image, image_id)
+    if image is None or image.hidden:
+        abort(404)
+    return image
+
+
+@bp.route("/")
+def home():
+    """Show the start page: what to do next, for a visitor, a rater or an admin."""
+    pool = db.session.scalar(select(func.count(Image.id)).where(Image.hidden.is_(False)))
+    mine = 0
+    if current_user.is_authenticated:
+        mine = db.session.scalar(
+            select(func.count(Rating.id)).where(Rating.user_id == current_user.id)
+        )
+    return render_template("home.html", pool=pool, mine=mine)
+
+
+@bp.get("/rate")
+@login_required
+def rate_page():
+    """Show the image to rate now, with the next ones prefetched."""
+    return render_card(Sitting())
+
+
+@bp.post("/rate/<int:image_id>")
+@login_required
+def rate_image(image_id: int):
+    """Save 1–5 stars for an image and show the next one."""
+    visible_image_or_404(image_id)
+    stars = request.form.get("stars", type=int)
+    if stars not in range(1, 6):
+        abort(400, description="Choose 1 to 5 stars.")
+    save_rating(current_user.id, image_id, stars)
+    sitting = Sitting.from_form()
+    sitting.history = [*sitting.history, image_id][-current_app.config["UNDO_DEPTH"] :]
+    sitting.queue = [i for i in sitting.queue if i != image_id]
+    return render_card(sitting)
+
+
+@bp.post("/rate/<int:image_id>/skip")
+@login_required
+def skip_image(image_id: int):
+    """Skip an image for this sitting and show the next one."""
+    sitting = Sitting.from_form()
+    sitting.skipped.append(image_id)
+    sitting.queue = [i for i in sitting.queue if i != image_id]
+    return render_card(sitting)
+
+
+@bp.post("/rate/undo")
+@login_required
+def undo():
+    """Take back the last rating of this sitting and show that image again."""
+    sitting = Sitting.from_form()
+    if not sitting.history:
+        return render_card(sitting, notice="Nothing to undo.")
+    image_id = sitting.history.pop()
+    undo_rating(current_user.id, image_id)
+    return render_card(sitting, focus=image_id, notice="Undone — rate it again.")
+
+
+def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
+    """Render the rating card for the next image, refilling the prefetch queue."""
+    user_id = current_user.id
+    want = 1 + current_app.config["PREFETCH"]
+    queue = still_unrated(user_id, sitting.queue)
+    if focus is not None:
+        queue = [focus, *(i for i in queue if i != focus)]
+    if len(queue) < want:
+        queue += next_image_ids(user_id, [*sitting.skipped, *queue], want - len(queue))
+    sitting.queue = queue[:want]
+    images = {i.id: i for i in db.session.scalars(select(Image).where(Image.id.in_(queue)))}
+    image = images.get(queue[0]) if queue else None
+    current = None
+    if image is not None:
+        current = db.session.scalar(
+            select(Rating.stars).where(Rating.user_id == user_id, Rating.image_id == image.id)
+        )
+    rated = db.session.scalar(select(func.count(Rating.id)).where(Rating.user_id == user_id))
+    return page_or_fragment(
+        "rate.html",
+        "_rate_card.html",
+        image=image,
+        current=current,
+        upcoming=[images[i] for i in queue[1:] if i in images],
+        sitting=sitting,
+        join_ids=join_ids,
+        rated=rated,
+        notice=notice,
+    )
+
+
+@bp.get("/pairs")
+@login_required
+def pairs_page():
+    """Show two images side by side to pick the better one."""
+    return render_pair(recent=[], history=[], upcoming=None)
+
+
+@bp.post("/pairs/<int:a>/<int:b>")
+@login_required
+def pick(a: int, b: int):
+    """Store a pick between images a and b (a, b or tie) and show the next pair."""
+    outcome = request.form.get("outcome")
+    if outcome not in ("a", "b", "tie") or a == b:
+        abort(400, description="Pick the left image, the right one, or “about the same”.")
+    visible_image_or_404(a), visible_image_or_404(b)
+    comparison = Comparison(user_id=current_user.id, image_a_id=a, image_b_id=b, outcome=outcome)
+    db.session.add(comparison)
+    db.session.commit()
+    history = parse_ids(request.form.get("history"), current_app.config["UNDO_DEPTH"])
+    return render_pair(
+        recent=parse_ids(request.form.get("recent"), 200) + [a, b],
+        history=[*history, comparison.id],
+        upcoming=tuple(parse_ids(request.form.get("upcoming"), 2)),
+    )
+
+
+@bp.post("/pairs/undo")
+@login_required
+def undo_pick():
+    """Take back the last pick of this sitting."""
+    history = parse_ids(request.form.get("history"), current_app.config["UNDO_DEPTH"])
+    notice = "Nothing to undo."
+    if history:
+        comparison = db.session.get(Comparison, history.pop())
+        if comparison is not None and comparison.user_id == current_user.id:
+            db.session.delete(comparison)
+            db.session.commit()
+            notice = "Undone: your last pick is gone."
+    return render_pair(
+        recent=parse_ids(request.form.get("recent"), 200), history=history, upcoming=None,
+        notice=notice,
+    )
+
+
+def render_pair(recent: list[int], history: list[int], upcoming, notice: str = ""):
+    """Render the pair card: the prefetched pair if still valid, and choose the next one."""
+    user_id = current_user.id
+    pair = upcoming if upcoming and len(upcoming) == 2 else None
+    if pair and db.session.scalar(
+        select(func.count(Image.id)).where(Image.id.in_(pair), Image.hidden.is_(False))
+    ) != 2:
+        pair = None
+    pair = pair or next_pair(user_id, recent)
+    following = next_pair(user_id, [*recent, *pair]) if pair else None
+    images = {}
+    wanted = [*(pair or ()), *(following or ())]
+    if wanted:
+        images = {i.id: i for i in db.session.scalars(select(Image).where(Image.id.in_(wanted)))}
+    picks = db.session.scalar(
+        select(func.count(Comparison.id)).where(Comparison.user_id == user_id)
+    )
+    return page_or_fragment(
+        "pairs.html",
+        "_pair_card.html",
+        left=images.get(pair[0]) if pair else None,
+        right=images.get(pair[1]) if pair else None,
+        following=[images[i] for i in following or () if i in images],
+        recent=join_ids(recent[-200:]),
+        history=join_ids(history),
+        upcoming=join_ids(list(following or ())),
+        picks=picks,
+        notice=notice,
+    )

@@ -1,0 +1,79 @@
+"""Every setting with its default; `TASTEBUD_<NAME>` or `instance/config.py` override them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+DEFAULTS: dict[str, object] = {
+    # Where the server listens; 127.0.0.1 keeps a fresh install private to this machine.
+    "HOST": "127.0.0.1",
+    "PORT": 5000,
+    # Worker threads of the WSGI server; SQLite serialises writes, so more rarely helps.
+    "SERVER_THREADS": 8,
+    # Database URL; empty means a SQLite file in the instance folder.
+    "DATABASE_URL": "",
+    # Root for images (and later latents and models); empty means the instance folder.
+    "STORAGE_ROOT": "",
+    # Job queue: "sqlite" (embedded worker thread), "redis" (set REDIS_URL) or "immediate" (tests).
+    "QUEUE": "sqlite",
+    "REDIS_URL": "",
+    # Run the job worker inside `python app.py`; turn off when separate workers run.
+    "EMBEDDED_WORKER": True,
+    # Apply database migrations at start-up, so an upgrade never needs a manual step.
+    "AUTO_MIGRATE": True,
+    # Anyone may register; the first account becomes an admin.
+    "ALLOW_REGISTRATION": True,
+    # Sign-in attempts per client address and per username.
+    "LOGIN_RATE_LIMIT": "10 per minute;50 per hour",
+    # Largest request body (bytes): rating imports and, later, uploads.
+    "MAX_CONTENT_LENGTH": 32 * 1024 * 1024,
+    # Images: how many the demo pack adds per click, thumbnail size, validation limits.
+    "DEMO_PACK_SIZE": 300,
+    "DEMO_PACK_SEED": 0,
+    "THUMBNAIL_SIDE": 768,
+    "MAX_IMAGE_PIXELS": 40_000_000,
+    "MIN_IMAGE_SIDE": 256,
+    # Rating pages: how many upcoming images to prefetch, how many ratings undo reaches back.
+    "PREFETCH": 2,
+    "UNDO_DEPTH": 50,
+    "RATINGS_PER_PAGE": 60,
+    # Crowd page: an image needs this many raters before agreement means anything.
+    "CROWD_MIN_RATERS": 3,
+    # Session cookies: HttpOnly always; set SESSION_COOKIE_SECURE=true behind HTTPS.
+    "SESSION_COOKIE_HTTPONLY": True,
+    "SESSION_COOKIE_SAMESITE": "Lax",
+    "SESSION_COOKIE_SECURE": False,
+    "WTF_CSRF_TIME_LIMIT": None,  # tokens live as long as the session, so an open tab never breaks
+}
+
+
+def load_settings(app, test_config: dict | None) -> None:
+    """Fill app.config: defaults, then instance/config.py, then TASTEBUD_* variables, then tests."""
+    app.config.update(DEFAULTS)
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.from_prefixed_env("TASTEBUD")  # values parse as JSON: 8080, true, "text"
+    if test_config:
+        app.config.update(test_config)
+    instance = Path(app.instance_path)
+    instance.mkdir(parents=True, exist_ok=True)
+    app.config["STORAGE_ROOT"] = str(Path(app.config["STORAGE_ROOT"] or instance))
+    app.config["SQLALCHEMY_DATABASE_URI"] = (
+        app.config["DATABASE_URL"] or f"sqlite:///{instance / 'tastebud.db'}"
+    )
+    app.config["RATELIMIT_STORAGE_URI"] = app.config.get("RATELIMIT_STORAGE_URI", "memory://")
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = _instance_secret(instance / "secret_key")
+
+
+def _instance_secret(path: Path) -> str:
+    """Read the instance's secret key, creating it (readable by the owner only) on first start."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass  # made on an earlier start, or by a process starting beside this one
+    else:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip()

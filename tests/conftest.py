@@ -1,0 +1,95 @@
+"""Fixtures: an app with its own instance folder and database per test, and a browser-ish client."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from app import create_app
+from rating.models import Image, db
+
+TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"|"X-CSRFToken": "([^"]+)"')
+
+
+@pytest.fixture
+def app(tmp_path):
+    """Return an app on a fresh instance folder, running jobs synchronously."""
+    app = create_app(
+        {"TESTING": True, "QUEUE": "immediate", "DEMO_PACK_SIZE": 12, "SECRET_KEY": "test"},
+        instance_path=str(tmp_path / "instance"),
+    )
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    """Return a test client."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    """Return a CLI runner for `flask` commands."""
+    return app.test_cli_runner()
+
+
+class Site:
+    """Drive the site as a person would: fetch a page for its CSRF token, then post."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def token(self) -> str:
+        """Read the CSRF token from a page, as a browser form would carry it."""
+        html = self.client.get("/login").get_data(as_text=True)
+        match = TOKEN.search(html)
+        assert match, "no CSRF token on the page"
+        return match.group(1) or match.group(2)
+
+    def post(self, url: str, data: dict | None = None, htmx: bool = False, **kwargs):
+        """POST with the CSRF token; `htmx` sends the HX-Request header like htmx does."""
+        headers = kwargs.pop("headers", {})
+        if htmx:
+            headers["HX-Request"] = "true"
+        payload = {"csrf_token": self.token(), **(data or {})}
+        return self.client.post(url, data=payload, headers=headers, **kwargs)
+
+    def register(self, username: str, password: str = "correct horse battery"):
+        """Create an account (signed in afterwards)."""
+        return self.post(
+            "/register", {"username": username, "password": password, "confirm": password}
+        )
+
+    def login(self, username: str, password: str = "correct horse battery"):
+        """Sign in."""
+        return self.post("/login", {"username": username, "password": password})
+
+    def logout(self):
+        """Sign out."""
+        return self.post("/logout")
+
+
+@pytest.fixture
+def site(client):
+    """Return a Site driving the test client."""
+    return Site(client)
+
+
+@pytest.fixture
+def admin_site(app, site):
+    """Return a Site signed in as the first account (the admin), with a demo pool loaded."""
+    site.register("admin")
+    response = site.post("/admin/demo", {"count": 12})
+    assert response.status_code == 302
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Image.id))) == 12
+    return site
+
+
+@pytest.fixture
+def second_site(app):
+    """Return a second person's Site (a separate cookie jar)."""
+    return Site(app.test_client())

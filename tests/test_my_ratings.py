@@ -1,0 +1,132 @@
+"""My ratings: grid, histogram, changing ratings, CSV/JSONL export and import, privacy."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+
+from rating.models import Comparison, Image, Rating, db
+from rating.ratings import save_rating
+
+
+def seed_ratings(app, user_id=1, stars=(5, 5, 4, 1, 3)) -> None:
+    """Give a user ratings on images 1.. and two picks."""
+    with app.app_context():
+        for image_id, n in enumerate(stars, start=1):
+            save_rating(user_id, image_id, n)
+        db.session.add(Comparison(user_id=user_id, image_a_id=1, image_b_id=2, outcome="a"))
+        db.session.add(Comparison(user_id=user_id, image_a_id=3, image_b_id=4, outcome="tie"))
+        db.session.commit()
+
+
+def test_histogram_counts_and_filter(app, admin_site, client):
+    seed_ratings(app)
+    html = client.get("/me/ratings").get_data(as_text=True)
+    assert re.search(r'id="count-ratings">5<', html) and re.search(r'id="count-picks">2<', html)
+    counts = re.findall(r'data-stars="(\d)">.*?class="num">(\d+)<', html, re.S)
+    assert dict(counts) == {"5": "2", "4": "1", "3": "1", "2": "0", "1": "1"}
+    five = client.get("/me/ratings?stars=5").get_data(as_text=True)
+    assert len(re.findall(r'class="tile"', five)) == 2
+
+
+def test_change_a_rating_from_the_grid(app, admin_site):
+    seed_ratings(app)
+    response = admin_site.post("/me/ratings/4", {"stars": 2}, htmx=True)
+    assert response.status_code == 200 and 'data-stars="2"' in response.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.scalar(db.select(Rating.stars).where(Rating.image_id == 4)) == 2
+
+
+def test_export_csv_and_jsonl(app, admin_site, client):
+    seed_ratings(app)
+    response = client.get("/me/ratings.csv")
+    assert response.mimetype == "text/csv"
+    assert re.match(r'attachment; filename="tastebud-ratings-admin-\d{8}\.csv"',
+                    response.headers["Content-Disposition"])
+    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    assert [r["kind"] for r in rows] == ["rating"] * 5 + ["comparison"] * 2
+    with app.app_context():
+        sha = {i.id: i.sha256 for i in db.session.scalars(db.select(Image))}
+    assert rows[0]["image_sha256"] == sha[1] and rows[0]["stars"] == "5"
+    assert rows[5]["other_sha256"] == sha[2] and rows[5]["pick"] == "image"
+    assert rows[6]["pick"] == "tie" and rows[0]["created_at"].endswith("Z")
+    lines = client.get("/me/ratings.jsonl").get_data(as_text=True).splitlines()
+    assert json.loads(lines[3]) | {} == {
+        "kind": "rating", "image_sha256": sha[4], "stars": 1,
+        "created_at": rows[3]["created_at"], "updated_at": rows[3]["updated_at"],
+    }
+    assert client.get("/me/ratings.xml").status_code == 404
+
+
+def upload(site, text: str | bytes, name: str):
+    """Post a file to the import form."""
+    body = text if isinstance(text, bytes) else text.encode()
+    data = {"file": (io.BytesIO(body), name)}
+    return site.post("/me/ratings/import", data, content_type="multipart/form-data",
+                     follow_redirects=True).get_data(as_text=True)
+
+
+def test_import_into_another_account_round_trips(app, admin_site, second_site):
+    seed_ratings(app)
+    for fmt in ("csv", "jsonl"):
+        exported = admin_site.client.get(f"/me/ratings.{fmt}").get_data(as_text=True)
+        second_site.register(f"bob{fmt}")
+        html = upload(second_site, exported, f"mine.{fmt}")
+        assert "5 ratings added" in html and "2 picks added" in html, html
+        again = upload(second_site, exported, f"mine.{fmt}")
+        assert "5 kept (yours were newer)" in again and "2 picks already here" in again
+        second_site.logout()
+    with app.app_context():
+        for user_id in (2, 3):
+            stars = db.session.scalars(
+                db.select(Rating.stars).where(Rating.user_id == user_id).order_by(Rating.image_id)
+            ).all()
+            assert stars == [5, 5, 4, 1, 3]
+            assert db.session.scalar(
+                db.select(db.func.count()).where(Comparison.user_id == user_id)
+            ) == 2
+
+
+def test_a_bad_file_imports_nothing_and_says_which_lines(app, admin_site):
+    with app.app_context():
+        sha = db.session.get(Image, 1).sha256
+    text = (
+        "kind,image_sha256,stars\n"
+        f"rating,{sha},4\n"
+        f"rating,{sha},9\n"
+        "vote,abc,1\n"
+    )
+    html = upload(admin_site, text, "bad.csv")
+    assert "Nothing imported" in html
+    assert "line 3: stars must be a whole number 1–5" in html
+    assert "line 4: kind must be rating or comparison" in html
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Rating.id))) == 0
+    assert "not valid JSON" in upload(admin_site, '{"kind": "rating"\n', "bad.jsonl")
+    assert "not UTF-8" in upload(admin_site, b"kind,\xff\xfe\n", "x.csv")
+    assert "the header lacks" in upload(admin_site, "a,b\n1,2\n", "x.csv")
+
+
+def test_unknown_images_are_skipped_and_counted(app, admin_site):
+    with app.app_context():
+        sha = db.session.get(Image, 2).sha256
+    text = f'{{"kind":"rating","image_sha256":"{"0" * 64}","stars":3}}\n' \
+           f'{{"kind":"rating","image_sha256":"{sha}","stars":3}}\n'
+    html = upload(admin_site, text, "x.jsonl")
+    assert "1 ratings added" in html and "1 rows skipped: image not in this pool" in html
+
+
+def test_my_ratings_are_private(app, admin_site, second_site):
+    seed_ratings(app)
+    second_site.register("bob")
+    assert "You have not rated anything yet" in second_site.client.get("/me/ratings").get_data(
+        as_text=True
+    )
+    rows = second_site.client.get("/me/ratings.csv").get_data(as_text=True).splitlines()
+    assert rows == [rows[0]]  # just the header
+    job = admin_site.post("/admin/demo", {"count": 1}).headers["Location"]
+    assert job.endswith("/admin/")
+    assert second_site.client.get("/admin/jobs/1").status_code == 404
+    assert second_site.post("/admin/jobs/1/cancel").status_code == 404

@@ -1,0 +1,219 @@
+"""Rating one image at a time, undo, skip, and pairwise picks, through htmx requests."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from PIL import Image as PILImage
+
+from rating.models import Comparison, Image, Rating, db
+
+
+def card(response) -> dict:
+    """Read the image on a rating card and its hidden fields."""
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200, html
+    fields = dict(re.findall(r'name="(queue|skipped|history)" value="([^"]*)"', html))
+    shown = re.search(r'data-image-id="(\d+)"', html)
+    fields["image"] = int(shown.group(1)) if shown else None
+    fields["rated"] = int(re.search(r'data-rated="(\d+)"', html).group(1))
+    fields["html"] = html
+    return fields
+
+
+def rate(site, state: dict, stars) -> dict:
+    """Press a star button on the card, as htmx would post it."""
+    data = {k: state[k] for k in ("queue", "skipped", "history")} | {"stars": stars}
+    return card(site.post(f"/rate/{state['image']}", data, htmx=True))
+
+
+def my_ratings(app, user_id=1) -> dict[int, int]:
+    """Return {image id: stars} for a user, from the database."""
+    with app.app_context():
+        rows = db.session.scalars(db.select(Rating).where(Rating.user_id == user_id))
+        return {r.image_id: r.stars for r in rows}
+
+
+def test_rating_commits_and_shows_the_next_image(app, admin_site, client):
+    state = card(client.get("/rate"))
+    first = state["image"]
+    after = rate(admin_site, state, 4)
+    assert my_ratings(app) == {first: 4}
+    assert after["image"] not in (None, first)
+    assert after["rated"] == 1
+    assert after["history"] == str(first)
+    assert 'id="rate-card"' in after["html"] and "<html" not in after["html"]  # a fragment
+
+
+def test_the_next_images_are_prefetched(admin_site, client):
+    state = card(client.get("/rate"))
+    queue = [int(i) for i in state["queue"].split(",")]
+    assert queue[0] == state["image"] and len(queue) == 3
+    prefetch = state["html"].split('class="prefetch"')[1]
+    assert prefetch.count("<img") == 2
+    after = rate(admin_site, state, 2)
+    assert after["image"] == queue[1]  # the image prefetched is the one shown next
+
+
+def test_no_image_repeats_until_all_are_rated(app, admin_site, client):
+    state, seen = card(client.get("/rate")), []
+    while state["image"] is not None:
+        seen.append(state["image"])
+        state = rate(admin_site, state, 1 + len(seen) % 5)
+    assert sorted(seen) == list(range(1, 13))
+    assert "Nothing left to rate" in state["html"]
+    assert len(my_ratings(app)) == 12
+
+
+def test_skip_hides_an_image_for_the_sitting_only(admin_site, client):
+    state = card(client.get("/rate"))
+    skipped = state["image"]
+    data = {k: state[k] for k in ("queue", "skipped", "history")}
+    state = card(admin_site.post(f"/rate/{skipped}/skip", data, htmx=True))
+    assert state["skipped"] == str(skipped) and state["rated"] == 0
+    while state["image"] is not None:
+        assert state["image"] != skipped
+        state = rate(admin_site, state, 3)
+    assert "You skipped 1 image" in state["html"]
+    assert card(client.get("/rate"))["image"] == skipped  # a new sitting shows it again
+
+
+def test_rerating_updates_and_undo_restores(app, admin_site, client):
+    state = card(client.get("/rate"))
+    image = state["image"]
+    state = rate(admin_site, state, 5)
+    data = {"queue": state["queue"], "history": state["history"], "skipped": ""}
+    undone = card(admin_site.post("/rate/undo", data, htmx=True))
+    assert undone["image"] == image and my_ratings(app) == {}  # a new rating is removed
+    assert "Undone" in undone["html"]
+    again = rate(admin_site, undone, 2)
+    assert my_ratings(app) == {image: 2}
+    # re-rate from My ratings, then undo on the rating page restores the earlier stars
+    admin_site.post(f"/me/ratings/{image}", {"stars": 4}, htmx=True)
+    assert my_ratings(app) == {image: 4}
+    data = {"queue": again["queue"], "history": str(image), "skipped": ""}
+    card(admin_site.post("/rate/undo", data, htmx=True))
+    assert my_ratings(app) == {image: 2}
+
+
+def test_double_click_keeps_one_rating_and_undo_still_works(app, admin_site, client):
+    state = card(client.get("/rate"))
+    rate(admin_site, state, 3)
+    second = rate(admin_site, state, 3)  # the same request again
+    assert my_ratings(app) == {state["image"]: 3}
+    assert second["history"] == f"{state['image']}"
+    data = {"queue": second["queue"], "history": second["history"], "skipped": ""}
+    card(admin_site.post("/rate/undo", data, htmx=True))
+    assert my_ratings(app) == {}
+
+
+def test_undo_with_nothing_to_undo_says_so(admin_site):
+    response = card(admin_site.post("/rate/undo", {"history": ""}, htmx=True))
+    assert "Nothing to undo." in response["html"]
+
+
+def test_bad_stars_are_refused_and_lose_nothing(app, admin_site, client):
+    state = card(client.get("/rate"))
+    rate(admin_site, state, 5)
+    for bad in ("0", "6", "x", ""):
+        response = admin_site.post(f"/rate/{state['image']}", {"stars": bad}, htmx=True)
+        assert response.status_code == 400
+        assert "Choose 1 to 5 stars." in response.get_data(as_text=True)
+    assert my_ratings(app) == {state["image"]: 5}
+
+
+def test_unknown_or_hidden_images_answer_404(app, admin_site):
+    assert admin_site.post("/rate/9999", {"stars": 3}).status_code == 404
+    with app.app_context():
+        db.session.get(Image, 1).hidden = True
+        db.session.commit()
+    assert admin_site.post("/rate/1", {"stars": 3}).status_code == 404
+
+
+def test_garbage_sitting_fields_are_ignored(admin_site, client):
+    state = card(client.get("/rate"))
+    data = {"queue": "1,,abc,-4", "skipped": "x" * 5000, "history": "9999,'; drop", "stars": 3}
+    after = card(admin_site.post(f"/rate/{state['image']}", data, htmx=True))
+    assert after["image"] is not None
+
+
+def test_without_htmx_the_rate_page_still_works(admin_site, client):
+    state = card(client.get("/rate"))
+    data = {k: state[k] for k in ("queue", "skipped", "history")} | {"stars": 1}
+    page = admin_site.post(f"/rate/{state['image']}", data)
+    assert page.status_code == 200 and "<html" in page.get_data(as_text=True)
+
+
+def pair(response) -> dict:
+    """Read a pair card: the two image ids and hidden fields."""
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200, html
+    fields = dict(re.findall(r'name="(recent|history|upcoming)" value="([^"]*)"', html))
+    match = re.search(r'action="/pairs/(\d+)/(\d+)"', html)
+    fields["pair"] = (int(match.group(1)), int(match.group(2))) if match else None
+    fields["picks"] = int(re.search(r'data-picks="(\d+)"', html).group(1))
+    return fields
+
+
+def test_pairwise_picks_are_stored_as_comparisons(app, admin_site, client):
+    state = pair(client.get("/pairs"))
+    shown = []
+    for outcome in ("a", "b", "tie"):
+        a, b = state["pair"]
+        shown.append((a, b, outcome))
+        data = {k: state[k] for k in ("recent", "history", "upcoming")} | {"outcome": outcome}
+        next_state = pair(admin_site.post(f"/pairs/{a}/{b}", data, htmx=True))
+        assert next_state["pair"] == tuple(int(i) for i in state["upcoming"].split(","))
+        state = next_state
+    assert state["picks"] == 3
+    with app.app_context():
+        rows = db.session.scalars(db.select(Comparison).order_by(Comparison.id)).all()
+        assert [(c.image_a_id, c.image_b_id, c.outcome) for c in rows] == shown
+    data = {k: state[k] for k in ("recent", "history", "upcoming")}
+    assert pair(admin_site.post("/pairs/undo", data, htmx=True))["picks"] == 2
+
+
+def test_a_pick_must_be_a_b_or_tie(admin_site):
+    assert admin_site.post("/pairs/1/2", {"outcome": "left"}).status_code == 400
+    assert admin_site.post("/pairs/1/1", {"outcome": "a"}).status_code == 400
+    assert admin_site.post("/pairs/1/999", {"outcome": "a"}).status_code == 404
+
+
+def test_someone_else_cannot_undo_my_pick(app, admin_site, second_site):
+    admin_site.post("/pairs/1/2", {"outcome": "a"})
+    second_site.register("bob")
+    second_site.post("/pairs/undo", {"history": "1"})
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Comparison.id))) == 1
+
+
+def test_empty_pool_says_what_to_do(site, client):
+    site.register("admin")
+    assert "Load the demo pack" in client.get("/").get_data(as_text=True)
+    assert "Nothing left to rate" in client.get("/rate").get_data(as_text=True)
+    assert "Not enough images" in client.get("/pairs").get_data(as_text=True)
+
+
+def test_thumbnails_are_small_and_cached_for_long(app, admin_site, client):
+    with app.app_context():
+        image = db.session.get(Image, 1)
+        sha = image.sha256
+    with client.get(f"/img/{sha}.jpg") as response:
+        assert response.status_code == 200 and response.mimetype == "image/jpeg"
+        assert "immutable" in response.headers["Cache-Control"]
+        assert "max-age=31536000" in response.headers["Cache-Control"]
+        thumb = PILImage.open(io.BytesIO(response.data))
+    assert max(thumb.size) <= 768
+    with client.get(f"/img/{sha}/original") as original:
+        assert original.status_code == 200, original.get_data(as_text=True)
+        assert PILImage.open(io.BytesIO(original.data)).size == (image.width, image.height)
+    assert client.get("/img/" + "0" * 64 + ".jpg").status_code == 404
+    assert client.get("/img/../../secret_key.jpg").status_code == 404
+
+
+def test_images_need_a_signed_in_person(app, admin_site, client):
+    admin_site.logout()
+    with app.app_context():
+        sha = db.session.get(Image, 1).sha256
+    assert client.get(f"/img/{sha}.jpg").status_code == 302

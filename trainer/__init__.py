@@ -1,0 +1,1 @@
+"""The ML side of tastebud: plain Python and torch, no Flask, no database."""
