@@ -98,7 +98,7 @@ def main() -> None:
     """Serve the site with waitress and run the job worker in this process."""
     import waitress
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app()
     consumer = None
     if app.config["EMBEDDED_WORKER"] and app.config["QUEUE"] != "immediate":

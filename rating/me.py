@@ -25,7 +25,10 @@ from rating.ratings import save_rating
 
 bp = Blueprint("me", __name__, url_prefix="/me")
 
-EXPORTS = {"csv": ("text/csv", ratings_io.to_csv), "jsonl": ("application/jsonl", ratings_io.to_jsonl)}
+EXPORTS = {
+    "csv": ("text/csv", ratings_io.to_csv),
+    "jsonl": ("application/jsonl", ratings_io.to_jsonl),
+}
 
 
 def star_histogram(user_id: int) -> dict[int, int]:
