@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import click
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask_login import current_user, login_required
 from sqlalchemy import func, select
 
@@ -31,7 +41,7 @@ def index():
     recent = db.session.scalars(
         select(Job).where(Job.owner_id == current_user.id).order_by(Job.id.desc()).limit(5)
     ).all()
-    return render_template("admin/index.html", sources=sources, jobs=recent)
+    return page_or_fragment("admin/index.html", "admin/_sources.html", sources=sources, jobs=recent)
 
 
 @bp.post("/demo")
@@ -54,7 +64,10 @@ def load_demo():
 def job(job_id: int):
     """Show a job's progress (the widget polls this until the job ends)."""
     found = get_or_404(Job, job_id, owner=current_user)
-    return page_or_fragment("admin/job.html", "_job.html", job=found)
+    response = make_response(page_or_fragment("admin/job.html", "_job.html", job=found))
+    if found.done:
+        response.headers["HX-Trigger"] = "job-finished"  # lets the page refresh what changed
+    return response
 
 
 @bp.post("/jobs/<int:job_id>/cancel")

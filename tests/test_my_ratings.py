@@ -130,3 +130,9 @@ def test_my_ratings_are_private(app, admin_site, second_site):
     assert job.endswith("/admin/")
     assert second_site.client.get("/admin/jobs/1").status_code == 404
     assert second_site.post("/admin/jobs/1/cancel").status_code == 404
+
+
+def test_oversized_upload_is_refused_with_a_message(app, admin_site):
+    app.config["MAX_CONTENT_LENGTH"] = 2000
+    html = upload(admin_site, "kind,image_sha256\n" + "x" * 5000, "big.csv")
+    assert "That upload is too large." in html and "Send a smaller file." in html
