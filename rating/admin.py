@@ -56,18 +56,22 @@ def load_demo():
     )
     if not request.headers.get("HX-Request"):
         return redirect(url_for("admin.index"))
-    return render_template("_job.html", job=job)
+    return job_widget(job)
+
+
+def job_widget(job: Job):
+    """Render a job's progress widget; once it has ended, tell the page (HX-Trigger)."""
+    response = make_response(page_or_fragment("admin/job.html", "_job.html", job=job))
+    if job.done:
+        response.headers["HX-Trigger"] = "job-finished"  # lets the page refresh what changed
+    return response
 
 
 @bp.get("/jobs/<int:job_id>")
 @login_required
 def job(job_id: int):
     """Show a job's progress (the widget polls this until the job ends)."""
-    found = get_or_404(Job, job_id, owner=current_user)
-    response = make_response(page_or_fragment("admin/job.html", "_job.html", job=found))
-    if found.done:
-        response.headers["HX-Trigger"] = "job-finished"  # lets the page refresh what changed
-    return response
+    return job_widget(get_or_404(Job, job_id, owner=current_user))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
@@ -77,7 +81,7 @@ def cancel(job_id: int):
     found = get_or_404(Job, job_id, owner=current_user)
     if not found.done:
         jobs.request_stop(found)
-    return page_or_fragment("admin/job.html", "_job.html", job=found)
+    return job_widget(found)
 
 
 @bp.get("/users")

@@ -145,8 +145,10 @@ def fail_orphaned_jobs() -> int:
 def start_embedded_worker(app: Flask, workers: int = 2):
     """Run huey's consumer on threads inside this process (the embedded default)."""
     consumer = app.extensions["huey"].create_consumer(workers=workers, worker_type="thread")
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    saved = {getattr(signal, name): signal.getsignal(getattr(signal, name)) for name in names}
     consumer.start()
-    # huey installed its own handlers for the main thread; give Ctrl-C back to the server.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # huey installs handlers meant for its own main loop; the server's (Ctrl-C) must stay.
+    for signum, previous in saved.items():
+        signal.signal(signum, previous)
     return consumer
