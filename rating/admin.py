@@ -104,8 +104,10 @@ def update_user(user_id: int):
         return redirect(url_for("admin.users"))
     action = request.form.get("action")
     changes = {
-        "make_admin": ("is_admin", True), "remove_admin": ("is_admin", False),
-        "disable": ("disabled", True), "enable": ("disabled", False),
+        "make_admin": ("is_admin", True),
+        "remove_admin": ("is_admin", False),
+        "disable": ("disabled", True),
+        "enable": ("disabled", False),
     }
     if action not in changes:
         abort(400, description="Unknown action.")
@@ -119,10 +121,13 @@ def update_user(user_id: int):
 @click.option("--count", type=click.IntRange(1, MAX_DEMO_PACK), default=None)
 def demo_command(count: int | None) -> None:
     """Add demo-pack images to the pool (runs here, not on the queue)."""
-    job = Job(kind="demo_pack", params={
-        "count": count or current_app.config["DEMO_PACK_SIZE"],
-        "seed": current_app.config["DEMO_PACK_SEED"],
-    })
+    job = Job(
+        kind="demo_pack",
+        params={
+            "count": count or current_app.config["DEMO_PACK_SIZE"],
+            "seed": current_app.config["DEMO_PACK_SEED"],
+        },
+    )
     db.session.add(job)
     db.session.commit()
     jobs.run_job(job.id)

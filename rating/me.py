@@ -53,15 +53,22 @@ def ratings():
     per_page = current_app.config["RATINGS_PER_PAGE"]
     pager = db.paginate(
         query.order_by(Rating.updated_at.desc(), Rating.id.desc()),
-        page=page, per_page=per_page, error_out=False,
+        page=page,
+        per_page=per_page,
+        error_out=False,
     )
     histogram = star_histogram(current_user.id)
     picks = db.session.scalar(
         select(func.count(Comparison.id)).where(Comparison.user_id == current_user.id)
     )
     return render_template(
-        "me/ratings.html", pager=pager, stars=stars, histogram=histogram,
-        total=sum(histogram.values()), picks=picks, peak=max(histogram.values()) or 1,
+        "me/ratings.html",
+        pager=pager,
+        stars=stars,
+        histogram=histogram,
+        total=sum(histogram.values()),
+        picks=picks,
+        peak=max(histogram.values()) or 1,
     )
 
 

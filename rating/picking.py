@@ -40,9 +40,7 @@ def next_image_ids(user_id: int, exclude: list[int], count: int) -> list[int]:
         .order_by(func.random())
         .limit(count)
     ).all()
-    crowd_count = (
-        select(func.count(Rating.id)).where(Rating.image_id == Image.id).scalar_subquery()
-    )
+    crowd_count = select(func.count(Rating.id)).where(Rating.image_id == Image.id).scalar_subquery()
     least_rated = db.session.scalars(
         candidates.order_by(crowd_count, func.random()).limit(count)
     ).all()

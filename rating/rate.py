@@ -174,7 +174,9 @@ def undo_pick():
             db.session.commit()
             notice = "Undone: your last pick is gone."
     return render_pair(
-        recent=parse_ids(request.form.get("recent"), 200), history=history, upcoming=None,
+        recent=parse_ids(request.form.get("recent"), 200),
+        history=history,
+        upcoming=None,
         notice=notice,
     )
 
@@ -183,9 +185,13 @@ def render_pair(recent: list[int], history: list[int], upcoming, notice: str = "
     """Render the pair card: the prefetched pair if still valid, and choose the next one."""
     user_id = current_user.id
     pair = upcoming if upcoming and len(upcoming) == 2 else None
-    if pair and db.session.scalar(
-        select(func.count(Image.id)).where(Image.id.in_(pair), Image.hidden.is_(False))
-    ) != 2:
+    if (
+        pair
+        and db.session.scalar(
+            select(func.count(Image.id)).where(Image.id.in_(pair), Image.hidden.is_(False))
+        )
+        != 2
+    ):
         pair = None
     pair = pair or next_pair(user_id, recent)
     following = next_pair(user_id, [*recent, *pair]) if pair else None

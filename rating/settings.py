@@ -35,6 +35,8 @@ DEFAULTS: dict[str, object] = {
     "THUMBNAIL_SIDE": 768,
     "MAX_IMAGE_PIXELS": 40_000_000,
     "MIN_IMAGE_SIDE": 256,
+    # Perceptual-hash distance (of 64 bits) at or under which an image counts as a near copy.
+    "NEAR_DUPLICATE_DISTANCE": 6,
     # Rating pages: how many upcoming images to prefetch, how many ratings undo reaches back.
     "PREFETCH": 2,
     "UNDO_DEPTH": 50,

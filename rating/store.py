@@ -68,6 +68,11 @@ def pixel_sha256(image: PILImage.Image) -> str:
     return digest.hexdigest()
 
 
+def perceptual_hash(image: PILImage.Image) -> str:
+    """Return the 64-bit perceptual hash (hex), stable under resizing and re-encoding."""
+    return str(imagehash.phash(image))
+
+
 class ImageStore:
     """Image files under one root, addressed by sha256: originals/ab/<sha>.<ext>, thumbs/…"""
 
@@ -83,7 +88,9 @@ class ImageStore:
         """Return where the thumbnail of `sha256` lives."""
         return self.root / "thumbs" / sha256[:2] / f"{sha256}.{THUMB_EXT}"
 
-    def add(self, image: PILImage.Image, original: bytes, ext: str) -> StoredImage:
+    def add(
+        self, image: PILImage.Image, original: bytes, ext: str, *, phash: str | None = None
+    ) -> StoredImage:
         """Write the original and its thumbnail (once) and describe the stored image."""
         sha = pixel_sha256(image)
         original_path = self.original_path(sha, ext)
@@ -92,7 +99,8 @@ class ImageStore:
         thumb_path = self.thumb_path(sha)
         if not thumb_path.exists():
             _write_atomic(thumb_path, self._thumbnail(image))
-        return StoredImage(sha, str(imagehash.phash(image)), image.width, image.height, ext)
+        phash = phash or perceptual_hash(image)
+        return StoredImage(sha, phash, image.width, image.height, ext)
 
     def add_bytes(self, data: bytes, *, max_pixels: int, min_side: int) -> StoredImage:
         """Validate encoded bytes and store them; raise ImageRejected with the reason."""

@@ -43,8 +43,10 @@ def test_export_csv_and_jsonl(app, admin_site, client):
     seed_ratings(app)
     response = client.get("/me/ratings.csv")
     assert response.mimetype == "text/csv"
-    assert re.match(r'attachment; filename="tastebud-ratings-admin-\d{8}\.csv"',
-                    response.headers["Content-Disposition"])
+    assert re.match(
+        r'attachment; filename="tastebud-ratings-admin-\d{8}\.csv"',
+        response.headers["Content-Disposition"],
+    )
     rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
     assert [r["kind"] for r in rows] == ["rating"] * 5 + ["comparison"] * 2
     with app.app_context():
@@ -54,8 +56,11 @@ def test_export_csv_and_jsonl(app, admin_site, client):
     assert rows[6]["pick"] == "tie" and rows[0]["created_at"].endswith("Z")
     lines = client.get("/me/ratings.jsonl").get_data(as_text=True).splitlines()
     assert json.loads(lines[3]) | {} == {
-        "kind": "rating", "image_sha256": sha[4], "stars": 1,
-        "created_at": rows[3]["created_at"], "updated_at": rows[3]["updated_at"],
+        "kind": "rating",
+        "image_sha256": sha[4],
+        "stars": 1,
+        "created_at": rows[3]["created_at"],
+        "updated_at": rows[3]["updated_at"],
     }
     assert client.get("/me/ratings.xml").status_code == 404
 
@@ -64,8 +69,9 @@ def upload(site, text: str | bytes, name: str):
     """Post a file to the import form."""
     body = text if isinstance(text, bytes) else text.encode()
     data = {"file": (io.BytesIO(body), name)}
-    return site.post("/me/ratings/import", data, content_type="multipart/form-data",
-                     follow_redirects=True).get_data(as_text=True)
+    return site.post(
+        "/me/ratings/import", data, content_type="multipart/form-data", follow_redirects=True
+    ).get_data(as_text=True)
 
 
 def test_import_into_another_account_round_trips(app, admin_site, second_site):
@@ -84,20 +90,16 @@ def test_import_into_another_account_round_trips(app, admin_site, second_site):
                 db.select(Rating.stars).where(Rating.user_id == user_id).order_by(Rating.image_id)
             ).all()
             assert stars == [5, 5, 4, 1, 3]
-            assert db.session.scalar(
-                db.select(db.func.count()).where(Comparison.user_id == user_id)
-            ) == 2
+            assert (
+                db.session.scalar(db.select(db.func.count()).where(Comparison.user_id == user_id))
+                == 2
+            )
 
 
 def test_a_bad_file_imports_nothing_and_says_which_lines(app, admin_site):
     with app.app_context():
         sha = db.session.get(Image, 1).sha256
-    text = (
-        "kind,image_sha256,stars\n"
-        f"rating,{sha},4\n"
-        f"rating,{sha},9\n"
-        "vote,abc,1\n"
-    )
+    text = f"kind,image_sha256,stars\nrating,{sha},4\nrating,{sha},9\nvote,abc,1\n"
     html = upload(admin_site, text, "bad.csv")
     assert "Nothing imported" in html
     assert "line 3: stars must be a whole number 1–5" in html
@@ -112,8 +114,10 @@ def test_a_bad_file_imports_nothing_and_says_which_lines(app, admin_site):
 def test_unknown_images_are_skipped_and_counted(app, admin_site):
     with app.app_context():
         sha = db.session.get(Image, 2).sha256
-    text = f'{{"kind":"rating","image_sha256":"{"0" * 64}","stars":3}}\n' \
-           f'{{"kind":"rating","image_sha256":"{sha}","stars":3}}\n'
+    text = (
+        f'{{"kind":"rating","image_sha256":"{"0" * 64}","stars":3}}\n'
+        f'{{"kind":"rating","image_sha256":"{sha}","stars":3}}\n'
+    )
     html = upload(admin_site, text, "x.jsonl")
     assert "1 ratings added" in html and "1 rows skipped: image not in this pool" in html
 

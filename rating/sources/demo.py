@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from rating.jobs import JobProgress, handler
-from rating.media import image_store
-from rating.models import Image, Job, Source, db
+from rating.models import Job, Source, db
+from rating.pool import ImportTally, PoolImporter
 from rating.sources.demo_art import demo_image_style, render_demo_image
-
-BATCH = 20  # images per commit: few enough that a crash loses little, many enough to be fast
 
 
 def next_demo_index() -> int:
@@ -33,29 +31,24 @@ def import_demo_pack(job: Job, progress: JobProgress) -> dict:
     )
     db.session.add(source)
     db.session.commit()
-    store, added, duplicates = image_store(), 0, 0
+    tally = ImportTally()
+    # The pack's images are distinct by construction; only exact copies (a re-run) are skipped.
+    pool = PoolImporter(source, tally, near_distance=-1)
     for done, index in enumerate(range(start, start + count), start=1):
         picture = render_demo_image(index, seed=seed)
         buffer = io.BytesIO()
         picture.save(buffer, "PNG", compress_level=3)  # lossless original, quick to write
-        stored = store.add(picture, buffer.getvalue(), "png")
-        if db.session.scalar(select(func.count(Image.id)).where(Image.sha256 == stored.sha256)):
-            duplicates += 1
-        else:
-            style = demo_image_style(index, seed=seed)
-            db.session.add(
-                Image(
-                    sha256=stored.sha256, phash=stored.phash, width=stored.width,
-                    height=stored.height, original_ext=stored.original_ext, source=source,
-                    source_ref=f"demo:{seed}:{index}", title=f"Demo #{index + 1} ({style})",
-                    meta={"style": style, "index": index, "seed": seed},
-                )
-            )
-            added += 1
-        if done % BATCH == 0 or done == count:
-            db.session.commit()
-            progress(done, count, f"Rendered {done} of {count} images")
-    job.message = f"Added {added} demo images"
-    if duplicates:
-        job.message += f" ({duplicates} already here)"
-    return {"added": added, "duplicates": duplicates, "source_id": source.id}
+        style = demo_image_style(index, seed=seed)
+        pool.add_image(
+            picture,
+            buffer.getvalue(),
+            "png",
+            source_ref=f"demo:{seed}:{index}",
+            title=f"Demo #{index + 1} ({style})",
+            meta={"style": style, "index": index, "seed": seed},
+        )
+        progress(done, count, f"Rendered {done} of {count} images")
+    job.message = f"Added {tally.added} demo images"
+    if tally.duplicates:
+        job.message += f" ({tally.duplicates} already here)"
+    return tally.as_dict() | {"source_id": source.id}

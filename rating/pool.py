@@ -1,0 +1,138 @@
+"""Adding images to the pool: validate, drop exact and near duplicates, store, record, count."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from flask import current_app
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from rating.media import image_store
+from rating.models import Image, Source, db
+from rating.store import ImageRejected, open_image, perceptual_hash, pixel_sha256
+
+MAX_FAILURES_KEPT = 1000  # the report lists each failure; a runaway import must not bloat the row
+
+
+@dataclass
+class ImportTally:
+    """What an import found and did with it, as the progress bar and the report show."""
+
+    found: int = 0
+    added: int = 0
+    duplicates: int = 0
+    near_duplicates: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    def fail(self, item: str, reason: str) -> None:
+        """Count a failed item and keep its reason for the report."""
+        self.failed += 1
+        if len(self.failures) < MAX_FAILURES_KEPT:
+            self.failures.append({"item": item[:500], "reason": reason[:500]})
+
+    def line(self) -> str:
+        """Say the counts in one line."""
+        return (
+            f"found {self.found} · added {self.added} · duplicates {self.duplicates}"
+            f" · near-duplicates {self.near_duplicates} · failed {self.failed}"
+        )
+
+    def as_dict(self) -> dict:
+        """Return the tally as JSON-ready data."""
+        return asdict(self)
+
+
+class PhashIndex:
+    """The pool's perceptual hashes, for near-duplicate lookups by Hamming distance."""
+
+    def __init__(self, hashes: Iterable[str] = ()):
+        self._hashes = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
+        self._pending: list[int] = []  # appended one by one; folded into the array in chunks
+
+    @classmethod
+    def from_pool(cls) -> PhashIndex:
+        """Load every image's hash, hidden ones included (they must not come back either)."""
+        return cls(db.session.scalars(select(Image.phash)))
+
+    def nearest(self, phash: str) -> int:
+        """Return the smallest Hamming distance from `phash` to the index (64 when empty)."""
+        if len(self._pending) >= 256:
+            self._hashes = np.concatenate([self._hashes, np.array(self._pending, np.uint64)])
+            self._pending = []
+        value = int(phash, 16)
+        best = 64
+        if self._hashes.size:
+            best = int(np.bitwise_count(self._hashes ^ np.uint64(value)).min())
+        return min([best, *((value ^ other).bit_count() for other in self._pending)])
+
+    def add(self, phash: str) -> None:
+        """Add a hash to the index."""
+        self._pending.append(int(phash, 16))
+
+
+class PoolImporter:
+    """Adds images to one source, skipping what the pool already has (exactly or nearly)."""
+
+    def __init__(self, source: Source, tally: ImportTally, near_distance: int | None = None):
+        config = current_app.config
+        self.source, self.tally, self.store = source, tally, image_store()
+        self.limits = {
+            "max_pixels": config["MAX_IMAGE_PIXELS"],
+            "min_side": config["MIN_IMAGE_SIDE"],
+        }
+        self.near_distance = (
+            config["NEAR_DUPLICATE_DISTANCE"] if near_distance is None else near_distance
+        )
+        self.index = PhashIndex.from_pool() if self.near_distance >= 0 else None
+
+    def add_bytes(self, data: bytes, item: str, **fields) -> str:
+        """Validate encoded bytes and add them; return what happened (added, duplicate, …)."""
+        self.tally.found += 1
+        try:
+            image, ext = open_image(data, **self.limits)
+        except ImageRejected as exc:
+            self.tally.fail(item, str(exc))
+            return "failed"
+        return self._add(image, data, ext, fields)
+
+    def add_image(self, image, original: bytes, ext: str, **fields) -> str:
+        """Add an image already decoded (and trusted, like the demo pack's)."""
+        self.tally.found += 1
+        return self._add(image, original, ext, fields)
+
+    def _add(self, image, original: bytes, ext: str, fields: dict) -> str:
+        sha = pixel_sha256(image)
+        if db.session.scalar(select(Image.id).where(Image.sha256 == sha)):
+            self.tally.duplicates += 1
+            return "duplicate"
+        phash = perceptual_hash(image)
+        if self.index is not None and self.index.nearest(phash) <= self.near_distance:
+            self.tally.near_duplicates += 1
+            return "near_duplicate"
+        # Files first: they are content-addressed, so a lost race below leaves nothing wrong.
+        stored = self.store.add(image, original, ext, phash=phash)
+        db.session.add(
+            Image(
+                sha256=stored.sha256,
+                phash=phash,
+                width=stored.width,
+                height=stored.height,
+                original_ext=ext,
+                source_id=self.source.id,
+                **fields,
+            )
+        )
+        try:
+            db.session.commit()
+        except IntegrityError:  # another import added the same image a moment ago
+            db.session.rollback()
+            self.tally.duplicates += 1
+            return "duplicate"
+        if self.index is not None:
+            self.index.add(phash)
+        self.tally.added += 1
+        return "added"
