@@ -12,9 +12,10 @@ from flask_migrate import Migrate, upgrade
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import event
 
-from rating import admin, auth, crowd, jobs, me, media, rate
+from rating import admin, auth, crowd, jobs, me, media, pool_admin, rate, upload
 from rating.limits import limiter
-from rating.models import User, db
+from rating.models import User, db, site_setting
+from rating.pool import size_text
 from rating.settings import load_settings
 
 MIGRATIONS = str(Path(__file__).resolve().parent / "migrations")
@@ -44,9 +45,10 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     login_manager.init_app(app)
     limiter.init_app(app)
     jobs.init_app(app)
-    for module in (auth, rate, me, crowd, admin, media):
+    for module in (auth, rate, me, crowd, admin, pool_admin, upload, media):
         app.register_blueprint(module.bp)
     register_error_pages(app)
+    app.jinja_env.globals.update(site_setting=site_setting, size_text=size_text)
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
@@ -84,7 +86,7 @@ def register_error_pages(app: Flask) -> None:
         if code >= 500:
             db.session.rollback()
         title, hint = hints.get(code, (getattr(error, "name", "Error"), "Go back and try again."))
-        detail = getattr(error, "description", "") if code == 400 else ""
+        detail = getattr(error, "description", "") if code in (400, 403) else ""
         context = dict(code=code, title=title, hint=hint, detail=detail)
         if not request.headers.get("HX-Request"):
             return render_template("error.html", **context), code

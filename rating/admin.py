@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import click
 from flask import (
     Blueprint,
     abort,
@@ -19,11 +18,12 @@ from sqlalchemy import func, select
 
 from rating import jobs
 from rating.auth import admin_required
-from rating.models import Image, Job, Rating, Source, User, db, get_or_404
+from rating.models import Image, Job, Rating, Source, User, db, get_or_404, site_setting
 from rating.rate import page_or_fragment
 from rating.sources import demo  # noqa: F401 - registers the demo_pack job
+from rating.sources.civitai import LEVELS, PERIODS, SORTS
 
-bp = Blueprint("admin", __name__, url_prefix="/admin", cli_group="images")
+bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 MAX_DEMO_PACK = 5000
 
@@ -41,7 +41,9 @@ def index():
     recent = db.session.scalars(
         select(Job).where(Job.owner_id == current_user.id).order_by(Job.id.desc()).limit(5)
     ).all()
-    return page_or_fragment("admin/index.html", "admin/_sources.html", sources=sources, jobs=recent)
+    return page_or_fragment(
+        "admin/index.html", "admin/_sources.html", sources=sources, jobs=recent, **site_settings()
+    )
 
 
 @bp.post("/demo")
@@ -117,21 +119,15 @@ def update_user(user_id: int):
     return redirect(url_for("admin.users"))
 
 
-@bp.cli.command("demo")
-@click.option("--count", type=click.IntRange(1, MAX_DEMO_PACK), default=None)
-def demo_command(count: int | None) -> None:
-    """Add demo-pack images to the pool (runs here, not on the queue)."""
-    job = Job(
-        kind="demo_pack",
-        params={
-            "count": count or current_app.config["DEMO_PACK_SIZE"],
-            "seed": current_app.config["DEMO_PACK_SEED"],
-        },
-    )
-    db.session.add(job)
-    db.session.commit()
-    jobs.run_job(job.id)
-    db.session.refresh(job)
-    click.echo(f"{job.status}: {job.message}")
-    if job.status != "succeeded":
-        raise click.ClickException(job.error or job.message)
+def site_settings() -> dict:
+    """Return what the import and settings forms show; the API key only as its last four."""
+    key = site_setting("civitai_api_key") or ""
+    return {
+        "allow_uploads": site_setting("allow_uploads"),
+        "allow_private_urls": site_setting("allow_private_urls"),
+        "api_key_hint": f"…{key[-4:]}" if key else "",
+        "civitai_url": current_app.config["CIVITAI_URL"],
+        "sorts": SORTS,
+        "periods": PERIODS,
+        "levels": LEVELS,
+    }

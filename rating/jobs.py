@@ -37,9 +37,10 @@ def handler(kind: str):
 class JobProgress:
     """The `progress(step, total, message)` callback a job gets; it also notices Cancel."""
 
-    def __init__(self, job: Job, min_interval: float = 0.5):
+    min_interval = 0.5  # seconds between commits: SQLite serialises writes, progress can wait
+
+    def __init__(self, job: Job):
         self.job = job
-        self.min_interval = min_interval  # commit at most twice a second: SQLite writes serialise
         self._last_commit = 0.0
 
     def __call__(self, step: int, total: int, message: str = "") -> None:
@@ -93,6 +94,16 @@ def enqueue(kind: str, owner_id: int | None, **params) -> Job:
     db.session.commit()
     current_app.extensions["run_job_task"](job.id)
     db.session.refresh(job)  # an immediate queue (tests) has already run it in another session
+    return job
+
+
+def run_here(kind: str, **params) -> Job:
+    """Run a job in this process now, not on the queue (command-line tools use this)."""
+    job = Job(kind=kind, params=params)
+    db.session.add(job)
+    db.session.commit()
+    run_job(job.id)
+    db.session.refresh(job)
     return job
 
 

@@ -33,7 +33,10 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-db = SQLAlchemy(model_class=Base)
+# Objects keep their values after a commit: a view that commits (a rating) and then renders
+# must not reload the signed-in user and its rows. Code that needs another session's change
+# refreshes explicitly (see jobs.py).
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 
 
 def utcnow() -> datetime:
@@ -188,3 +191,33 @@ def get_or_404(model, ident, owner: User | None = None):
     if owner is not None and getattr(row, owner_field) != owner.id:
         abort(404)
     return row
+
+
+class Setting(db.Model):
+    """A setting admins change on the site (the rest live in app.config)."""
+
+    key: Mapped[str] = mapped_column(String(60), primary_key=True)
+    value: Mapped[object] = mapped_column(JSON)
+
+
+# Admin-editable settings and their defaults.
+SITE_SETTINGS: dict[str, object] = {
+    "allow_uploads": False,  # signed-in people may upload images to the pool
+    "allow_private_urls": False,  # URL imports may reach loopback/private addresses (intranet)
+    "civitai_api_key": "",  # optional; sent as a Bearer token, never shown back in full
+}
+
+
+def site_setting(key: str):
+    """Return an admin-editable setting, or its default."""
+    row = db.session.get(Setting, key)
+    return SITE_SETTINGS[key] if row is None else row.value
+
+
+def set_site_setting(key: str, value) -> None:
+    """Store an admin-editable setting (the caller commits)."""
+    if key not in SITE_SETTINGS:
+        raise KeyError(key)
+    row = db.session.get(Setting, key) or Setting(key=key)
+    row.value = value
+    db.session.add(row)

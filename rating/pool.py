@@ -46,6 +46,11 @@ class ImportTally:
         return asdict(self)
 
 
+def size_text(n: int) -> str:
+    """Write a byte count for people: 512 KiB, 30 MiB."""
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 class PhashIndex:
     """The pool's perceptual hashes, for near-duplicate lookups by Hamming distance."""
 

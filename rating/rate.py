@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from flask import Blueprint, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 from sqlalchemy import func, select
+from sqlalchemy.orm import joinedload
 
 from rating.models import Comparison, Image, Rating, db
 from rating.picking import join_ids, next_image_ids, next_pair, parse_ids, still_unrated
@@ -114,10 +115,11 @@ def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
     if len(queue) < want:
         queue += next_image_ids(user_id, [*sitting.skipped, *queue], want - len(queue))
     sitting.queue = queue[:want]
-    images = {i.id: i for i in db.session.scalars(select(Image).where(Image.id.in_(queue)))}
+    shown = select(Image).options(joinedload(Image.source)).where(Image.id.in_(queue))
+    images = {i.id: i for i in db.session.scalars(shown)}
     image = images.get(queue[0]) if queue else None
     current = None
-    if image is not None:
+    if image is not None and focus is not None:  # the rest of the queue is unrated by design
         current = db.session.scalar(
             select(Rating.stars).where(Rating.user_id == user_id, Rating.image_id == image.id)
         )

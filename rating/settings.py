@@ -27,14 +27,23 @@ DEFAULTS: dict[str, object] = {
     "ALLOW_REGISTRATION": True,
     # Sign-in attempts per client address and per username.
     "LOGIN_RATE_LIMIT": "10 per minute;50 per hour",
-    # Largest request body (bytes): rating imports and, later, uploads.
-    "MAX_CONTENT_LENGTH": 32 * 1024 * 1024,
+    # Largest request body (bytes): rating imports and uploads (a batch of files).
+    "MAX_CONTENT_LENGTH": 200 * 2**20,
     # Images: how many the demo pack adds per click, thumbnail size, validation limits.
     "DEMO_PACK_SIZE": 300,
     "DEMO_PACK_SEED": 0,
     "THUMBNAIL_SIDE": 768,
     "MAX_IMAGE_PIXELS": 40_000_000,
     "MIN_IMAGE_SIDE": 256,
+    # Fetching images: civitai's address (tests point it at a local server), time-outs, a size
+    # cap, and hosts fetched even when they resolve to private addresses (an intranet server).
+    "CIVITAI_URL": "https://civitai.com",
+    "FETCH_TIMEOUT": 20.0,
+    "FETCH_MAX_BYTES": 30 * 2**20,
+    "FETCH_ALLOWED_HOSTS": [],
+    # Browser uploads (when an admin allows them): per file and per request.
+    "UPLOAD_MAX_FILE_BYTES": 20 * 2**20,
+    "UPLOAD_MAX_FILES": 50,
     # Perceptual-hash distance (of 64 bits) at or under which an image counts as a near copy.
     "NEAR_DUPLICATE_DISTANCE": 6,
     # Rating pages: how many upcoming images to prefetch, how many ratings undo reaches back.

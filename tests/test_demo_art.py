@@ -81,3 +81,8 @@ def test_brightness_and_saturation_vary_across_the_set(thumbs):
 
 def test_images_are_not_flat(thumbs):
     assert all(t.std() > 3 for t in thumbs)
+
+
+def test_thin_mondrian_cells_render():
+    """Image 217 of seed 0 once crashed on a cell thinner than its border lines."""
+    assert render_demo_image(217, seed=0).size == demo_image_size(217, seed=0)

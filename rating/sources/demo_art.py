@@ -205,7 +205,8 @@ def _mondrian(rng: Rng, w: int, h: int, pal: Palette, mood: str) -> Image.Image:
     for x0, y0, x1, y1 in rects:
         blank = rng.random() < (0.6 if classic else 0.25)
         fill = paper if blank else fills[rng.integers(len(fills))]
-        draw.rectangle((x0 + t, y0 + t, x1 - t - 1, y1 - t - 1), fill=_rgb(fill))
+        if x1 - x0 > 2 * t and y1 - y0 > 2 * t:  # a sliver thinner than two lines stays line
+            draw.rectangle((x0 + t, y0 + t, x1 - t - 1, y1 - t - 1), fill=_rgb(fill))
     return img
 
 

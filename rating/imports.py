@@ -1,0 +1,163 @@
+"""Import jobs: civitai queries, URL lists and folders, each feeding the pool with progress."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+from flask import current_app
+from sqlalchemy import func, select
+
+from rating.jobs import JobProgress, handler
+from rating.models import Image, Job, Source, db, site_setting
+from rating.pool import ImportTally, PoolImporter, size_text
+from rating.sources.civitai import CivitaiImage, CivitaiQuery, fetch_page
+from rating.sources.fetch import FetchError, FetchPolicy, get_image_bytes
+
+FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
+
+
+def fetch_policy() -> FetchPolicy:
+    """Build the fetch limits from the settings."""
+    config = current_app.config
+    return FetchPolicy(
+        timeout=config["FETCH_TIMEOUT"],
+        max_bytes=config["FETCH_MAX_BYTES"],
+        allow_private=bool(site_setting("allow_private_urls")),
+        allowed_hosts=frozenset(config["FETCH_ALLOWED_HOSTS"]),
+    )
+
+
+def _source(job: Job) -> Source:
+    source = db.session.get(Source, job.params["source_id"])
+    if source is None:
+        raise RuntimeError("its source was deleted")
+    return source
+
+
+def _report(job: Job, tally: ImportTally, progress: JobProgress, step: int, total: int) -> None:
+    job.result = tally.as_dict()  # a new dict, so the JSON column notices the change
+    progress(step, total, tally.line())
+
+
+def _resume_from(source: Source) -> int:
+    """Return the position the last run of this source reached (0 for a new import)."""
+    return int(source.params.get("position", 0))
+
+
+def _save_position(source: Source, position: int) -> None:
+    source.params = {**source.params, "position": position}
+
+
+@handler("import_urls")
+def import_urls(job: Job, progress: JobProgress) -> dict:
+    """Download each URL of a list into the pool, resuming where a stopped run left off."""
+    source, tally = _source(job), ImportTally()
+    pool, policy, urls = PoolImporter(source, tally), fetch_policy(), source.params["urls"]
+    with requests.Session() as session:
+        for position in range(_resume_from(source), len(urls)):
+            url = urls[position]
+            try:
+                data = get_image_bytes(session, url, policy=policy)
+            except FetchError as exc:
+                tally.found += 1
+                tally.fail(url, str(exc))
+            else:
+                pool.add_bytes(data, url, source_url=url)
+            _save_position(source, position + 1)
+            _report(job, tally, progress, position + 1, len(urls))
+    return tally.as_dict()
+
+
+def folder_files(root: Path) -> Iterator[Path]:
+    """Yield the image files under `root`, recursively, in a stable order."""
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in FOLDER_EXTENSIONS and path.is_file():
+            yield path
+
+
+@handler("import_folder")
+def import_folder(job: Job, progress: JobProgress) -> dict:
+    """Add the images under a server folder (jpg, png, webp, the first frame of gif)."""
+    source, tally = _source(job), ImportTally()
+    root = Path(source.params["path"])
+    if not root.is_dir():
+        raise RuntimeError(f"{root} is not a folder on the server")
+    files = list(folder_files(root))
+    pool, limit = PoolImporter(source, tally), current_app.config["FETCH_MAX_BYTES"]
+    for position in range(_resume_from(source), len(files)):
+        path, name = files[position], str(files[position].relative_to(root))
+        if path.stat().st_size > limit:
+            tally.found += 1
+            tally.fail(name, f"larger than the {size_text(limit)} limit")
+        else:
+            pool.add_bytes(path.read_bytes(), name, source_ref=name, title=path.stem)
+        _save_position(source, position + 1)
+        _report(job, tally, progress, position + 1, len(files))
+    return tally.as_dict()
+
+
+@handler("import_civitai")
+def import_civitai(job: Job, progress: JobProgress) -> dict:
+    """Page through a civitai query into the pool, saving the cursor after every page."""
+    source, tally = _source(job), ImportTally()
+    query = CivitaiQuery(**source.params["query"])
+    pool, policy, have = PoolImporter(source, tally), fetch_policy(), _image_count(source)
+    cursor = source.params.get("cursor")  # a resumed import goes on from its last full page
+    options = {
+        "base_url": current_app.config["CIVITAI_URL"],
+        "api_key": site_setting("civitai_api_key") or None,
+        "policy": policy,
+    }
+    with requests.Session() as session:
+        while have < query.target:
+            images, following, raw_count = fetch_page(session, query, cursor, **options)
+            for image in images:
+                if have >= query.target:
+                    break
+                have += _add_civitai_image(session, pool, image, policy) == "added"
+                _report(job, tally, progress, have, query.target)
+            source.params = {**source.params, "cursor": following}
+            db.session.commit()
+            if not following or not raw_count or following == cursor:  # the end, or a loop
+                break
+            cursor = following
+    if have < query.target:
+        job.message = f"civitai has no more images for this query: {tally.line()}"
+    return tally.as_dict()
+
+
+def _add_civitai_image(session, pool: PoolImporter, image: CivitaiImage, policy) -> str:
+    """Download one listed image (unless this pool has it already) and add it."""
+    ref = f"civitai:{image.civitai_id}"
+    if db.session.scalar(select(Image.id).where(Image.source_ref == ref)):
+        pool.tally.found += 1
+        pool.tally.duplicates += 1  # imported before, perhaps by a run that was stopped
+        return "duplicate"
+    try:
+        data = get_image_bytes(session, image.url, policy=policy)
+    except FetchError as exc:
+        pool.tally.found += 1
+        pool.tally.fail(image.page_url, str(exc))
+        return "failed"
+    meta = {
+        "civitai_id": image.civitai_id,
+        "username": image.username,
+        "base_model": image.base_model,
+        "nsfw_level": image.nsfw_level,
+        "reactions": image.reactions,
+        "prompt": image.prompt,
+    }
+    return pool.add_bytes(
+        data,
+        image.page_url,
+        source_url=image.page_url,
+        source_ref=ref,
+        title=(image.prompt or "")[:2000] or None,
+        meta=meta,
+    )
+
+
+def _image_count(source: Source) -> int:
+    return db.session.scalar(select(func.count(Image.id)).where(Image.source_id == source.id))

@@ -1,0 +1,56 @@
+"""Browser uploads: signed-in people add images to the pool, when an admin allows it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flask import Blueprint, abort, current_app, render_template, request
+from flask_login import current_user, login_required
+
+from rating.models import Source, db, site_setting
+from rating.pool import ImportTally, PoolImporter, size_text
+
+bp = Blueprint("upload", __name__)
+
+
+def uploads_allowed_or_403() -> None:
+    """Stop with a message when uploads are turned off."""
+    if not site_setting("allow_uploads"):
+        abort(403, description="Uploads are turned off on this site; ask an admin to allow them.")
+
+
+@bp.get("/upload")
+@login_required
+def page():
+    """Show the upload form (drop files on it, or choose them)."""
+    uploads_allowed_or_403()
+    return render_template("upload.html", tally=None)
+
+
+@bp.post("/upload")
+@login_required
+def upload():
+    """Validate and add the uploaded files; answer with what happened to each."""
+    uploads_allowed_or_403()
+    files = [f for f in request.files.getlist("files") if f.filename]
+    config = current_app.config
+    if not files:
+        abort(400, description="Choose one or more image files.")
+    if len(files) > config["UPLOAD_MAX_FILES"]:
+        abort(400, description=f"Send at most {config['UPLOAD_MAX_FILES']} files at a time.")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    source = Source(kind="upload", label=f"Upload by {current_user.username}, {stamp} UTC")
+    source.created_by_id = current_user.id
+    db.session.add(source)
+    db.session.commit()
+    tally, limit = ImportTally(), config["UPLOAD_MAX_FILE_BYTES"]
+    pool = PoolImporter(source, tally)
+    for upload_file in files:
+        data = upload_file.read(limit + 1)
+        if len(data) > limit:
+            tally.found += 1
+            tally.fail(upload_file.filename, f"larger than the {size_text(limit)} limit")
+            continue
+        pool.add_bytes(data, upload_file.filename, title=upload_file.filename[:200])
+    template = "_upload_report.html" if request.headers.get("HX-Request") else "upload.html"
+    return render_template(template, tally=tally)

@@ -1,0 +1,134 @@
+"""Folder imports, uploads, hiding images and the site settings."""
+
+from __future__ import annotations
+
+import io
+
+from rating.models import Image, Job, Rating, Source, db, site_setting
+from rating.ratings import save_rating
+from tests.images import encode, picture
+
+
+def make_folder(root):
+    """Write a folder tree of images: valid ones, a copy, a near-copy, junk."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    encode_to = {
+        "a.png": encode(picture(1)),
+        "sub/b.jpg": encode(picture(2), "JPEG", quality=92),
+        "sub/deeper/c.webp": encode(picture(3), "WEBP"),
+        "sub/d.gif": encode(picture(4).convert("P")),
+        "copy-of-a.png": encode(picture(1)),
+        "sub/a-resized.jpg": encode(picture(1).resize((300, 300)), "JPEG", quality=90),
+        "broken.png": encode(picture(5))[:300],
+        "tiny.png": encode(picture(6, (64, 64))),
+        "notes.txt": b"not an image",
+    }
+    for name, data in encode_to.items():
+        (root / name).write_bytes(data)
+
+
+def test_folder_import_from_the_cli(app, runner, tmp_path):
+    make_folder(tmp_path / "pics")
+    result = runner.invoke(args=["images", "import-folder", str(tmp_path / "pics")])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        job = db.session.scalar(db.select(Job))
+        tally = job.result
+        assert (tally["found"], tally["added"], tally["failed"]) == (8, 4, 2)
+        assert tally["duplicates"] + tally["near_duplicates"] == 2
+        refs = set(db.session.scalars(db.select(Image.source_ref)))
+        assert refs == {"a.png", "sub/b.jpg", "sub/deeper/c.webp", "sub/d.gif"}
+    assert "broken.png: not a readable image" in result.output
+    assert "tiny.png: too small" in result.output
+
+
+def test_folder_import_from_the_admin_page(app, site, tmp_path):
+    site.register("admin")
+    make_folder(tmp_path / "pics")
+    html = site.post("/admin/pool/folder", {"path": str(tmp_path / "pics")}, htmx=True).get_data(
+        as_text=True
+    )
+    assert 'data-status="succeeded"' in html and "added <b>4</b>" in html
+    assert "2 failed — why" in html and "too small" in html
+    missing = site.post("/admin/pool/folder", {"path": str(tmp_path / "nope")})
+    assert missing.status_code == 400 and "is not a folder on the server" in missing.text
+
+
+def test_resume_skips_what_is_there(app, site, tmp_path):
+    site.register("admin")
+    make_folder(tmp_path / "pics")
+    site.post("/admin/pool/folder", {"path": str(tmp_path / "pics")})
+    with app.app_context():
+        source = db.session.scalar(db.select(Source))
+        source.params = {**source.params, "position": 0}  # as if it had stopped at the start
+        db.session.commit()
+        source_id = source.id
+    site.post(f"/admin/pool/sources/{source_id}/resume")
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Image.id))) == 4
+        last = db.session.scalar(db.select(Job).order_by(Job.id.desc()))
+        assert last.result["added"] == 0 and last.result["duplicates"] >= 2
+
+
+def test_hidden_images_leave_the_pool_but_keep_ratings(app, admin_site, client):
+    with app.app_context():
+        save_rating(1, 1, 5)
+    response = admin_site.post("/admin/pool/images/1/hidden", {"hidden": "1"}, htmx=True)
+    assert response.status_code == 200 and "Show" in response.text
+    with app.app_context():
+        assert db.session.get(Image, 1).hidden
+        assert db.session.scalar(db.select(Rating.stars).where(Rating.image_id == 1)) == 5
+    page = client.get("/admin/pool/sources/1").text
+    assert "hidden-image" in page
+    admin_site.post("/admin/pool/images/1/hidden", {"hidden": "0"})
+    with app.app_context():
+        assert not db.session.get(Image, 1).hidden
+
+
+def upload(site, files):
+    """Post files to the upload form as htmx would."""
+    data = {"files": [(io.BytesIO(body), name) for name, body in files]}
+    return site.post("/upload", data, htmx=True, content_type="multipart/form-data")
+
+
+def test_uploads_need_the_admin_to_allow_them(app, site, second_site):
+    site.register("admin")
+    second_site.register("bob")
+    refused = upload(second_site, [("a.png", encode(picture(1)))])
+    assert refused.status_code == 403 and "ask an admin" in refused.text
+    site.post("/admin/pool/settings", {"allow_uploads": "on"})
+    app.config["UPLOAD_MAX_FILE_BYTES"] = len(encode(picture(1))) + 1000
+    files = [
+        ("a.png", encode(picture(1))),
+        ("same.png", encode(picture(1))),
+        ("big.png", encode(picture(7, (300, 300)), compress_level=0)),
+        ("bad.jpg", b"\xff\xd8 nope"),
+    ]
+    report = upload(second_site, files).text
+    assert "added <b>1</b>" in report and "duplicates <b>1</b>" in report
+    assert "big.png" in report and "KiB limit" in report
+    assert "not a readable image" in report
+    with app.app_context():
+        source = db.session.scalar(db.select(Source).where(Source.kind == "upload"))
+        assert source.created_by_id == 2 and len(source.images) == 1
+
+
+def test_upload_count_limit(app, site):
+    site.register("admin")
+    site.post("/admin/pool/settings", {"allow_uploads": "on"})
+    app.config["UPLOAD_MAX_FILES"] = 2
+    response = upload(site, [(f"{i}.png", encode(picture(i))) for i in range(3)])
+    assert response.status_code == 400 and "at most 2 files" in response.text
+
+
+def test_api_key_is_never_shown_back_in_full(app, site, client):
+    site.register("admin")
+    site.post("/admin/pool/settings", {"civitai_api_key": "secret-key-1234abcd"})
+    page = client.get("/admin/").text
+    assert "secret-key-1234abcd" not in page and "…abcd" in page
+    site.post("/admin/pool/settings", {"civitai_api_key": ""})  # empty keeps the key
+    with app.app_context():
+        assert site_setting("civitai_api_key") == "secret-key-1234abcd"
+    site.post("/admin/pool/settings", {"clear_api_key": "on"})
+    with app.app_context():
+        assert site_setting("civitai_api_key") == ""
