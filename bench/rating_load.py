@@ -121,14 +121,20 @@ class Fetcher:
         return self.http.get(self.url, timeout=60).status_code == 200
 
 
-def run_phase(make, base: str, clients: int, seconds: float) -> tuple[dict, list]:
-    """Run `clients` threads, each looping `step()` for `seconds` once all are signed in."""
-    agents = [make(base, f"rater{n:02d}") for n in range(clients)]
-    latencies, failures, lock = [], [0], threading.Lock()
-    start = threading.Barrier(clients + 1)
+def run_phase(make, base: str, clients: int, seconds: float, probe: bool = False):
+    """Run `clients` threads, each looping `step()` for `seconds` once all are signed in.
 
-    def loop(agent):
+    With `probe`, one more client fetches the static file throughout, paced at 20 requests/s:
+    the server's floor under the same load. Returns (summary, probe summary, agents).
+    """
+    agents = [make(base, f"rater{n:02d}") for n in range(clients)]
+    timings = {"main": ([], [0]), "probe": ([], [0])}
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1 + probe)
+
+    def loop(agent, kind: str, pause: float = 0.0):
         start.wait()
+        latencies, failures = timings[kind]
         while time.monotonic() < deadline:
             began = time.perf_counter()
             try:
@@ -140,8 +146,11 @@ def run_phase(make, base: str, clients: int, seconds: float) -> tuple[dict, list
                 failures[0] += not ok
             if not ok and isinstance(agent, Rater):
                 return  # the card is gone (or the pool is rated out): this person stops
+            time.sleep(pause)
 
-    threads = [threading.Thread(target=loop, args=(a,)) for a in agents]
+    threads = [threading.Thread(target=loop, args=(a, "main")) for a in agents]
+    if probe:
+        threads.append(threading.Thread(target=loop, args=(Fetcher(base, ""), "probe", 0.05)))
     for thread in threads:
         thread.start()
     started = time.monotonic()
@@ -149,7 +158,9 @@ def run_phase(make, base: str, clients: int, seconds: float) -> tuple[dict, list
     start.wait()
     for thread in threads:
         thread.join()
-    return summarise(latencies, failures[0], time.monotonic() - started), agents
+    elapsed = time.monotonic() - started
+    main, side = (summarise(times, failed[0], elapsed) for times, failed in timings.values())
+    return main, side, agents
 
 
 def summarise(latencies: list[float], failures: int, seconds: float) -> dict:
@@ -174,16 +185,20 @@ def report(result: dict) -> None:
         f" {threads} threads; pool of {result['images']} images"
     )
     print(
-        f"{'endpoint':<16}{'requests':>9}{'failures':>9}{'req/s':>9}"
+        f"{'endpoint':<22}{'requests':>9}{'failures':>9}{'req/s':>9}"
         f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
     )
-    for name in ("static", "rate_and_next"):
+    for name in ("static", "rate_and_next", "static_during_rating"):
         r = result[name]
         print(
-            f"{name:<16}{r['requests']:>9}{r['failures']:>9}{r['rps']:>9.1f}"
+            f"{name:<22}{r['requests']:>9}{r['failures']:>9}{r['rps']:>9.1f}"
             f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
         )
     print(f"p99 ratio rate/static: {result['p99_ratio']:.2f} (target <= {TARGET:g})")
+    print(
+        "p99 ratio rate/static measured under the same rating load:"
+        f" {result['p99_ratio_same_load']:.2f}"
+    )
     print(
         f"ratings stored: {result['stored']}, acknowledged (200): {result['acknowledged']}"
         f" -> {'OK' if result['stored'] == result['acknowledged'] else 'MISMATCH'}"
@@ -212,8 +227,10 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         server = start_server(instance, port, args.threads)
         wait_until_up(server, base)
-        static, _ = run_phase(Fetcher, base, args.clients, args.seconds)
-        rate, raters = run_phase(Rater, base, args.clients, args.seconds)
+        static, _, _ = run_phase(Fetcher, base, args.clients, args.seconds)
+        rate, static_under_load, raters = run_phase(
+            Rater, base, args.clients, args.seconds, probe=True
+        )
         with closing(sqlite3.connect(instance / "tastebud.db")) as con:
             stored = con.execute("SELECT COUNT(*) FROM rating").fetchone()[0]
         acknowledged = sum(r.acknowledged for r in raters)
@@ -221,7 +238,9 @@ def main() -> None:
         result = {
             "static": static,
             "rate_and_next": rate,
+            "static_during_rating": static_under_load,
             "p99_ratio": ratio,
+            "p99_ratio_same_load": rate["p99_ms"] / max(static_under_load["p99_ms"], 1e-9),
             "stored": stored,
             "acknowledged": acknowledged,
             "clients": args.clients,

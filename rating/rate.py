@@ -29,7 +29,7 @@ class Sitting:
         """Read the sitting from the submitted form."""
         depth = current_app.config["UNDO_DEPTH"]
         return cls(
-            queue=parse_ids(request.form.get("queue"), 1 + current_app.config["PREFETCH"]),
+            queue=parse_ids(request.form.get("queue"), 1 + current_app.config["PICK_AHEAD"]),
             skipped=parse_ids(request.form.get("skipped"), 2000),
             history=parse_ids(request.form.get("history"), depth),
         )
@@ -108,13 +108,15 @@ def undo():
 def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
     """Render the rating card for the next image, refilling the prefetch queue."""
     user_id = current_user.id
-    want = 1 + current_app.config["PREFETCH"]
+    config = current_app.config
     queue = still_unrated(user_id, sitting.queue)
     if focus is not None:
         queue = [focus, *(i for i in queue if i != focus)]
-    if len(queue) < want:
-        queue += next_image_ids(user_id, [*sitting.skipped, *queue], want - len(queue))
-    sitting.queue = queue[:want]
+    if len(queue) <= config["PREFETCH"]:  # choosing is the costly part: choose a batch at once
+        more = 1 + config["PICK_AHEAD"] - len(queue)
+        queue += next_image_ids(user_id, [*sitting.skipped, *queue], more)
+    sitting.queue = queue[: 1 + config["PICK_AHEAD"]]
+    queue = queue[: 1 + config["PREFETCH"]]  # shown now, and loaded ahead by the browser
     shown = select(Image).options(joinedload(Image.source)).where(Image.id.in_(queue))
     images = {i.id: i for i in db.session.scalars(shown)}
     image = images.get(queue[0]) if queue else None

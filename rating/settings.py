@@ -48,6 +48,8 @@ DEFAULTS: dict[str, object] = {
     "NEAR_DUPLICATE_DISTANCE": 6,
     # Rating pages: how many upcoming images to prefetch, how many ratings undo reaches back.
     "PREFETCH": 2,
+    # Images chosen ahead for a sitting (choosing is the costly query of rate-and-next).
+    "PICK_AHEAD": 8,
     "UNDO_DEPTH": 50,
     "RATINGS_PER_PAGE": 60,
     # Crowd page: an image needs this many raters before agreement means anything.
