@@ -20,8 +20,7 @@ from sqlalchemy import func, select
 
 from rating import ratings_io
 from rating.models import Comparison, Rating, db
-from rating.rate import visible_image_or_404
-from rating.ratings import save_rating
+from rating.rate import rate_from_form
 
 bp = Blueprint("me", __name__, url_prefix="/me")
 
@@ -76,11 +75,7 @@ def ratings():
 @login_required
 def change(image_id: int):
     """Change (or set) my stars for one image; answer with its tile."""
-    visible_image_or_404(image_id)
-    stars = request.form.get("stars", type=int)
-    if stars not in range(1, 6):
-        abort(400, description="Choose 1 to 5 stars.")
-    save_rating(current_user.id, image_id, stars)
+    rate_from_form(image_id)
     rating = db.session.scalar(
         select(Rating).where(Rating.user_id == current_user.id, Rating.image_id == image_id)
     )

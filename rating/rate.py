@@ -49,6 +49,15 @@ def visible_image_or_404(image_id: int) -> Image:
     return image
 
 
+def rate_from_form(image_id: int) -> None:
+    """Save the posted stars (1–5) for a visible image, or answer 400/404 saying why."""
+    visible_image_or_404(image_id)
+    stars = request.form.get("stars", type=int)
+    if stars not in range(1, 6):
+        abort(400, description="Choose 1 to 5 stars.")
+    save_rating(current_user.id, image_id, stars)
+
+
 @bp.route("/")
 def home():
     """Show the start page: what to do next, for a visitor, a rater or an admin."""
@@ -72,11 +81,7 @@ def rate_page():
 @login_required
 def rate_image(image_id: int):
     """Save 1–5 stars for an image and show the next one."""
-    visible_image_or_404(image_id)
-    stars = request.form.get("stars", type=int)
-    if stars not in range(1, 6):
-        abort(400, description="Choose 1 to 5 stars.")
-    save_rating(current_user.id, image_id, stars)
+    rate_from_form(image_id)
     sitting = Sitting.from_form()
     sitting.history = [*sitting.history, image_id][-current_app.config["UNDO_DEPTH"] :]
     sitting.queue = [i for i in sitting.queue if i != image_id]
