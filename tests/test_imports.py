@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import pytest
 
 from app import create_app
@@ -152,3 +155,36 @@ def test_url_lists_must_be_http(importing):
     response = site.post("/admin/pool/urls", {"urls": "file:///etc/passwd\nftp://x/y.png"})
     assert response.status_code == 400 and "Only http and https" in response.text
     assert site.post("/admin/pool/urls", {"urls": "  \n"}).status_code == 400
+
+
+def test_two_imports_at_once_add_each_image_once(importing, fake_civitai):
+    app, _ = importing
+    urls = [f"{fake_civitai.url}/img/{name}" for name in ("a.png", "b.jpg", "c.png", "d.png")]
+    with app.app_context():
+        sources = [Source(kind="urls", label=f"list {n}", params={"urls": urls}) for n in (1, 2)]
+        db.session.add_all(sources)
+        db.session.commit()
+        ids = [s.id for s in sources]
+    errors = []
+
+    def run(source_id):
+        try:
+            with app.app_context():
+                jobs.run_here("import_urls", source_id=source_id)
+        except Exception as exc:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Image.id))) == 4
+        results = [j.result for j in db.session.scalars(db.select(Job))]
+        assert all(j["failed"] == 0 for j in results)
+        assert sum(j["added"] for j in results) == 4
+        assert sum(j["duplicates"] + j["near_duplicates"] for j in results) == 4
+    store = app.config["STORAGE_ROOT"]
+    assert not list(Path(store).rglob(".tmp-*"))
