@@ -41,22 +41,13 @@ def _report(job: Job, tally: ImportTally, progress: JobProgress, step: int, tota
     progress(step, total, tally.line())
 
 
-def _resume_from(source: Source) -> int:
-    """Return the position the last run of this source reached (0 for a new import)."""
-    return int(source.params.get("position", 0))
-
-
-def _save_position(source: Source, position: int) -> None:
-    source.params = {**source.params, "position": position}
-
-
 @handler("import_urls")
 def import_urls(job: Job, progress: JobProgress) -> dict:
     """Download each URL of a list into the pool, resuming where a stopped run left off."""
     source, tally = _source(job), ImportTally()
     pool, policy, urls = PoolImporter(source, tally), fetch_policy(), source.params["urls"]
     with requests.Session() as session:
-        for position in range(_resume_from(source), len(urls)):
+        for position in range(source.position, len(urls)):
             url = urls[position]
             try:
                 data = get_image_bytes(session, url, policy=policy)
@@ -65,7 +56,7 @@ def import_urls(job: Job, progress: JobProgress) -> dict:
                 tally.fail(url, str(exc))
             else:
                 pool.add_bytes(data, url, source_url=url)
-            _save_position(source, position + 1)
+            source.position = position + 1
             _report(job, tally, progress, position + 1, len(urls))
     return tally.as_dict()
 
@@ -86,14 +77,14 @@ def import_folder(job: Job, progress: JobProgress) -> dict:
         raise RuntimeError(f"{root} is not a folder on the server")
     files = list(folder_files(root))
     pool, limit = PoolImporter(source, tally), current_app.config["FETCH_MAX_BYTES"]
-    for position in range(_resume_from(source), len(files)):
+    for position in range(source.position, len(files)):
         path, name = files[position], str(files[position].relative_to(root))
         if path.stat().st_size > limit:
             tally.found += 1
             tally.fail(name, f"larger than the {size_text(limit)} limit")
         else:
             pool.add_bytes(path.read_bytes(), name, source_ref=name, title=path.stem)
-        _save_position(source, position + 1)
+        source.position = position + 1
         _report(job, tally, progress, position + 1, len(files))
     return tally.as_dict()
 
@@ -104,7 +95,7 @@ def import_civitai(job: Job, progress: JobProgress) -> dict:
     source, tally = _source(job), ImportTally()
     query = CivitaiQuery(**source.params["query"])
     pool, policy, have = PoolImporter(source, tally), fetch_policy(), _image_count(source)
-    cursor = source.params.get("cursor")  # a resumed import goes on from its last full page
+    cursor = source.cursor  # a resumed import goes on from its last full page
     options = {
         "base_url": current_app.config["CIVITAI_URL"],
         "api_key": site_setting("civitai_api_key") or None,
@@ -118,7 +109,7 @@ def import_civitai(job: Job, progress: JobProgress) -> dict:
                     break
                 have += _add_civitai_image(session, pool, image, policy) == "added"
                 _report(job, tally, progress, have, query.target)
-            source.params = {**source.params, "cursor": following}
+            source.cursor = following
             db.session.commit()
             if not following or not raw_count or following == cursor:  # the end, or a loop
                 break

@@ -74,6 +74,10 @@ class Source(db.Model):
     kind: Mapped[str] = mapped_column(String(20))  # demo | civitai | urls | folder | upload
     label: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict] = mapped_column(JSON, default=dict)
+    # How far an import got (items done; civitai's next cursor), so a stopped one resumes.
+    # Columns of their own: rewriting `params` (a URL list can be long) for each item is slow.
+    position: Mapped[int] = mapped_column(default=0, server_default="0")
+    cursor: Mapped[str | None] = mapped_column(String(2000))
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

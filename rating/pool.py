@@ -119,7 +119,7 @@ class PoolImporter:
             self.tally.near_duplicates += 1
             return "near_duplicate"
         # Files first: they are content-addressed, so a lost race below leaves nothing wrong.
-        stored = self.store.add(image, original, ext, phash=phash)
+        stored = self.store.add(image, original, ext, phash=phash, sha256=sha)
         db.session.add(
             Image(
                 sha256=stored.sha256,

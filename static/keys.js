@@ -10,3 +10,18 @@ document.addEventListener("keydown", (event) => {
   button.classList.add("pressed");
   button.click();
 });
+
+// A drop zone hides its file input, so its label says which files are chosen.
+function showChosen(input) {
+  const label = input.closest(".dropzone")?.querySelector("span");
+  if (!label) return;
+  label.dataset.empty ??= label.textContent;
+  const names = [...input.files].map((file) => file.name);
+  label.textContent = names.length ? `${names.length} chosen: ${names.join(", ")}` : label.dataset.empty;
+}
+document.addEventListener("change", (event) => {
+  if (event.target.matches(".dropzone input[type=file]")) showChosen(event.target);
+});
+document.addEventListener("reset", (event) => {  // fires before the reset, so look right after
+  setTimeout(() => event.target.querySelectorAll(".dropzone input[type=file]").forEach(showChosen));
+});

@@ -80,13 +80,21 @@ def live_server(tmp_path_factory):
     )
     consumer = jobs.start_embedded_worker(app)
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
-    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    stop = threading.Event()
+
+    def serve() -> None:
+        # Short polls until told to stop, then close the sockets here: closing them from the
+        # test thread while this loop sits in select() fails it with EBADF now and then.
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.1, map=server._map, count=1)
+        wasyncore.close_all(server._map)  # the listener and open keep-alive channels
+
+    thread = threading.Thread(target=serve, name="waitress", daemon=True)
     thread.start()
     yield LiveServer(app, f"http://127.0.0.1:{server.effective_port}")
-    server.close()
-    wasyncore.close_all(server._map)  # open keep-alive channels, so the loop ends
-    server.task_dispatcher.shutdown()
+    stop.set()
     thread.join(timeout=10)
+    server.task_dispatcher.shutdown()
     consumer.stop(graceful=True)
     with app.app_context():
         db.engine.dispose()

@@ -97,7 +97,7 @@ def test_stopped_import_resumes_to_exactly_the_target(importing, fake_civitai, m
     assert civitai_refs(app) == ["civitai:101", "civitai:102"]
     with app.app_context():
         source = db.session.scalar(db.select(Source))
-        assert source.params["cursor"] == fake_civitai.cursors[1]  # page 1 done, saved
+        assert source.cursor == fake_civitai.cursors[1]  # page 1 done, saved
         source_id = source.id
     monkeypatch.setattr(imports, "fetch_page", real_fetch)
     site.post(f"/admin/pool/sources/{source_id}/resume")

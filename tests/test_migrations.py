@@ -8,7 +8,7 @@ from flask_migrate import downgrade, upgrade
 from sqlalchemy import inspect
 
 from app import MIGRATIONS, create_app
-from rating.models import Rating, User, db
+from rating.models import Rating, Source, User, db
 
 
 def test_empty_database_upgrades_to_the_models(tmp_path):
@@ -40,3 +40,27 @@ def test_restart_keeps_ratings(tmp_path):
         assert db.session.scalar(db.select(User.username)) == "alice"
         assert db.session.scalar(db.select(db.func.count(Rating.id))) == 0
     assert (tmp_path / "secret_key").stat().st_mode & 0o077 == 0  # owner-only
+
+
+def test_upgrading_an_old_database_keeps_its_ratings(tmp_path):
+    app = create_app(
+        {"TESTING": True, "QUEUE": "immediate", "AUTO_MIGRATE": False}, instance_path=str(tmp_path)
+    )
+    with app.app_context():
+        upgrade(directory=MIGRATIONS, revision="0001")  # the first release's schema
+        with db.engine.begin() as connection:
+            for statement in (
+                "INSERT INTO user (id, username, password_hash, is_admin, disabled, created_at)"
+                " VALUES (1, 'ada', 'x', 1, 0, '2026-01-01')",
+                "INSERT INTO source (id, kind, label, params, created_at)"
+                " VALUES (1, 'demo', 'old', '{}', '2026-01-01')",
+                "INSERT INTO image (id, sha256, phash, width, height, original_ext, source_id,"
+                " meta, hidden, created_at) VALUES (1, 'ab', 'cd', 512, 512, 'png', 1, '{}', 0,"
+                " '2026-01-01')",
+                "INSERT INTO rating (user_id, image_id, stars, created_at, updated_at)"
+                " VALUES (1, 1, 4, '2026-01-01', '2026-01-01')",
+            ):
+                connection.exec_driver_sql(statement)
+        upgrade(directory=MIGRATIONS)
+        assert db.session.scalar(db.select(Rating.stars)) == 4
+        assert db.session.scalar(db.select(Source.position)) == 0

@@ -60,7 +60,7 @@ def test_resume_skips_what_is_there(app, site, tmp_path):
     site.post("/admin/pool/folder", {"path": str(tmp_path / "pics")})
     with app.app_context():
         source = db.session.scalar(db.select(Source))
-        source.params = {**source.params, "position": 0}  # as if it had stopped at the start
+        source.position = 0  # as if it had stopped at the start
         db.session.commit()
         source_id = source.id
     site.post(f"/admin/pool/sources/{source_id}/resume")
