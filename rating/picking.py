@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from rating.models import Comparison, Image, Rating, Source, db
 
@@ -51,11 +51,17 @@ def next_image_ids(user_id: int, exclude: list[int], count: int) -> list[int]:
     return chosen[:count]
 
 
+# Built once: rate-and-next runs it on every key press, and building costs more than running.
+STILL_UNRATED = _unrated(bindparam("user_id"), []).where(
+    Image.id.in_(bindparam("ids", expanding=True))
+)
+
+
 def still_unrated(user_id: int, ids: list[int]) -> list[int]:
     """Keep the ids (in order) that are visible and not yet rated by the person."""
     if not ids:
         return []
-    ok = set(db.session.scalars(_unrated(user_id, []).where(Image.id.in_(ids))))
+    ok = set(db.session.scalars(STILL_UNRATED, {"user_id": user_id, "ids": ids}))
     return [i for i in ids if i in ok]
 
 

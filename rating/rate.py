@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from flask import Blueprint, abort, current_app, render_template, request
 from flask_login import current_user, login_required
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import joinedload
 
 from rating.models import Comparison, Image, Rating, db
@@ -14,6 +14,8 @@ from rating.picking import join_ids, next_image_ids, next_pair, parse_ids, still
 from rating.ratings import save_rating, undo_rating
 
 bp = Blueprint("rate", __name__)
+
+RATED_COUNT = select(func.count(Rating.id)).where(Rating.user_id == bindparam("user_id"))
 
 
 @dataclass
@@ -130,7 +132,7 @@ def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
         current = db.session.scalar(
             select(Rating.stars).where(Rating.user_id == user_id, Rating.image_id == image.id)
         )
-    rated = db.session.scalar(select(func.count(Rating.id)).where(Rating.user_id == user_id))
+    rated = db.session.scalar(RATED_COUNT, {"user_id": user_id})
     return page_or_fragment(
         "rate.html",
         "_rate_card.html",

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
-from sqlalchemy import case, select
+import functools
+
+from sqlalchemy import bindparam, case, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from rating.models import Rating, db, utcnow
 
 
-def _insert(table):
-    dialect = db.session.get_bind().dialect.name
-    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
+@functools.cache
+def _upsert(dialect: str):
+    """Build the rating upsert once per dialect; rate-and-next runs it on every key press."""
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(Rating.__table__)
+    statement = insert.values(
+        user_id=bindparam("user_id"),
+        image_id=bindparam("image_id"),
+        stars=bindparam("stars"),
+        created_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+    table = Rating.__table__.c
+    return statement.on_conflict_do_update(
+        index_elements=["user_id", "image_id"],
+        set_={
+            "undo_stars": case(
+                (table.stars == statement.excluded.stars, table.undo_stars), else_=table.stars
+            ),
+            "stars": statement.excluded.stars,
+            "updated_at": statement.excluded.updated_at,
+        },
+    )
 
 
 def save_rating(user_id: int, image_id: int, stars: int) -> None:
@@ -19,22 +40,9 @@ def save_rating(user_id: int, image_id: int, stars: int) -> None:
     One INSERT … ON CONFLICT statement, so two clicks racing each other cannot both insert.
     The old stars go to `undo_stars` unless they are the same (a double click keeps undo useful).
     """
-    now = utcnow()
-    statement = _insert(Rating.__table__).values(
-        user_id=user_id, image_id=image_id, stars=stars, created_at=now, updated_at=now
-    )
-    table = Rating.__table__.c
-    statement = statement.on_conflict_do_update(
-        index_elements=["user_id", "image_id"],
-        set_={
-            "undo_stars": case(
-                (table.stars == statement.excluded.stars, table.undo_stars), else_=table.stars
-            ),
-            "stars": statement.excluded.stars,
-            "updated_at": now,
-        },
-    )
-    db.session.execute(statement)
+    statement = _upsert(db.session.get_bind().dialect.name)
+    params = {"user_id": user_id, "image_id": image_id, "stars": stars, "now": utcnow()}
+    db.session.execute(statement, params)
     db.session.commit()
 
 
