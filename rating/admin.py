@@ -1,4 +1,4 @@
-"""Admin pages: image sources (the demo pack for now), jobs, and people."""
+"""Admin pages: the sources overview, the demo pack, job progress, and people."""
 
 from __future__ import annotations
 

@@ -52,8 +52,7 @@ def import_urls(job: Job, progress: JobProgress) -> dict:
             try:
                 data = get_image_bytes(session, url, policy=policy)
             except FetchError as exc:
-                tally.found += 1
-                tally.fail(url, str(exc))
+                tally.fail_unread(url, str(exc))
             else:
                 pool.add_bytes(data, url, source_url=url)
             source.position = position + 1
@@ -80,8 +79,7 @@ def import_folder(job: Job, progress: JobProgress) -> dict:
     for position in range(source.position, len(files)):
         path, name = files[position], str(files[position].relative_to(root))
         if path.stat().st_size > limit:
-            tally.found += 1
-            tally.fail(name, f"larger than the {size_text(limit)} limit")
+            tally.fail_unread(name, f"larger than the {size_text(limit)} limit")
         else:
             pool.add_bytes(path.read_bytes(), name, source_ref=name, title=path.stem)
         source.position = position + 1
@@ -129,8 +127,7 @@ def _add_civitai_image(session, pool: PoolImporter, image: CivitaiImage, policy)
     try:
         data = get_image_bytes(session, image.url, policy=policy)
     except FetchError as exc:
-        pool.tally.found += 1
-        pool.tally.fail(image.page_url, str(exc))
+        pool.tally.fail_unread(image.page_url, str(exc))
         return "failed"
     meta = {
         "civitai_id": image.civitai_id,

@@ -34,6 +34,11 @@ class ImportTally:
         if len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append({"item": item[:500], "reason": reason[:500]})
 
+    def fail_unread(self, item: str, reason: str) -> None:
+        """Count an item found but lost before it could be read (download error, too big)."""
+        self.found += 1
+        self.fail(item, reason)
+
     def line(self) -> str:
         """Say the counts in one line."""
         return (

@@ -48,8 +48,7 @@ def upload():
     for upload_file in files:
         data = upload_file.read(limit + 1)
         if len(data) > limit:
-            tally.found += 1
-            tally.fail(upload_file.filename, f"larger than the {size_text(limit)} limit")
+            tally.fail_unread(upload_file.filename, f"larger than the {size_text(limit)} limit")
             continue
         pool.add_bytes(data, upload_file.filename, title=upload_file.filename[:200])
     template = "_upload_report.html" if request.headers.get("HX-Request") else "upload.html"
