@@ -1,0 +1,299 @@
+"""Load a base Stable Diffusion pipeline: a hub id, a local folder, a single file, or the demo.
+
+The "demo" base is a tiny SD-1.x-shaped pipeline with random weights from a fixed seed and
+a tokenizer built here from a byte-level vocabulary, so the whole flow runs offline and in
+tests. It draws noise-like pictures; everything that shows it labels it "demo".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.loaders.single_file_utils import SingleFileComponentError
+from huggingface_hub.errors import HFValidationError
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+DEMO = "demo"
+ENV_BASE_MODEL = "TASTEBUD_BASE_MODEL"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# What to do when weights can't be found; every BaseModelNotFound message ends with it.
+FIX = f"set {ENV_BASE_MODEL} to a local diffusers folder or a .safetensors file, or to {DEMO!r}"
+
+
+class BaseModelNotFound(RuntimeError):
+    """The base model's weights or configs are not where the spec says."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo pipeline: SD 1.x structure, shrunk so CPU tests take seconds."""
+
+    latent_size: int = 8  # latents are 4×8×8, so images are 64×64 (VAE downsamples by 8)
+    unet_channels: tuple[int, ...] = (32, 64)  # two levels: one plain, one cross-attention
+    vae_channels: tuple[int, ...] = (16, 32, 32, 32)  # four levels like SD 1.x → factor 8
+    vae_groups: int = 16  # GroupNorm groups; must divide every VAE channel count
+    text_width: int = 32  # CLIP hidden size, also the UNet's cross-attention width
+    text_layers: int = 2  # enough to be a transformer, few enough to be instant
+    max_tokens: int = 77  # CLIP's context length, as in SD 1.x
+    vae_scaling_factor: float = 0.18215  # SD 1.x's latent scale, so latent code is shared
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A loaded base pipeline and what the rest of the trainer needs to know about it."""
+
+    pipeline: StableDiffusionPipeline
+    name: str  # "demo", or the hub id / path it was loaded from
+    is_demo: bool
+    resolution: int  # image side in pixels: 512 for SD 1.x, 64 for the demo
+
+
+def pick_device() -> torch.device:
+    """Return the best available device: CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level BPE alphabet: every byte maps to one printable character.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def build_demo_tokenizer(max_tokens: int = 77) -> CLIPTokenizer:
+    """Build a CLIP tokenizer from a byte-level vocabulary, with no download."""
+    # No merges: every word splits into single characters, the last one marked "</w>".
+    # That is a valid CLIP BPE, just a long-winded one, and it needs no vocabulary file.
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_tokens)
+
+
+def build_demo_pipeline(seed: int = 0, config: DemoConfig | None = None) -> StableDiffusionPipeline:
+    """Build the tiny demo pipeline with weights drawn deterministically from `seed`."""
+    config = config or DemoConfig()
+    tokenizer = build_demo_tokenizer(config.max_tokens)
+    # fork_rng: building the demo must not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=config.latent_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=config.unet_channels,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=config.text_width,
+            attention_head_dim=8,
+            norm_num_groups=min(32, *config.unet_channels),
+        )
+        torch.manual_seed(seed + 1)
+        levels = len(config.vae_channels)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=config.vae_channels,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=config.vae_groups,
+            sample_size=config.latent_size * 2 ** (levels - 1),
+            scaling_factor=config.vae_scaling_factor,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=config.text_width,
+                intermediate_size=config.text_width * 4,
+                num_hidden_layers=config.text_layers,
+                num_attention_heads=4,
+                max_position_embeddings=config.max_tokens,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    # SD 1.x's training schedule, so sampling and LoRA code see the same timesteps.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _offline() -> bool:
+    # Read the environment now, not huggingface_hub's constants, which are fixed at import.
+    flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(flag.strip().lower() in {"1", "true", "yes", "on"} for flag in flags)
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else the user typed is meant as a path.
+    return (
+        spec.startswith((".", "/", "~", "\\"))
+        or spec.lower().endswith(SINGLE_FILE_SUFFIXES)
+        or spec.count("/") > 1
+        or os.sep in spec.replace("/", "")
+        or (len(spec) > 1 and spec[1] == ":")  # Windows drive letter
+    )
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+    if not (folder / "model_index.json").is_file():
+        raise BaseModelNotFound(f"{folder} is not a diffusers folder (no model_index.json); {FIX}")
+    try:
+        return StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise BaseModelNotFound(
+            f"could not load the diffusers folder {folder}: {error}; {FIX}"
+        ) from error
+
+
+def _load_single_file(
+    path: Path, dtype: torch.dtype, config: str | Path | None
+) -> StableDiffusionPipeline:
+    if not path.is_file():
+        raise BaseModelNotFound(f"no checkpoint file at {path}; {FIX}")
+    if config is not None and not Path(config, "model_index.json").is_file():
+        raise BaseModelNotFound(f"config {config} is not a diffusers folder (no model_index.json)")
+    local_only = config is not None or _offline()
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(config) if config is not None else None,
+            dtype=dtype,
+            local_files_only=local_only,
+        )
+    # KeyError and SingleFileComponentError: the file is not an SD checkpoint diffusers knows.
+    except (OSError, ValueError, KeyError, SingleFileComponentError) as error:
+        hint = "" if config else " (pass config= a local diffusers folder with the model's configs)"
+        raise BaseModelNotFound(f"could not load {path}{hint}: {error}; {FIX}") from error
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    # The local cache first: fast, and the only option offline.
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo_id, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        if isinstance(error, HFValidationError):
+            raise BaseModelNotFound(f"{repo_id!r} is neither a hub id nor a path; {FIX}") from None
+        if _offline():
+            raise BaseModelNotFound(
+                f"{FIX}; hub id {repo_id} is not in the local cache and this machine is offline"
+            ) from None
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise BaseModelNotFound(
+            f"{FIX}; hub id {repo_id} is not in the local cache and could not be downloaded"
+            f" ({type(error).__name__}: {error})"
+        ) from error
+
+
+def load_base(
+    spec: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    config: str | Path | None = None,
+) -> BaseModel:
+    """Load a base pipeline from "demo", a hub id, a diffusers folder or a single file.
+
+    `config` is a local diffusers folder whose configs describe a single-file checkpoint;
+    without it diffusers guesses the model family and fetches its configs from the hub.
+    """
+    device = torch.device(device) if device is not None else pick_device()
+    # Half precision halves memory on GPUs; CPUs are slow or wrong in fp16.
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    spec = spec.strip()
+    if spec == DEMO:
+        pipeline = build_demo_pipeline()
+        if dtype != torch.float32:  # loaders get dtype directly; only the demo is cast
+            pipeline = pipeline.to(dtype=dtype)
+    elif spec.lower().endswith(SINGLE_FILE_SUFFIXES):
+        pipeline = _load_single_file(Path(spec).expanduser(), dtype, config)
+    elif Path(spec).expanduser().is_dir():
+        pipeline = _load_folder(Path(spec).expanduser(), dtype)
+    elif _looks_like_path(spec) or not spec:
+        raise BaseModelNotFound(f"no base model at {spec!r}; {FIX}")
+    else:
+        pipeline = _load_hub(spec, dtype)
+    pipeline = pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    return BaseModel(pipeline=pipeline, name=spec, is_demo=spec == DEMO, resolution=resolution)
+
+
+def summarize(base: BaseModel) -> dict:
+    """Return a JSON-ready summary of a loaded base model."""
+    pipe = base.pipeline
+    side = base.resolution // pipe.vae_scale_factor
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    return {
+        "name": base.name,
+        "is_demo": base.is_demo,
+        "resolution": base.resolution,
+        "latent_shape": [pipe.vae.config.latent_channels, side, side],
+        "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "demo_config": asdict(DemoConfig()) if base.is_demo else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print a JSON summary of a base model: `python -m trainer.base info --base demo`."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.base")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="load a base model and describe it")
+    info.add_argument("--base", default=os.environ.get(ENV_BASE_MODEL, DEMO))
+    info.add_argument("--config", help="local diffusers folder for a single-file checkpoint")
+    info.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    args = parser.parse_args(argv)
+    try:
+        base = load_base(args.base, device=args.device, config=args.config)
+    except BaseModelNotFound as error:
+        parser.exit(2, f"error: {error}\n")
+    print(json.dumps(summarize(base), indent=2))
+
+
+if __name__ == "__main__":
+    main()
