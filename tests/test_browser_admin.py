@@ -1,27 +1,21 @@
 """End-to-end admin tests: import a server folder, hide images, allow and use uploads, in Chromium.
 
-The browser, the tab and the problem collector come from test_browser.py. The live server is
-this module's own (a fresh site, so the first account registered here is its admin), and it
-stops without racing its own loop thread (see `live_server`).
+The live server, the browser, the tab and the problem collector come from test_browser.py; the
+server is module-scoped, so this module gets a fresh site and the first account here is admin.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import test_browser as e2e
-import waitress
 from images import encode, picture
 from sqlalchemy import func, select
-from waitress import wasyncore
 
-from app import create_app
-from rating import jobs
 from rating.models import Image, Source, db, site_setting
 from rating.store import perceptual_hash
 
@@ -31,6 +25,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.browser
 
 # The shared fixtures, bound here so that pytest finds them for this module.
+live_server = e2e.live_server  # module-scoped: this module gets a fresh site of its own
 browser = e2e.browser
 page = e2e.page
 problems = e2e.problems
@@ -55,44 +50,6 @@ UPLOADS = [
     {"name": "tiny.png", "mimeType": "image/png", "buffer": encode(picture(9, (64, 64)))},
 ]
 UPLOAD_TALLY = ["2", "1", "0", "0", "1"]  # new.png added; tiny.png under the 256 px minimum
-
-
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory):
-    """Serve a fresh site on a free 127.0.0.1 port with waitress, its job worker running.
-
-    The loop runs in short polls until told to stop, then closes the sockets itself: closing
-    them from this thread while the loop sits in select() fails it with EBADF now and then.
-    """
-    instance = tmp_path_factory.mktemp("browser-admin-site") / "instance"
-    app = create_app(
-        {
-            "SECRET_KEY": "browser-test",
-            "QUEUE": "sqlite",  # the real queue, so the job widget polls a job that really runs
-            "REDIS_URL": "",
-            "DATABASE_URL": "",  # never a database named by a TASTEBUD_* variable
-            "STORAGE_ROOT": "",
-        },
-        instance_path=str(instance),
-    )
-    consumer = jobs.start_embedded_worker(app)
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            wasyncore.loop(timeout=0.1, map=server._map, count=1)
-        wasyncore.close_all(server._map)  # the listener and keep-alive channels, on this thread
-
-    thread = threading.Thread(target=serve, name="waitress", daemon=True)
-    thread.start()
-    yield e2e.LiveServer(app, f"http://127.0.0.1:{server.effective_port}")
-    stop.set()
-    thread.join(timeout=10)
-    server.task_dispatcher.shutdown()
-    consumer.stop(graceful=True)
-    with app.app_context():
-        db.engine.dispose()
 
 
 @pytest.fixture(scope="module")
