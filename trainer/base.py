@@ -24,6 +24,8 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from trainer.device import pick_device
+
 DEMO = "demo"
 ENV_BASE_MODEL = "TASTEBUD_BASE_MODEL"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -57,15 +59,6 @@ class BaseModel:
     name: str  # "demo", or the hub id / path it was loaded from
     is_demo: bool
     resolution: int  # image side in pixels: 512 for SD 1.x, 64 for the demo
-
-
-def pick_device() -> torch.device:
-    """Return the best available device: CUDA, then Apple MPS, then CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

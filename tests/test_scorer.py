@@ -1,0 +1,185 @@
+"""The latent-space scorer: build, losses, training on a learnable set, files and the CLI."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from trainer import scorer as sc
+from trainer.latents import LatentsFile, save_latents_file
+
+# Tiny and quick: 4×8×8 latents, a narrow resnet18, a few epochs.
+TINY = sc.ScorerConfig(channels=(8, 16, 32, 64), epochs=8, batch_size=32, max_shift=1)
+
+
+def synthetic(n: int = 160, side: int = 8, seed: int = 0) -> LatentsFile:
+    """Latents whose star rating is a learnable function: 3 + 2·tanh(channel-0 pattern) + noise."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, 4, side, side, generator=g)
+    pattern = torch.ones(side, side)
+    pattern[: side // 2] = -1  # bright top vs bright bottom; survives mirroring and small shifts
+    latents[:, 0] += torch.randn(n, 1, 1, generator=g) * pattern
+    signal = (latents[:, 0] * pattern).mean((1, 2)) * 2
+    scores = (3 + 2 * torch.tanh(signal) + 0.2 * torch.randn(n, generator=g)).clamp(1, 5).round()
+    return LatentsFile(latents=latents, scores=scores, flipped=None, sha256s=None, metadata={})
+
+
+@pytest.fixture(scope="module")
+def trained() -> sc.TrainedScorer:
+    return sc.train(synthetic(), TINY)
+
+
+def test_builds_with_four_channels_and_scores_in_range():
+    model = sc.Scorer(TINY).eval()
+    assert model.net.conv1.in_channels == 4
+    scores = sc.predict(model, 100 * torch.randn(6, 4, 16, 16))
+    assert scores.shape == (6,) and 1 <= scores.min() and scores.max() <= 5
+    assert torch.allclose(model.to_score(torch.tensor([[50.0, 0, 0, 0, 0]])), torch.tensor(1.0))
+    assert torch.allclose(model.to_score(torch.tensor([[0.0, 0, 0, 0, 50]])), torch.tensor(5.0))
+
+
+def test_unknown_config_keys_are_refused():
+    with pytest.raises(TypeError, match="unknown ScorerConfig keys"):
+        sc.ScorerConfig.from_dict({"epochs": 2, "lr_typo": 1.0})
+    assert sc.ScorerConfig.from_dict({"channels": [8, 16, 32, 64]}).channels == (8, 16, 32, 64)
+
+
+def test_emd_loss():
+    p = torch.tensor([[0.1, 0.2, 0.4, 0.2, 0.1]])
+    assert sc.emd_loss(p, p).item() == pytest.approx(0, abs=1e-5)
+    one_off = sc.emd_loss(sc.star_distribution(torch.tensor([3.0])), p)
+    far_off = sc.emd_loss(sc.star_distribution(torch.tensor([5.0])), p)
+    assert 0 < one_off < far_off
+    expected = torch.tensor([[0, 0, 0.75, 0.25, 0]])
+    assert torch.allclose(sc.star_distribution(torch.tensor([3.25])), expected)
+    assert torch.allclose(sc.star_distribution(torch.tensor([5.0])), torch.eye(5)[4:])
+
+
+def test_bt_loss_prefers_the_right_order():
+    win = torch.tensor([1.0])
+    right = sc.bt_loss(torch.tensor([4.0]), torch.tensor([2.0]), win)
+    wrong = sc.bt_loss(torch.tensor([2.0]), torch.tensor([4.0]), win)
+    assert right < wrong
+    tie = sc.bt_loss(torch.tensor([3.0]), torch.tensor([3.0]), torch.tensor([0.5]))
+    assert tie < sc.bt_loss(torch.tensor([4.0]), torch.tensor([2.0]), torch.tensor([0.5]))
+    i, j, outcome = sc.implied_pairs(torch.tensor([3.0, 3.0, 5.0]))
+    assert i.tolist() == [0, 1] and j.tolist() == [2, 2] and outcome.tolist() == [0, 0]
+
+
+def test_metrics_on_a_known_ranking():
+    found = sc.metrics(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([1.0, 2.0, 4.0, 3.0]))
+    assert found["srcc"] == pytest.approx(0.8, abs=1e-4) and found[
+        "pairwise_accuracy"
+    ] == pytest.approx(5 / 6, abs=1e-4)
+    assert found["mae"] == pytest.approx(0.75)
+    assert sc.metrics(torch.ones(4), torch.arange(4.0))["srcc"] == 0  # constant guess: no warning
+
+
+def test_split_keeps_each_image_on_one_side():
+    sha256s = ["a", "b", "a", "c", "b", "d", "e", "e"]
+    train, val = sc.split_by_image(8, 0.4, torch.Generator().manual_seed(1), sha256s)
+    assert sorted(train.tolist() + val.tolist()) == list(range(8))
+    assert not {sha256s[r] for r in train} & {sha256s[r] for r in val}
+
+
+def test_learns_a_learnable_set(trained):
+    metrics = trained.metrics
+    assert metrics["srcc"] > 0.5, metrics
+    assert metrics["val_size"] == 32 and metrics["train_size"] == 128
+    assert {"pearson", "pairwise_accuracy", "mae", "seconds", "best_epoch"} <= set(metrics)
+
+
+def test_same_seed_same_model(trained):
+    again = sc.train(synthetic(), TINY)
+    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert strip(again.metrics) == strip(trained.metrics)
+    x = synthetic(8, seed=5).latents
+    assert torch.equal(sc.predict(again.model, x), sc.predict(trained.model, x))
+
+
+def test_save_load_reproduces_scores_and_records_metadata(trained, tmp_path):
+    path = tmp_path / "scorer.safetensors"
+    sc.save_scorer(path, trained)
+    loaded, metadata = sc.load_scorer(path)
+    x = synthetic(10, seed=3).latents
+    assert torch.equal(sc.predict(loaded, x), sc.predict(trained.model, x))
+    with safe_open(str(path), framework="pt") as file:
+        saved = file.metadata()
+    assert saved == metadata
+    assert saved["arch"] == "resnet18" and json.loads(saved["input_shape"]) == [4, 8, 8]
+    assert sc.ScorerConfig.from_dict(json.loads(saved["config"])) == TINY
+    assert json.loads(saved["metrics"])["srcc"] == trained.metrics["srcc"]
+    assert saved["ratings"] == "160" and saved["init"] == "scratch"
+
+
+def test_pickles_are_refused_not_unpickled(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (pytest.fail, ("the loader unpickled a file",))
+
+    pickled = tmp_path / "scorer.safetensors"
+    pickled.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(sc.ScorerFileError, match="never unpickled"):
+        sc.load_scorer(pickled)
+
+
+def test_finetune_from_a_trunk_trains_only_the_last_stage(trained, tmp_path):
+    trunk = tmp_path / "trunk.safetensors"
+    sc.save_scorer(trunk, trained)
+    config = sc.ScorerConfig(epochs=2, batch_size=32, seed=1)  # arch/widths come from the file
+    tuned = sc.train(synthetic(seed=7), config, init=trunk)
+    assert tuned.config.channels == TINY.channels and tuned.init == str(trunk)
+    before, after = trained.model.net.state_dict(), tuned.model.net.state_dict()
+    assert torch.equal(before["layer3.0.conv1.weight"], after["layer3.0.conv1.weight"])
+    assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
+    assert tuned.metrics["srcc"] > 0.5, tuned.metrics
+
+
+def test_picks_train_the_same_model():
+    data = synthetic(seed=2)
+    picks = [(i, i + 1, float(data.scores[i] > data.scores[i + 1])) for i in range(0, 158, 2)]
+    unrated = LatentsFile(
+        latents=data.latents,
+        scores=torch.full_like(data.scores, float("nan")).index_fill(0, torch.arange(80), 3.0),
+        flipped=data.latents.flip(-1),
+        sha256s=None,
+        metadata={},
+    )
+    result = sc.train(unrated, sc.ScorerConfig(**{**vars(TINY), "epochs": 2}), picks=picks)
+    assert result.pairs == len(picks) and result.ratings == 80
+    assert "pick_accuracy" in result.metrics
+
+
+def test_cli_trains_and_scores(tmp_path, capsys):
+    data = synthetic(64)
+    latents_file = tmp_path / "data.safetensors"
+    save_latents_file(latents_file, data.latents, data.scores, [f"{i:064x}" for i in range(64)])
+    out = tmp_path / "scorer.safetensors"
+    settings = json.dumps({"channels": [8, 16, 32, 64], "epochs": 2, "batch_size": 16})
+    sc.main(["train", "--data", str(latents_file), "--out", str(out), "--config", settings])
+    summary = json.loads(capsys.readouterr().out)
+    assert {"srcc", "pairwise_accuracy", "seconds"} <= set(summary) and out.is_file()
+    sc.main(["score", "--model", str(out), "--data", str(latents_file)])
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    assert len(scores) == 64 and all(1 <= s <= 5 for s in scores)
+    with pytest.raises(SystemExit) as exit_info:
+        sc.main(["score", "--model", str(latents_file), "--data", str(latents_file)])
+    assert exit_info.value.code == 2 and "not a tastebud scorer" in capsys.readouterr().err
+
+
+def test_callbacks_report_progress_and_stop():
+    seen, stop_after = [], 3
+    config = sc.ScorerConfig(**{**vars(TINY), "epochs": 5})
+
+    def progress(step, total, message):
+        seen.append((step, total, message))
+
+    result = sc.train(
+        synthetic(64), config, progress=progress, should_stop=lambda: len(seen) >= stop_after
+    )
+    assert result.metrics["epochs"] == 2  # 2 steps per epoch: stopped before the third epoch
+    assert seen[0][:2] == (1, 10) and seen[-1][0] == seen[-1][1] == 10

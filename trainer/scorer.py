@@ -1,0 +1,571 @@
+"""The personal scorer: a timm ResNet on 4×H×W VAE latents that predicts a 1–5 star score.
+
+The network's head gives five logits, a distribution over the star bins; the score is that
+distribution's mean, so it lies in [1, 5] by construction and one model serves all three
+losses: MSE on the score, earth mover's distance on the distribution, and Bradley–Terry on
+pairs (explicit picks, and the pairs that differing star ratings imply).
+
+From scratch the whole net trains. From a trained trunk (`init`), everything but the last
+stage is frozen, its features are computed once and cached, and only the last stage and the
+head train: that is what makes a personal scorer from 1,000 ratings quick on a CPU.
+
+    python -m trainer.scorer train --data x.safetensors --out scorer.safetensors [--init T]
+    python -m trainer.scorer score --model scorer.safetensors --data x.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from scipy.stats import rankdata
+from torch import nn
+
+from trainer.device import pick_device  # not trainer.base: diffusers takes ~10 s to import
+from trainer.latents import LatentsFile, LatentsFileError, _write_atomic, load_latents_file
+
+FORMAT = "tastebud.scorer"
+FORMAT_VERSION = "1"
+STARS = 5
+Progress = Callable[[int, int, str], None]
+Pick = tuple[int, int, float]  # (row i, row j, outcome): 1 = i wins, 0 = j wins, 0.5 = tie
+
+
+def _no_progress(step: int, total: int, message: str) -> None:
+    pass
+
+
+def _never_stop() -> bool:
+    return False
+
+
+class ScorerFileError(ValueError):
+    """A scorer file is missing, not safetensors, or not a scorer this code can build."""
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """How a scorer is built and trained; the web layer fills this from app config."""
+
+    arch: str = "resnet18"  # timm ResNet: small, and its stages split cleanly into trunk/last
+    channels: tuple[int, ...] | None = (32, 64, 128, 256)  # stage widths; half of resnet18's
+    # so a CPU trains 1,000 ratings from scratch in under a minute; None = the arch's own
+    epochs: int = 8  # upper bound (cosine lr spans it); 8 fit 1,000 CPU ratings in under a minute
+    patience: int = 3  # epochs without a better held-out SRCC before training stops
+    batch_size: int = 64  # big enough for BatchNorm and for many implied pairs per batch
+    lr: float = 2e-3  # AdamW peak rate; short runs need a brisk rate, cosine-decayed to 0
+    warmup_steps: int = 20  # linear warm-up: a fresh BatchNorm net diverges at full rate
+    weight_decay: float = 1e-4  # light: few samples, but augmentation does most regularising
+    val_fraction: float = 0.2  # share of images held out for metrics and early stopping
+    seed: int = 0  # same seed, same data → the same model and metrics
+    mse_weight: float = 1.0  # squared error on the score: the plain regression signal
+    emd_weight: float = 1.0  # earth mover's distance over star bins: ordinal-aware
+    bt_weight: float = 0.5  # Bradley–Terry on pairs: what the user ranks, not the level
+    bt_scale: float = 2.0  # logits per star of score gap: one star apart ≈ 88% win chance
+    pick_batch: int = 32  # explicit picks drawn per step, when there are any
+    max_shift: int = 2  # translation augmentation, in latent pixels (8 image pixels each)
+    flip: bool = True  # mirror augmentation: a mirrored picture is rated the same
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ScorerConfig:
+        """Build a config from a dict, refusing keys this config does not have."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown ScorerConfig keys: {sorted(unknown)}")
+        values = dict(values)
+        if values.get("channels") is not None:
+            values["channels"] = tuple(values["channels"])  # JSON gives a list
+        return cls(**values)
+
+
+class Scorer(nn.Module):
+    """A timm ResNet with five star-bin logits; `forward` returns the mean star, in [1, 5]."""
+
+    def __init__(self, config: ScorerConfig):
+        super().__init__()
+        extra = {"channels": config.channels} if config.channels else {}
+        self.net = timm.create_model(
+            config.arch, pretrained=False, in_chans=4, num_classes=STARS, **extra
+        )
+        if not hasattr(self.net, "layer4"):
+            raise ValueError(f"{config.arch!r} is not a timm ResNet (it has no layer4)")
+        self.register_buffer("stars", torch.arange(1.0, STARS + 1), persistent=False)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the last stage: the part frozen and cached when finetuning."""
+        net = self.net
+        x = net.maxpool(net.act1(net.bn1(net.conv1(x))))
+        return net.layer3(net.layer2(net.layer1(x)))
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The last stage, pooling and the five-logit head, from trunk features."""
+        return self.net.forward_head(self.net.layer4(features))
+
+    def to_score(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits.softmax(-1) * self.stars).sum(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_score(self.net(x))
+
+
+@dataclass
+class TrainedScorer:
+    """A trained scorer and what to record about it."""
+
+    model: Scorer
+    config: ScorerConfig
+    metrics: dict
+    input_shape: list[int]  # [4, H, W] of the latents it was trained on
+    ratings: int  # star ratings it learnt from (train and held-out)
+    pairs: int  # explicit picks it learnt from
+    init: str  # "scratch", or the trunk file it started from
+
+
+# ---- losses ---------------------------------------------------------------------------------
+
+
+def star_distribution(scores: torch.Tensor) -> torch.Tensor:
+    """Spread each score over the two nearest star bins (3.25 → 75% at 3, 25% at 4)."""
+    scores = scores.clamp(1, STARS) - 1
+    low = scores.floor().clamp(max=STARS - 2)
+    frac = (scores - low).unsqueeze(-1)
+    low = low.long()
+    return F.one_hot(low, STARS) * (1 - frac) + F.one_hot(low + 1, STARS) * frac
+
+
+def emd_loss(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Earth mover's distance (r=2, as in NIMA) between [N,5] distributions over ordered bins."""
+    gap = p.cumsum(-1) - q.cumsum(-1)
+    # eps inside the root: its gradient at an exact match would be infinite.
+    return (gap.square().mean(-1) + 1e-12).sqrt().mean()
+
+
+def bt_loss(
+    winner_side: torch.Tensor, other: torch.Tensor, outcome: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Bradley–Terry: P(first wins) = sigmoid(scale·(s_first − s_second)); outcome 1/0/0.5."""
+    return F.binary_cross_entropy_with_logits(scale * (winner_side - other), outcome)
+
+
+def implied_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All (i, j, outcome) pairs within a batch whose star ratings differ."""
+    i, j = torch.triu_indices(len(scores), len(scores), offset=1, device=scores.device)
+    keep = scores[i] != scores[j]
+    i, j = i[keep], j[keep]
+    return i, j, (scores[i] > scores[j]).float()
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denominator = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denominator if denominator > 0 else 0.0  # constant → 0
+
+
+def pick_accuracy(pred: torch.Tensor, picks: Sequence[Pick]) -> float | None:
+    """Share of decided picks (ties left out) whose winner the model scores higher."""
+    right = [float((pred[i] > pred[j]) == (o > 0.5)) for i, j, o in picks if o != 0.5]
+    return round(sum(right) / len(right), 4) if right else None
+
+
+def metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """SRCC, Pearson, pairwise accuracy (pairs with differing targets; tied guesses = ½), MAE."""
+    pred, target = pred.detach().cpu().double(), target.cpu().double()
+    srcc = _pearson(torch.from_numpy(rankdata(pred)), torch.from_numpy(rankdata(target)))
+    i, j, outcome = implied_pairs(target)
+    agree = torch.sign(pred[i] - pred[j]) * (2 * outcome - 1)
+    result = {
+        "srcc": round(srcc, 4),
+        "pearson": round(_pearson(pred, target), 4),
+        "pairwise_accuracy": round(float((agree + 1).mean() / 2), 4) if len(i) else None,
+        "mae": round(float((pred - target).abs().mean()), 4),
+    }
+    return result
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def split_by_image(
+    n: int, val_fraction: float, generator: torch.Generator, sha256s: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split row indices so every row of one image lands on the same side."""
+    groups = list(dict.fromkeys(sha256s)) if sha256s else list(range(n))
+    order = torch.randperm(len(groups), generator=generator).tolist()
+    n_val = round(len(groups) * val_fraction)
+    if 0 < val_fraction and len(groups) - n_val < 2:
+        raise ValueError(f"too few images ({len(groups)}) to hold out {val_fraction:.0%}")
+    held = {groups[k] for k in order[:n_val]}
+    keys = sha256s if sha256s else range(n)
+    val = [row for row, key in enumerate(keys) if key in held]
+    train = [row for row, key in enumerate(keys) if key not in held]
+    return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long)
+
+
+def _batches(rows: torch.Tensor, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    batches = list(rows[torch.randperm(len(rows), generator=generator)].split(size))
+    if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm needs two samples to train
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def _augment(
+    x: torch.Tensor, mirrored: torch.Tensor, config: ScorerConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Mirror half the batch, then shift each latent by up to max_shift pixels (edge-padded)."""
+    if config.flip:
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), mirrored, x)
+    s = config.max_shift
+    if s == 0 or x.ndim != 4 or x.shape[-1] <= 2 * s:
+        return x
+    padded = F.pad(x, (s, s, s, s), mode="replicate")
+    dx, dy = torch.randint(0, 2 * s + 1, (2, len(x)), generator=generator).tolist()
+    h, w = x.shape[-2:]
+    crops = [
+        padded[k, :, b : b + h, a : a + w] for k, (a, b) in enumerate(zip(dx, dy, strict=True))
+    ]
+    return torch.stack(crops)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def _lr(step: int, total: int, config: ScorerConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _loss(
+    model: Scorer,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    pair_scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    config: ScorerConfig,
+) -> torch.Tensor:
+    """Weighted MSE + EMD on rated rows, BT on implied pairs and on the picks drawn."""
+    score = model.to_score(logits)
+    rated = torch.isfinite(target)  # NaN marks a row that only appears in picks
+    loss = score.sum() * 0  # keeps the graph when a batch holds no rated rows and no picks
+    if rated.any():
+        s, t = score[rated], target[rated]
+        loss = loss + config.mse_weight * F.mse_loss(s, t)
+        dist = star_distribution(t)
+        loss = loss + config.emd_weight * emd_loss(logits[rated].softmax(-1), dist)
+        i, j, outcome = implied_pairs(t)
+        if len(i):
+            loss = loss + config.bt_weight * bt_loss(s[i], s[j], outcome, config.bt_scale)
+    if pair_scores is not None:
+        first, second, outcome = pair_scores
+        loss = loss + config.bt_weight * bt_loss(first, second, outcome, config.bt_scale)
+    return loss
+
+
+@torch.no_grad()
+def _logits(
+    model: Scorer, x: torch.Tensor, cached: bool, device: torch.device, batch: int = 256
+) -> torch.Tensor:
+    forward = model.head_logits if cached else model.net
+    return torch.cat([forward(part.to(device)).cpu() for part in x.split(batch)])
+
+
+@torch.no_grad()
+def predict(model: Scorer, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Score [N,4,H,W] latents on the model's device; returns [N] scores on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    return model.to_score(_logits(model, latents, False, device, batch_size).to(device)).cpu()
+
+
+def _load_trunk(model: Scorer, path: str | Path) -> None:
+    """Copy every weight the file has for this net (all but a differently shaped head)."""
+    tensors, _ = _read_safetensors(path, ScorerFileError)
+    own = model.net.state_dict()
+    usable = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.startswith("fc.")]
+    if missing:
+        raise ScorerFileError(
+            f"{path} does not fit this {model.net.__class__.__name__}: {missing[:3]}"
+        )
+    model.net.load_state_dict(usable, strict=False)
+
+
+def train(
+    data: LatentsFile,
+    config: ScorerConfig | None = None,
+    *,
+    picks: Sequence[Pick] = (),
+    init: str | Path | None = None,
+    progress: Progress = _no_progress,
+    should_stop: Callable[[], bool] = _never_stop,
+) -> TrainedScorer:
+    """Train a scorer on a latents file's rows (scores; NaN = unrated) and optional picks.
+
+    Rows are split by image into train and held-out; training stops early when held-out SRCC
+    stops improving, and the best epoch's weights are returned. With `init` (a scorer file or
+    a same-arch timm state dict) the trunk is frozen and only the last stage and head train.
+    """
+    config = config or ScorerConfig()
+    if init is not None:
+        config = _config_of(init, config)
+    started = time.perf_counter()
+    device = pick_device()
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's stream
+        torch.manual_seed(config.seed)
+        model = Scorer(config)
+    if init is not None:
+        _load_trunk(model, init)
+    model.to(device)
+    latents, scores = data.latents, data.scores
+    mirrored = data.flipped if data.flipped is not None else latents.flip(-1)
+    train_rows, val_rows = split_by_image(
+        len(latents), config.val_fraction, generator, data.sha256s
+    )
+    train_picks, val_picks = _split_picks(picks, train_rows, val_rows)
+
+    cached = init is not None
+    if cached:  # frozen trunk: features once, for the latents and their mirror images
+        progress(0, 1, "caching trunk features")
+        model.eval()
+        latents = _features(model, latents, device)
+        mirrored = _features(model, mirrored, device)
+        for name, param in model.net.named_parameters():
+            param.requires_grad = name.startswith(("layer4.", "fc."))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    forward = model.head_logits if cached else model.net
+    augment = replace(config, max_shift=0) if cached else config  # features can't shift
+    pick_tensor = torch.tensor(train_picks, dtype=torch.float32).view(-1, 3)
+
+    steps_per_epoch = len(_batches(train_rows, config.batch_size, torch.Generator()))
+    total = steps_per_epoch * config.epochs
+    best, best_state, best_epoch, stale, step, epochs_run = None, None, 0, 0, 0, 0
+    for epoch in range(config.epochs):
+        if should_stop():
+            break
+        epochs_run = epoch + 1
+        model.train()
+        if cached:
+            model.net.eval()  # frozen trunk BatchNorms keep the statistics the cache used
+            model.net.layer4.train()
+        for rows in _batches(train_rows, config.batch_size, generator):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, total, config)
+            x = _augment(latents[rows], mirrored[rows], augment, generator)
+            target = scores[rows].to(device)
+            if len(pick_tensor):
+                x, drawn = _add_picks(x, latents, mirrored, pick_tensor, augment, generator)
+            logits = forward(x.to(device))
+            pair_scores = None
+            if len(pick_tensor):
+                s = model.to_score(logits[len(rows) :])
+                n = config.pick_batch
+                pair_scores = (s[:n], s[n:], drawn[:, 2].to(device))
+            loss = _loss(model, logits[: len(rows)], target, pair_scores, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            # .item() is a CPU–GPU sync point; one per step is cheap next to the step itself
+            progress(step, total, f"epoch {epoch + 1}: loss {loss.item():.3f}")
+
+        if not len(val_rows):
+            best_epoch = epoch + 1
+            continue
+        model.eval()
+        found = _evaluate(model, latents[val_rows], scores[val_rows], val_picks, cached, device)
+        if best is None or found["srcc"] > best["srcc"]:
+            best, best_epoch, stale = found, epoch + 1, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    result = dict(best or {})
+    result.update(
+        epochs=epochs_run,
+        best_epoch=best_epoch,
+        train_size=len(train_rows),
+        val_size=len(val_rows),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    progress(total, total, f"done: held-out SRCC {result.get('srcc')}")
+    rated = int(torch.isfinite(data.scores).sum())
+    return TrainedScorer(
+        model=model.cpu(),
+        config=config,
+        metrics=result,
+        input_shape=list(data.latents.shape[1:]),
+        ratings=rated,
+        pairs=len(picks),
+        init=str(init) if init is not None else "scratch",
+    )
+
+
+def _split_picks(
+    picks: Sequence[Pick], train_rows: torch.Tensor, val_rows: torch.Tensor
+) -> tuple[list[Pick], list[Pick]]:
+    """Picks within the training rows, and picks within the held-out rows (re-indexed to them).
+
+    A pick across the split is dropped: training on it would leak the held-out image.
+    """
+    train_set = set(train_rows.tolist())
+    val_index = {row: k for k, row in enumerate(val_rows.tolist())}
+    train_picks = [p for p in picks if p[0] in train_set and p[1] in train_set]
+    val_picks = [(val_index[i], val_index[j], o) for i, j, o in picks if {i, j} <= val_index.keys()]
+    return train_picks, val_picks
+
+
+def _add_picks(
+    x: torch.Tensor,
+    latents: torch.Tensor,
+    mirrored: torch.Tensor,
+    picks: torch.Tensor,
+    config: ScorerConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw pick_batch picks; append both sides' inputs to the batch: [x, firsts, seconds]."""
+    drawn = picks[torch.randint(len(picks), (config.pick_batch,), generator=generator)]
+    rows = torch.cat([drawn[:, 0], drawn[:, 1]]).long()
+    return torch.cat([x, _augment(latents[rows], mirrored[rows], config, generator)]), drawn
+
+
+@torch.no_grad()
+def _features(model: Scorer, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.cat([model.trunk(part.to(device)).cpu() for part in x.split(256)])
+
+
+def _evaluate(
+    model: Scorer,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    picks: Sequence[Pick],
+    cached: bool,
+    device: torch.device,
+) -> dict:
+    logits = _logits(model, x, cached, device)
+    pred = model.to_score(logits.to(device)).cpu()
+    rated = torch.isfinite(target)
+    found = metrics(pred[rated], target[rated])
+    if picks:
+        found["pick_accuracy"] = pick_accuracy(pred, picks)
+    return found
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+
+def _read_safetensors(path: str | Path, error: type[ValueError]) -> tuple[dict, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"no file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = dict(file.metadata() or {})
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError) as failure:
+        with open(path, "rb") as file:
+            head = file.read(2)
+        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol 2+ / torch.save zip
+            raise error(
+                f"{path} is a pickle or torch.save file, not safetensors; it is never unpickled"
+            ) from None
+        raise error(f"{path} is not a readable safetensors file: {failure}") from failure
+    return tensors, metadata
+
+
+def _config_of(init: str | Path, config: ScorerConfig) -> ScorerConfig:
+    """Take the arch and widths from a scorer file being finetuned; other settings stay."""
+    _, metadata = _read_safetensors(init, ScorerFileError)
+    if metadata.get("format") != FORMAT:
+        return config  # a plain state dict: it must fit the configured arch
+    saved = ScorerConfig.from_dict(json.loads(metadata["config"]))
+    return replace(config, arch=saved.arch, channels=saved.channels)
+
+
+def save_scorer(path: str | Path, trained: TrainedScorer) -> None:
+    """Write the weights and everything needed to rebuild and judge them, atomically."""
+    metadata = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "arch": trained.config.arch,
+        "input_shape": json.dumps(trained.input_shape),
+        "config": json.dumps(asdict(trained.config)),
+        "metrics": json.dumps(trained.metrics),
+        "ratings": str(trained.ratings),
+        "pairs": str(trained.pairs),
+        "init": trained.init,
+    }
+    tensors = {k: v.detach().cpu() for k, v in trained.model.net.state_dict().items()}
+    _write_atomic(Path(path), tensors, metadata)
+
+
+def load_scorer(path: str | Path) -> tuple[Scorer, dict]:
+    """Rebuild a saved scorer (eval mode, CPU) and return it with its file's metadata."""
+    tensors, metadata = _read_safetensors(path, ScorerFileError)
+    if metadata.get("format") != FORMAT:
+        raise ScorerFileError(
+            f"{path} is not a tastebud scorer (format {metadata.get('format')!r})"
+        )
+    model = Scorer(ScorerConfig.from_dict(json.loads(metadata["config"])))
+    model.net.load_state_dict(tensors)
+    return model.eval(), metadata
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train or apply a scorer: `python -m trainer.scorer train|score ...`."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.scorer")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tr = commands.add_parser("train", help="train a scorer on a latents file")
+    tr.add_argument("--data", required=True, help="latents .safetensors (trainer.latents)")
+    tr.add_argument("--out", required=True, help="the scorer .safetensors to write")
+    tr.add_argument("--init", help="a scorer file whose trunk to start from (frozen)")
+    tr.add_argument("--val-fraction", type=float, default=ScorerConfig.val_fraction)
+    tr.add_argument("--seed", type=int, default=ScorerConfig.seed)
+    tr.add_argument("--config", help="JSON object of further ScorerConfig settings")
+    sc = commands.add_parser("score", help="score the latents in a latents file")
+    sc.add_argument("--model", required=True)
+    sc.add_argument("--data", required=True)
+    args = parser.parse_args(argv)
+    try:
+        data = load_latents_file(args.data)
+        if args.command == "train":
+            settings = json.loads(args.config) if args.config else {}
+            settings.update(val_fraction=args.val_fraction, seed=args.seed)
+            trained = train(data, ScorerConfig.from_dict(settings), init=args.init)
+            save_scorer(args.out, trained)
+            summary = {**trained.metrics, "out": args.out, "init": trained.init}
+        else:
+            model, _ = load_scorer(args.model)
+            summary = {"scores": [round(float(s), 4) for s in predict(model, data.latents)]}
+            if data.sha256s is not None:
+                summary["sha256s"] = data.sha256s
+    except (LatentsFileError, ScorerFileError, TypeError, ValueError, OSError) as error:
+        parser.exit(2, f"error: {error}\n")
+    json.dump(summary, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
