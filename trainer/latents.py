@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from trainer.tensorfiles import read_safetensors, write_atomic
 
 FORMAT = "tastebud.latents"
 FORMAT_VERSION = "1"
@@ -146,20 +146,6 @@ def _read_cached(path: Path, flip: bool) -> tuple[torch.Tensor, torch.Tensor | N
     return latents, flipped
 
 
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    # Temp name in the same folder, then rename: readers see the old file or the whole new
-    # one, and two writers racing on one image write the same bytes, so either may win.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def encode_images(
     paths: Sequence[str | Path],
     vae: torch.nn.Module,
@@ -210,7 +196,7 @@ def encode_images(
                 if flipped is not None:
                     tensors["flipped"] = flipped
                 meta = {"sha256": sha, "vae": identity, "resolution": str(resolution)}
-                _write_atomic(_cache_path(cache_dir, identity, resolution, sha), tensors, meta)
+                write_atomic(_cache_path(cache_dir, identity, resolution, sha), tensors, meta)
     progress(
         len(batches), len(batches), f"encoded {len(missing)}, cached {len(found) - len(missing)}"
     )
@@ -246,7 +232,7 @@ def save_latents_file(
     meta = {"format": FORMAT, "version": FORMAT_VERSION, **(metadata or {})}
     meta["sha256s"] = json.dumps(list(sha256s))
     _check(tensors, list(sha256s), str(path))  # never write a file the loader would refuse
-    _write_atomic(Path(path), tensors, meta)
+    write_atomic(Path(path), tensors, meta)
 
 
 def _check(tensors: dict[str, torch.Tensor], sha256s: list[str] | None, where: str) -> None:
@@ -280,23 +266,8 @@ def _check(tensors: dict[str, torch.Tensor], sha256s: list[str] | None, where: s
 
 def load_latents_file(path: str | Path) -> LatentsFile:
     """Read and validate a latents file as training data; refuse anything but safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise LatentsFileError(f"no latents file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = dict(file.metadata() or {})
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except (SafetensorError, OSError) as error:
-        with open(path, "rb") as file:
-            head = file.read(2)
-        # Only after safetensors refused it: a safetensors header length can start 0x80 too.
-        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol 2+ / torch.save zip
-            raise LatentsFileError(
-                f"{path} is a pickle or torch.save file, not safetensors; it is never unpickled"
-                " here. Re-export it with `python -m trainer.latents export`"
-            ) from None
-        raise LatentsFileError(f"{path} is not a readable safetensors file: {error}") from error
+    hint = " Re-export it with `python -m trainer.latents export`"
+    tensors, metadata = read_safetensors(path, LatentsFileError, what="latents file", hint=hint)
     sha256s = None
     if "sha256s" in metadata:
         try:

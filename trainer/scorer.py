@@ -27,12 +27,12 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from scipy.stats import rankdata
 from torch import nn
 
 from trainer.device import pick_device  # not trainer.base: diffusers takes ~10 s to import
-from trainer.latents import LatentsFile, LatentsFileError, _write_atomic, load_latents_file
+from trainer.latents import LatentsFile, LatentsFileError, load_latents_file
+from trainer.tensorfiles import read_safetensors, write_atomic
 
 FORMAT = "tastebud.scorer"
 FORMAT_VERSION = "1"
@@ -293,7 +293,7 @@ def predict(model: Scorer, latents: torch.Tensor, batch_size: int = 256) -> torc
 
 def _load_trunk(model: Scorer, path: str | Path) -> None:
     """Copy every weight the file has for this net (all but a differently shaped head)."""
-    tensors, _ = _read_safetensors(path, ScorerFileError)
+    tensors, _ = read_safetensors(path, ScorerFileError)
     own = model.net.state_dict()
     usable = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable and not k.startswith("fc.")]
@@ -473,28 +473,9 @@ def _evaluate(
 # ---- files ----------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: str | Path, error: type[ValueError]) -> tuple[dict, dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"no file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = dict(file.metadata() or {})
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except (SafetensorError, OSError) as failure:
-        with open(path, "rb") as file:
-            head = file.read(2)
-        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol 2+ / torch.save zip
-            raise error(
-                f"{path} is a pickle or torch.save file, not safetensors; it is never unpickled"
-            ) from None
-        raise error(f"{path} is not a readable safetensors file: {failure}") from failure
-    return tensors, metadata
-
-
 def _config_of(init: str | Path, config: ScorerConfig) -> ScorerConfig:
     """Take the arch and widths from a scorer file being finetuned; other settings stay."""
-    _, metadata = _read_safetensors(init, ScorerFileError)
+    _, metadata = read_safetensors(init, ScorerFileError)
     if metadata.get("format") != FORMAT:
         return config  # a plain state dict: it must fit the configured arch
     saved = ScorerConfig.from_dict(json.loads(metadata["config"]))
@@ -515,12 +496,12 @@ def save_scorer(path: str | Path, trained: TrainedScorer) -> None:
         "init": trained.init,
     }
     tensors = {k: v.detach().cpu() for k, v in trained.model.net.state_dict().items()}
-    _write_atomic(Path(path), tensors, metadata)
+    write_atomic(Path(path), tensors, metadata)
 
 
 def load_scorer(path: str | Path) -> tuple[Scorer, dict]:
     """Rebuild a saved scorer (eval mode, CPU) and return it with its file's metadata."""
-    tensors, metadata = _read_safetensors(path, ScorerFileError)
+    tensors, metadata = read_safetensors(path, ScorerFileError)
     if metadata.get("format") != FORMAT:
         raise ScorerFileError(
             f"{path} is not a tastebud scorer (format {metadata.get('format')!r})"

@@ -1,0 +1,50 @@
+"""safetensors files: atomic writes, and reads that never unpickle (shared by latents, scorer)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Save tensors to `path` so readers see the old file or the whole new one, never a part."""
+    # Temp name in the same folder, then rename: two writers racing on one file both write
+    # whole files, so either may win.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def read_safetensors(
+    path: str | Path, error: type[ValueError], *, what: str = "file", hint: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read (tensors, metadata), raising `error` with a plain reason; a pickle is never loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"no {what} at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = dict(file.metadata() or {})
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError) as failure:
+        with open(path, "rb") as file:
+            head = file.read(2)
+        # Only after safetensors refused it: a safetensors header length can start 0x80 too.
+        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol 2+ / torch.save zip
+            raise error(
+                f"{path} is a pickle or torch.save file, not safetensors; it is never unpickled"
+                f" here.{hint}"
+            ) from None
+        raise error(f"{path} is not a readable safetensors file: {failure}") from failure
+    return tensors, metadata
