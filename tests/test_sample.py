@@ -1,0 +1,264 @@
+"""Grids and refinement on the demo model: fair columns, scores on the decoded latents, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer import lora
+from trainer import sample as sm
+from trainer.base import DEMO, build_demo_pipeline, load_base
+from trainer.latents import encode_pixels, load_pixels
+from trainer.prompts import read_prompts
+from trainer.scorer import Scorer, ScorerConfig, TrainedScorer, predict, save_scorer
+
+TINY = ScorerConfig(channels=(8, 16, 32, 64))
+PROMPTS = ["a red apple on a table", "a lighthouse at dusk"]
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run on one CPU thread: these models are tiny, so more threads only contend (10× slower
+    on a shared, busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base():
+    """Return the demo base model on the CPU."""
+    return load_base(DEMO, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    """Return a tiny random scorer: refinement must raise its score, whatever it likes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Scorer(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def scorer_file(scorer, tmp_path_factory):
+    """Return the path of the tiny scorer saved as a scorer file."""
+    path = tmp_path_factory.mktemp("scorer") / "scorer.safetensors"
+    trained = TrainedScorer(scorer, TINY, {}, [4, 8, 8], ratings=0, pairs=0, init="scratch")
+    save_scorer(path, trained)
+    return path
+
+
+@pytest.fixture(scope="module")
+def taste_lora(tmp_path_factory):
+    """Return a LoRA checkpoint folder whose adapter visibly changes the demo UNet."""
+    pipe = build_demo_pipeline()
+    pipe.unet.add_adapter(lora.lora_config(4, 8), adapter_name=lora.ADAPTER)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:  # B starts at zero (identity adapter); make it do something
+                param.normal_(0, 0.1)
+    folder = tmp_path_factory.mktemp("lora") / "checkpoint"
+    return lora.save_checkpoint(pipe.unet, folder, {"step": 1})
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    """Return a non-square test picture (so the centre crop is exercised): bands and noise."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    pixels[:, :48, 0] = 220
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def made_grid(base, scorer, taste_lora) -> sm.Grid:
+    """Return a 2 prompts × 2 seeds × 4 strengths grid from 2-step renders."""
+    return sm.grid(base, scorer, PROMPTS, SEEDS, lora_folder=taste_lora, steps=2)
+
+
+def plain_run(pipeline, prompt: str, seed: int, output_type: str):
+    """Render one image the ordinary way, as a user of the base model would."""
+    return pipeline(
+        prompt,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type=output_type,
+    ).images
+
+
+# ---- refinement -----------------------------------------------------------------------------
+
+
+def test_refine_raises_the_score_within_the_step_count(base, scorer, picture):
+    seen = []
+    config = sm.RefineConfig(steps=5, step_size=0.05, max_change=0.2)
+    result = sm.refine(base, scorer, picture, config=config, progress=lambda *a: seen.append(a))
+    assert result.after_score > result.before_score + 1e-4
+    assert result.steps == 5 and [step for step, _, _ in seen] == [1, 2, 3, 4, 5]
+    assert 0 < result.change <= 0.2 + 1e-6
+    assert result.before.size == result.after.size == (64, 64)
+    assert 1 <= result.reencoded_score <= 5
+    before, after = np.asarray(result.before, float), np.asarray(result.after, float)
+    assert np.abs(after - before).mean() > 0.5  # the edit reaches the pixels
+
+
+def test_refine_starts_from_the_latents_training_would_use(base, scorer, picture, tmp_path):
+    picture.save(tmp_path / "in.png")
+    latents = encode_pixels(load_pixels(tmp_path / "in.png", 64)[None], base.pipeline.vae)
+    config = sm.RefineConfig(steps=0)
+    result = sm.refine(base, scorer, picture, config=config)
+    assert result.before_score == pytest.approx(float(predict(scorer, latents)[0]), abs=1e-5)
+    assert result.after_score == result.before_score
+    assert result.steps == 0 and result.change == 0
+
+
+def test_refine_respects_a_tight_change_bound_even_in_inference_mode(base, scorer, picture):
+    config = sm.RefineConfig(steps=6, step_size=0.05, max_change=0.01)
+    with torch.inference_mode():  # as a caller serving results might be
+        result = sm.refine(base, scorer, picture, config=config)
+    assert 0 < result.change <= 0.01 + 1e-6
+    assert result.after_score > result.before_score
+
+
+def test_refine_never_returns_a_lower_score(base, scorer, picture):
+    # Huge steps overshoot; the best latents seen (x0 at worst) are what comes back.
+    config = sm.RefineConfig(steps=4, step_size=3.0, max_change=3.0)
+    result = sm.refine(base, scorer, picture, config=config)
+    assert result.after_score >= result.before_score
+
+
+def test_refine_stops_when_asked(base, scorer, picture):
+    stop = iter([False, False, True]).__next__
+    result = sm.refine(base, scorer, picture, should_stop=stop)
+    assert result.steps == 2
+
+
+def test_refine_config_refuses_unknown_keys():
+    assert sm.RefineConfig.from_dict({"steps": 3}).steps == 3
+    with pytest.raises(TypeError, match="unknown RefineConfig keys"):
+        sm.RefineConfig.from_dict({"step": 3})
+
+
+# ---- grids ----------------------------------------------------------------------------------
+
+
+def test_grid_has_every_cell_and_the_composite_size(made_grid):
+    assert len(made_grid.cells) == len(PROMPTS) * len(SEEDS) * len(sm.STRENGTHS)
+    first_row = made_grid.cells[:4]
+    assert [c.strength for c in first_row] == list(sm.STRENGTHS)
+    assert {(c.prompt, c.seed) for c in first_row} == {(PROMPTS[0], SEEDS[0])}
+    side = 128  # 64 px cells enlarged to MIN_CELL
+    rows = len(PROMPTS) * len(SEEDS)
+    height = sm.LABEL_HEIGHT + rows * (sm.LABEL_HEIGHT + side)
+    assert made_grid.image.size == (4 * side, height)
+    assert not made_grid.stopped
+    for strength, mean in made_grid.scores_by_strength.items():
+        scores = [c.score for c in made_grid.cells if c.strength == strength]
+        assert mean == pytest.approx(sum(scores) / 4)
+    assert set(made_grid.scores_by_strength) == set(sm.STRENGTHS)
+
+
+def test_base_column_is_a_plain_base_model_run(made_grid, base, scorer):
+    # Run after the grid: also proves the grid left no adapter active on the pipeline.
+    assert lora.ADAPTER not in getattr(base.pipeline.unet, "peft_config", {})
+    for cell in (c for c in made_grid.cells if c.strength == 0):
+        pixels = plain_run(base.pipeline, cell.prompt, cell.seed, "np")[0]
+        np.testing.assert_allclose(np.asarray(cell.image) / 255, pixels, atol=1.5 / 255)
+        latents = plain_run(base.pipeline, cell.prompt, cell.seed, "latent")
+        assert cell.score == pytest.approx(float(predict(scorer, latents)[0]), abs=1e-4)
+
+
+def test_taste_columns_differ_from_the_base(made_grid):
+    def picture(strength, seed):
+        cell = next(c for c in made_grid.cells if c.strength == strength and c.seed == seed)
+        return np.asarray(cell.image, float)
+
+    for seed in SEEDS:
+        assert np.abs(picture(1.0, seed) - picture(0.0, seed)).mean() > 1
+        assert np.abs(picture(-1.0, seed) - picture(1.0, seed)).mean() > 1
+    assert np.abs(picture(0.0, 0) - picture(0.0, 1)).mean() > 1  # seeds are different noise
+
+
+def test_grid_stops_when_asked_and_leaves_the_rest_blank(base, scorer, taste_lora):
+    stop = iter([False, True]).__next__  # stop before the second pipeline call
+    made = sm.grid(base, scorer, PROMPTS, SEEDS, lora_folder=taste_lora, steps=2, should_stop=stop)
+    assert made.stopped and len(made.cells) == len(SEEDS)
+    assert list(made.scores_by_strength) == [0.0]
+    assert made.image.size == (512, sm.LABEL_HEIGHT + 4 * (sm.LABEL_HEIGHT + 128))
+    last_cell = made.image.crop((384, made.image.height - 128, 512, made.image.height))
+    assert last_cell.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_grid_refuses_strengths_without_a_lora(base, scorer, tmp_path):
+    with pytest.raises(ValueError, match="need a LoRA folder"):
+        sm.grid(base, scorer, PROMPTS, SEEDS, lora_folder=None, steps=2)
+    with pytest.raises(lora.LoraFileError, match="not a taste LoRA checkpoint"):
+        sm.grid(base, scorer, PROMPTS, SEEDS, lora_folder=tmp_path, steps=2)
+    base_only = sm.grid(base, scorer, PROMPTS[:1], [0], lora_folder=None, strengths=[0], steps=2)
+    assert len(base_only.cells) == 1
+
+
+def test_column_labels():
+    labels = [sm.column_label(s) for s in sm.STRENGTHS]
+    assert labels == ["base", "taste 0.5", "taste 1", "anti-taste −1"]
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def test_refine_cli_writes_the_image_and_prints_json(scorer_file, picture, tmp_path, capsys):
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    picture.save(source)
+    sm.main(
+        ["refine", "--base", DEMO, "--scorer", str(scorer_file), "--image", str(source)]
+        + ["--out", str(out), "--steps", "3", "--device", "cpu"]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == str(out) and summary["steps"] == 3
+    assert summary["after_score"] > summary["before_score"]
+    assert 0 < summary["change"] <= sm.RefineConfig.max_change
+    with Image.open(out) as written:
+        assert written.size == (64, 64)
+
+
+def test_grid_cli_writes_the_grid_and_prints_scores(scorer_file, taste_lora, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    sm.main(
+        ["grid", "--base", DEMO, "--scorer", str(scorer_file), "--lora", str(taste_lora)]
+        + ["--out", str(out), "--prompts", "1", "--seeds", "0,1", "--steps", "2"]
+        + ["--device", "cpu"]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["scores_by_strength"]) == {"0", "0.5", "1", "-1"}
+    assert summary["cells"] == 8 and summary["seeds"] == [0, 1]
+    assert summary["prompts"] == read_prompts("eval")[:1]  # held out from training
+    with Image.open(out) as written:
+        assert written.size == (512, sm.LABEL_HEIGHT + 2 * (sm.LABEL_HEIGHT + 128))
+
+
+def test_cli_bad_scorer_path_is_a_clear_error(picture, tmp_path, capsys):
+    picture.save(tmp_path / "in.png")
+    (tmp_path / "scorer.pt").write_bytes(b"\x80\x04not safetensors")
+    for scorer_path, reason in [
+        (tmp_path / "missing.safetensors", "no file at"),
+        (tmp_path / "scorer.pt", "is a pickle or torch.save file"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            sm.main(
+                ["refine", "--scorer", str(scorer_path), "--image", str(tmp_path / "in.png")]
+                + ["--out", str(tmp_path / "out.png"), "--base", DEMO]
+            )
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and reason in err and str(scorer_path) in err
+        assert not (tmp_path / "out.png").exists()

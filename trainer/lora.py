@@ -1,0 +1,721 @@
+"""The taste LoRA: a peft LoRA on the base UNet, trained to please the user's scorer.
+
+A checkpoint is a folder:
+    pytorch_lora_weights.safetensors   diffusers format (`pipe.load_lora_weights(folder)`),
+                                       with peft's LoraConfig (rank, alpha) in its metadata
+    state.json                         step, rank, alpha, the TasteLoraConfig, the evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
+from trainer.prompts import read_prompts
+from trainer.scorer import ScorerFileError, load_scorer
+from trainer.tensorfiles import read_safetensors, write_atomic
+
+ADAPTER = "taste"  # the adapter's name on the UNet, and in every pipeline that loads it
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+STATE_NAME = "state.json"
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+Progress = Callable[[int, int, str], None]
+
+
+def _no_progress(step: int, total: int, message: str) -> None:
+    pass
+
+
+def _never_stop() -> bool:
+    return False
+
+
+class LoraFileError(ValueError):
+    """A LoRA checkpoint folder is missing, incomplete, or not one this code wrote."""
+
+
+def lora_config(rank: int, alpha: float, *, dora: bool = False, extra: tuple = ()) -> LoraConfig:
+    """The peft config for the UNet's attention projections (plus `extra` module names)."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian",  # A random, B zero: the adapter starts as the identity
+        target_modules=[*ATTENTION, *extra],
+        use_dora=dora,
+    )
+
+
+def save_checkpoint(unet: torch.nn.Module, folder: Path, state: dict) -> Path:
+    """Write the adapter's weights and `state` (with rank and alpha) to `folder`, atomically."""
+    config = unet.peft_config[ADAPTER]
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    state = {**state, "rank": config.r, "alpha": config.lora_alpha}
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            temp,
+            unet_lora_layers=layers,
+            unet_lora_adapter_metadata=config.to_dict(),
+            weight_name=WEIGHTS_NAME,
+        )
+        (temp / STATE_NAME).write_text(json.dumps(state, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(temp, folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_state(folder: str | Path) -> dict:
+    """Return a checkpoint's state.json, raising LoraFileError when the folder isn't one."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS_NAME).is_file() or not (folder / STATE_NAME).is_file():
+        raise LoraFileError(f"{folder} is not a taste LoRA checkpoint (no {WEIGHTS_NAME})")
+    try:
+        return json.loads((folder / STATE_NAME).read_text())
+    except ValueError as error:
+        raise LoraFileError(f"{folder / STATE_NAME} is not valid JSON: {error}") from None
+
+
+def apply_lora(pipeline: StableDiffusionPipeline, folder: str | Path, scale: float = 1.0) -> None:
+    """Load a checkpoint into `pipeline` as the "taste" adapter at `scale` (−1 = anti-taste)."""
+    read_state(folder)
+    if ADAPTER in getattr(pipeline.unet, "peft_config", {}):
+        pipeline.unet.delete_adapters(ADAPTER)
+    # Into the UNet only: the file has no text-encoder part, so nothing else need look for one.
+    pipeline.unet.load_lora_adapter(
+        str(folder), weight_name=WEIGHTS_NAME, prefix="unet", adapter_name=ADAPTER
+    )
+    pipeline.unet.set_adapters([ADAPTER], weights=[scale])
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+class TasteLoraError(ValueError):
+    """The inputs to a taste-LoRA run don't fit: a bad scorer, a wrong shape, a bad setting."""
+
+
+TARGETS = {  # which UNet modules get an adapter, beyond the attention projections
+    "attention": (),
+    "attention+ff": ("ff.net.0.proj", "ff.net.2"),
+    "attention+ff+conv": ("ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
+}
+
+
+@dataclass(frozen=True)
+class TasteLoraConfig:
+    """How a taste LoRA trains; defaults are for SD 1.x, the web layer fills this from config."""
+
+    rank: int = 8  # enough for a "look"; the file stays a few MB for SD 1.x
+    alpha: float = 8.0  # = rank: LoRA scale 1, so the learning rate means the same at any rank
+    targets: str = "attention"  # a key of TARGETS; attention is the usual style-LoRA choice
+    use_dora: bool = False  # DoRA: magnitude/direction split, a bit slower, sometimes steadier
+    steps: int = 300  # gradient steps; the held-out score usually peaks well before 500
+    lr: float = 3e-4  # brisk: reward-tuning LoRAs move slowly at the usual 1e-4
+    optimizer: str = "adamw"  # adamw | lion | prodigy (prodigy sets its own rate: use lr=1)
+    weight_decay: float = 1e-2  # mild pull of the adapter toward zero, i.e. toward the base
+    batch_size: int = 2  # prompts per step; the CFG pass doubles it inside the UNet
+    sample_steps: int = 20  # DDIM steps of the no-gradient rollout (and of the evaluation)
+    guidance: float = 7.5  # classifier-free guidance, as people will sample with the LoRA
+    window: int = 4  # gradient steps start among the last `window` steps: the scorer
+    # learnt clean latents, so its judgement of x̂0 is only valid close to t = 0
+    grad_steps: int = 1  # K steps with gradient; 1 is far cheaper and as effective (DRaFT-1)
+    drift_weight: float = 1.0  # λ·‖ε_LoRA − ε_base‖²: holds the model near the base so it
+    # can't game the scorer by collapsing to one look
+    prior_weight: float = 0.0  # optional denoising loss on the base model's own images
+    prior_images: int = 8  # how many base images that prior loss cycles through
+    eval_every: int = 50  # steps between held-out evaluations (and checkpoints)
+    eval_prompts: int = 8  # held-out prompts per evaluation, from the [eval] section
+    eval_seeds: tuple[int, ...] = (0, 1)  # fixed noise per prompt: the same pictures each time
+    keep_checkpoints: int = 3  # the last few checkpoints are kept, plus the best
+    patience: int = 3  # evaluations without a better held-out score before stopping
+    max_drift: float = 0.3  # relative RMS of ε_LoRA − ε_base; past it the LoRA is "another
+    # model", and training stops
+    min_diversity: float = 0.5  # a checkpoint whose samples spread less than half as much as
+    # the base's has collapsed to one look and is never chosen
+    gradient_checkpointing: bool = True  # recompute UNet activations in backward: less memory
+    mixed_precision: str = "auto"  # auto: bf16/fp16 autocast on CUDA, fp32 elsewhere; "no"
+    max_grad_norm: float = 1.0  # clip: one odd batch can't throw the adapter far
+    seed: int = 0  # same seed, same prompts and noise → the same LoRA
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TasteLoraConfig:
+        """Build a config from a dict, refusing keys this config does not have."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown TasteLoraConfig keys: {sorted(unknown)}")
+        values = dict(values)
+        if "eval_seeds" in values:
+            values["eval_seeds"] = tuple(values["eval_seeds"])
+        return cls(**values)
+
+    def check(self) -> None:
+        """Raise TasteLoraError for settings that can't work together."""
+        if self.targets not in TARGETS:
+            raise TasteLoraError(f"targets must be one of {sorted(TARGETS)}, not {self.targets!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TasteLoraError(f"optimizer must be one of {sorted(OPTIMIZERS)}")
+        if not 1 <= self.grad_steps <= self.window <= self.sample_steps:
+            raise TasteLoraError("need 1 <= grad_steps <= window <= sample_steps")
+        if self.steps < 1 or self.eval_every < 1 or self.batch_size < 1:
+            raise TasteLoraError("steps, eval_every and batch_size must be at least 1")
+
+
+def _adamw(params, config: TasteLoraConfig):
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _lion(params, config: TasteLoraConfig):
+    from timm.optim import Lion
+
+    return Lion(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _prodigy(params, config: TasteLoraConfig):
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise TasteLoraError("optimizer 'prodigy' needs the prodigyopt package") from None
+    return Prodigy(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+OPTIMIZERS = {"adamw": _adamw, "lion": _lion, "prodigy": _prodigy}
+
+
+@dataclass
+class _Run:
+    """What every step and evaluation needs: the models, the prompts, the fixed eval noise."""
+
+    unet: torch.nn.Module
+    scheduler: DDIMScheduler
+    scorer: torch.nn.Module
+    config: TasteLoraConfig
+    train_embeds: torch.Tensor  # [P, tokens, width] per training prompt
+    eval_embeds: torch.Tensor  # [E, tokens, width], one row per (eval prompt, seed)
+    uncond: torch.Tensor  # [1, tokens, width], the empty prompt
+    eval_noise: torch.Tensor  # [E, 4, h, w]
+    eval_groups: int  # eval prompts; rows are grouped prompt-major, len(eval_seeds) each
+    device: torch.device
+    half: torch.dtype | None  # autocast dtype on CUDA; None = plain fp32
+    prior: torch.Tensor | None = None  # base-model clean latents for the prior loss
+    prior_embeds: torch.Tensor | None = None
+
+
+def _eps(run: _Run, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """Classifier-free-guided noise prediction for a batch of latents at timestep t."""
+    uncond = run.uncond.expand(len(x), -1, -1)
+    with torch.autocast(run.device.type, dtype=run.half, enabled=run.half is not None):
+        both = run.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, embeds]))
+    uncond_eps, cond_eps = both.sample.float().chunk(2)
+    return uncond_eps + run.config.guidance * (cond_eps - uncond_eps)
+
+
+@torch.no_grad()
+def _rollout(run: _Run, x: torch.Tensor, embeds: torch.Tensor, steps) -> torch.Tensor:
+    """Denoise x through the given schedule steps without gradient."""
+    for t in steps:
+        x = run.scheduler.step(_eps(run, x, t, embeds), t, x).prev_sample
+    return x
+
+
+def _score(run: _Run, latents: torch.Tensor) -> torch.Tensor:
+    return run.scorer(latents.float())
+
+
+def _train_step(run: _Run, step: int) -> dict:
+    """One step: roll out without gradient, then K steps with it; return the loss terms."""
+    config, timesteps = run.config, run.scheduler.timesteps
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # resumable: no RNG state
+    rows = torch.randint(len(run.train_embeds), (config.batch_size,), generator=g)
+    embeds = run.train_embeds[rows]
+    x = torch.randn((config.batch_size, *run.eval_noise.shape[1:]), generator=g).to(run.device)
+    x = x * run.scheduler.init_noise_sigma
+    n = len(timesteps)
+    start = (
+        n
+        - config.window
+        + int(torch.randint(config.window - config.grad_steps + 1, (1,), generator=g))
+    )
+    x = _rollout(run, x, embeds, timesteps[:start])
+    drift = torch.zeros((), device=run.device)
+    for t in timesteps[start : start + config.grad_steps]:
+        eps = _eps(run, x, t, embeds)
+        if config.drift_weight:
+            with torch.no_grad(), _adapter_off(run.unet):
+                base_eps = _eps(run, x, t, embeds)
+            drift = drift + (eps - base_eps).pow(2).mean()
+        out = run.scheduler.step(eps, t, x)
+        x, x0 = out.prev_sample, out.pred_original_sample
+    score = _score(run, x0).mean()
+    loss = -score + config.drift_weight * drift / config.grad_steps
+    prior = _prior_loss(run, g) if run.prior is not None else torch.zeros(())
+    loss = loss + config.prior_weight * prior
+    return {"loss": loss, "score": score.detach(), "drift": drift.detach(), "prior": prior.detach()}
+
+
+def _prior_loss(run: _Run, g: torch.Generator) -> torch.Tensor:
+    """Plain denoising loss on an image the base model made: keeps what the base could do."""
+    k = int(torch.randint(len(run.prior), (1,), generator=g))
+    x0, embeds = run.prior[k : k + 1], run.prior_embeds[k : k + 1]
+    t = torch.randint(run.scheduler.config.num_train_timesteps, (1,), generator=g).to(run.device)
+    noise = torch.randn(x0.shape, generator=g).to(run.device)
+    with torch.autocast(run.device.type, dtype=run.half, enabled=run.half is not None):
+        pred = run.unet(run.scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds)
+    return (pred.sample.float() - noise).pow(2).mean()
+
+
+@contextlib.contextmanager
+def _adapter_off(unet: torch.nn.Module):
+    """Run the UNet as the base model: the same weights with the adapter disabled."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@contextlib.contextmanager
+def _strength(unet: torch.nn.Module, scale: float):
+    """Run the UNet with the adapter at `scale` (0.5 = half, −1 = anti-taste)."""
+    unet.set_adapters([ADAPTER], weights=[scale])
+    try:
+        yield
+    finally:
+        unet.set_adapters([ADAPTER], weights=[1.0])
+
+
+def _spread(latents: torch.Tensor, groups: int) -> float:
+    """Mean pairwise distance between the samples of each prompt: how varied the seeds stay."""
+    per_prompt = latents.flatten(1).view(groups, -1, latents[0].numel())
+    return float(torch.cdist(per_prompt, per_prompt).mean())
+
+
+@torch.no_grad()
+def _sample_eval(run: _Run) -> torch.Tensor:
+    x = run.eval_noise * run.scheduler.init_noise_sigma
+    return _rollout(run, x, run.eval_embeds, run.scheduler.timesteps)
+
+
+@torch.no_grad()
+def _drift(run: _Run) -> float:
+    """Relative RMS difference of ε between LoRA and base along the LoRA's own eval rollout."""
+    x = run.eval_noise * run.scheduler.init_noise_sigma
+    diff, norm = 0.0, 0.0
+    for t in run.scheduler.timesteps:
+        eps = _eps(run, x, t, run.eval_embeds)
+        with _adapter_off(run.unet):
+            base_eps = _eps(run, x, t, run.eval_embeds)
+        diff += float((eps - base_eps).pow(2).mean())
+        norm += float(base_eps.pow(2).mean())
+        x = run.scheduler.step(eps, t, x).prev_sample
+    return math.sqrt(diff / max(norm, 1e-12))
+
+
+@torch.no_grad()
+def _base_figures(run: _Run) -> dict:
+    with _adapter_off(run.unet):
+        latents = _sample_eval(run)
+    return {
+        "score": float(_score(run, latents).mean()),
+        "spread": _spread(latents, run.eval_groups),
+    }
+
+
+@torch.no_grad()
+def _evaluate(run: _Run, step: int, base: dict) -> dict:
+    """Held-out prompts × fixed seeds: mean score at strengths 1, 0.5 and −1, drift, diversity."""
+    run.unet.eval()
+    scores = {}
+    for scale in (1.0, 0.5, -1.0):
+        with _strength(run.unet, scale):
+            latents = _sample_eval(run)
+        scores[f"{scale:g}"] = round(float(_score(run, latents).mean()), 4)
+        if scale == 1.0:
+            diversity = _spread(latents, run.eval_groups) / max(base["spread"], 1e-12)
+    run.unet.train()
+    return {
+        "step": step,
+        "score": scores["1"],
+        "scores_by_strength": scores,
+        "gain": round(scores["1"] - base["score"], 4),
+        "drift": round(_drift(run), 4),
+        "diversity": round(diversity, 4),
+    }
+
+
+def _choose(history: list[dict], config: TasteLoraConfig) -> tuple[dict, str]:
+    """Pick the checkpoint to ship: the best held-out score that hasn't drifted or collapsed."""
+    sound = [
+        e
+        for e in history
+        if e["drift"] <= config.max_drift and e["diversity"] >= config.min_diversity
+    ]
+    if not sound:
+        least = min(history, key=lambda e: e["drift"])
+        return least, "every checkpoint drifted or collapsed; chose the least drifted"
+    best = max(sound, key=lambda e: (e["score"], -e["step"]))
+    if best["gain"] <= 0:
+        return best, "no checkpoint beat the base model on held-out prompts"
+    return best, (
+        f"highest held-out score ({best['score']:.3f}, +{best['gain']:.3f} over the base) with"
+        f" drift {best['drift']:.3f} <= {config.max_drift} and diversity"
+        f" {best['diversity']:.2f} >= {config.min_diversity}"
+    )
+
+
+def _stop_reason(history: list[dict], config: TasteLoraConfig) -> str | None:
+    """Why training should stop now, or None: drift past the cap, or no progress for a while."""
+    last = history[-1]
+    if last["drift"] > config.max_drift:
+        return f"drift {last['drift']:.3f} passed the cap {config.max_drift}"
+    best_at = max(range(len(history)), key=lambda i: (history[i]["score"], -i))
+    if len(history) - 1 - best_at >= config.patience:
+        return f"held-out score has not risen for {config.patience} evaluations"
+    return None
+
+
+# ---- checkpoints with optimiser state -------------------------------------------------------
+
+OPTIMIZER_NAME = "optimizer.safetensors"
+
+
+def _checkpoint_dirs(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("checkpoint-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save(run: _Run, optimizer, out_dir: Path, step: int, history: list[dict]) -> Path:
+    """Write checkpoint-<step> (weights, state, optimiser) and prune all but the last and best."""
+    tensors, groups = {}, []
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    folder = out_dir / f"checkpoint-{step:06d}"
+    extra = {
+        "step": step,
+        "config": asdict(run.config),
+        "history": history,
+        "evaluation": history[-1] if history and history[-1]["step"] == step else None,
+        "optimizer_groups": groups,
+    }
+    save_checkpoint(run.unet, folder, extra)
+    write_atomic(folder / OPTIMIZER_NAME, tensors, {"format": "tastebud.optimizer"})
+    _prune(out_dir, run.config, history)
+    return folder
+
+
+def _prune(out_dir: Path, config: TasteLoraConfig, history: list[dict]) -> None:
+    folders = _checkpoint_dirs(out_dir)
+    keep = set(folders[-config.keep_checkpoints :])
+    if history:
+        best, _ = _choose(history, config)
+        keep.add(out_dir / f"checkpoint-{best['step']:06d}")
+    for folder in folders:
+        if folder not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _restore(run: _Run, optimizer, folder: Path) -> dict:
+    """Load a checkpoint's adapter weights and optimiser state; return its state.json."""
+    state = read_state(folder)
+    weights = load_file(str(folder / WEIGHTS_NAME))
+    weights = {k.removeprefix("unet."): v for k, v in weights.items()}
+    set_peft_model_state_dict(
+        run.unet, convert_unet_state_dict_to_peft(weights), adapter_name=ADAPTER
+    )
+    saved, _ = read_safetensors(folder / OPTIMIZER_NAME, LoraFileError, what="optimizer state")
+    if saved:
+        current = optimizer.state_dict()
+        by_index: dict[int, dict] = {}
+        for key, value in saved.items():
+            index, name = key.split(".", 1)
+            by_index.setdefault(int(index), {})[name] = value.to(run.device)
+        groups = [
+            {**g, "params": c["params"]}
+            for g, c in zip(state["optimizer_groups"], current["param_groups"], strict=True)
+        ]
+        optimizer.load_state_dict({"state": by_index, "param_groups": groups})
+    return state
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+def train(
+    base: BaseModel,
+    scorer_path: str | Path,
+    out_dir: str | Path,
+    config: TasteLoraConfig | None = None,
+    *,
+    resume: bool = False,
+    progress: Progress = _no_progress,
+    should_stop: Callable[[], bool] = _never_stop,
+) -> dict:
+    """Train the taste LoRA on `base` to raise `scorer`'s score; return a JSON-ready summary.
+
+    Checkpoints go to out_dir/checkpoint-<step>/ at every evaluation and on a stop; with
+    `resume`, training continues from the newest one. The summary names the checkpoint chosen
+    (best held-out score among those that neither drifted past the cap nor collapsed) and why.
+    """
+    config = config or TasteLoraConfig()
+    config.check()
+    started, out_dir = time.perf_counter(), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _prepare(base, scorer_path, config)
+    trainable = [p for p in run.unet.parameters() if p.requires_grad]
+    optimizer = OPTIMIZERS[config.optimizer](trainable, config)
+    scaler = torch.amp.GradScaler(enabled=run.half == torch.float16)  # fp16 grads underflow
+    history: list[dict] = []
+    first = 0
+    try:
+        if resume and _checkpoint_dirs(out_dir):
+            state = _restore(run, optimizer, _checkpoint_dirs(out_dir)[-1])
+            first, history = state["step"], state["history"]
+            progress(first, config.steps, f"resumed from step {first}")
+        progress(first, config.steps, "sampling the base model on held-out prompts")
+        base_figures = _base_figures(run)
+        if not history:
+            history.append(_evaluate(run, 0, base_figures))
+            _save(run, optimizer, out_dir, 0, history)
+        step, stopped, reason = first, False, None
+        while step < config.steps and reason is None:
+            if should_stop():
+                stopped = True
+                break
+            run.unet.train()
+            terms = _train_step(run, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            # float(): a CPU–GPU sync point, once per step, next to a whole rollout
+            progress(
+                step,
+                config.steps,
+                f"step {step}: score {float(terms['score']):.3f},"
+                f" drift {float(terms['drift']):.2e}",
+            )
+            if step % config.eval_every == 0 or step == config.steps:
+                progress(step, config.steps, f"step {step}: evaluating on held-out prompts")
+                history.append(_evaluate(run, step, base_figures))
+                _save(run, optimizer, out_dir, step, history)
+                reason = _stop_reason(history, config)
+        if stopped and history[-1]["step"] != step:
+            _save(run, optimizer, out_dir, step, history)  # a stop loses no finished step
+    finally:
+        _release(base, run)
+    chosen, why = _choose(history, config)
+    summary = {
+        "base_score": round(base_figures["score"], 4),
+        "lora_score": chosen["score"],
+        "score_gain": chosen["gain"],
+        "scores_by_strength": chosen["scores_by_strength"],
+        "drift": chosen["drift"],
+        "diversity": chosen["diversity"],
+        "steps": step,
+        "chosen_step": chosen["step"],
+        "chosen_checkpoint": str(out_dir / f"checkpoint-{chosen['step']:06d}"),
+        "reason": why,
+        "stopped_because": "asked to stop"
+        if stopped
+        else reason or f"ran all {config.steps} steps",
+        "stopped": stopped,
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_memory_mb": _peak_memory_mb(run.device),
+        "device": str(run.device),
+        "history": history,
+        "config": asdict(config),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) -> _Run:
+    """Load the scorer, cache prompt embeddings, fix the eval noise, add a fresh adapter."""
+    pipe, device = base.pipeline, base.pipeline.unet.device
+    side = base.resolution // pipe.vae_scale_factor
+    shape = [pipe.unet.config.in_channels, side, side]
+    scorer, metadata = load_scorer(scorer_path)
+    if json.loads(metadata.get("input_shape", "null")) != shape:
+        raise TasteLoraError(
+            f"the scorer was trained on latents of shape {metadata.get('input_shape')}, but"
+            f" {base.name} makes {shape}; train a scorer on this base model's latents"
+        )
+    scorer.to(device).requires_grad_(False)
+    train_prompts = read_prompts("train")
+    eval_prompts = read_prompts("eval")[: config.eval_prompts]
+    seeds = config.eval_seeds
+    noise = torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    if ADAPTER in getattr(unet, "peft_config", {}):
+        unet.delete_adapters(ADAPTER)
+    with torch.random.fork_rng(devices=[]):  # same seed, same initial adapter
+        torch.manual_seed(config.seed)
+        unet.add_adapter(
+            lora_config(
+                config.rank, config.alpha, dora=config.use_dora, extra=TARGETS[config.targets]
+            ),
+            adapter_name=ADAPTER,
+        )
+    if unet.dtype != torch.float32:
+        cast_training_params(unet, dtype=torch.float32)  # fp16 weights can't take small updates
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.sample_steps, device=device)
+    run = _Run(
+        unet=unet,
+        scheduler=scheduler,
+        scorer=scorer,
+        config=config,
+        train_embeds=_embed(pipe, train_prompts),
+        eval_embeds=_embed(pipe, eval_prompts).repeat_interleave(len(seeds), dim=0),
+        uncond=_embed(pipe, [""]),
+        eval_noise=noise.repeat(len(eval_prompts), 1, 1, 1).to(device),
+        eval_groups=len(eval_prompts),
+        device=device,
+        half=_half(device, config),
+    )
+    if device.type == "cuda":  # text encoder and VAE aren't needed while training
+        pipe.text_encoder.to("cpu")
+        pipe.vae.to("cpu")
+    if config.prior_weight:
+        _add_prior(run, train_prompts)
+    return run
+
+
+@torch.no_grad()
+def _embed(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """CLIP embeddings of prompts, cut to the tokenizer's window (as the pipeline would)."""
+    tokenizer, device = pipe.tokenizer, pipe.text_encoder.device
+    parts = []
+    for start in range(0, len(prompts), 32):
+        ids = tokenizer(
+            prompts[start : start + 32],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        parts.append(pipe.text_encoder(ids.to(device))[0])
+    return torch.cat(parts).to(pipe.unet.device, pipe.unet.dtype)
+
+
+@torch.no_grad()
+def _add_prior(run: _Run, prompts: list[str]) -> None:
+    g = torch.Generator().manual_seed(run.config.seed + 7)
+    rows = torch.randperm(len(prompts), generator=g)[: run.config.prior_images]
+    embeds = run.train_embeds[rows]
+    x = torch.randn((len(rows), *run.eval_noise.shape[1:]), generator=g).to(run.device)
+    with _adapter_off(run.unet):
+        run.prior = _rollout(
+            run, x * run.scheduler.init_noise_sigma, embeds, run.scheduler.timesteps
+        )
+    run.prior_embeds = embeds
+
+
+def _half(device: torch.device, config: TasteLoraConfig) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the GPU has it, else fp16; None (fp32) off CUDA."""
+    if device.type != "cuda" or config.mixed_precision == "no":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _release(base: BaseModel, run: _Run) -> None:
+    """Hand the pipeline back as it came: no adapter, no checkpointing, all on one device."""
+    unet = base.pipeline.unet
+    if unet.is_gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    if ADAPTER in getattr(unet, "peft_config", {}):
+        unet.delete_adapters(ADAPTER)
+    base.pipeline.text_encoder.to(run.device)
+    base.pipeline.vae.to(run.device)
+    unet.eval()
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train a taste LoRA: `python -m trainer.lora train --base demo --scorer S --out DIR`."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.lora")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tr = commands.add_parser("train", help="train a taste LoRA against a scorer")
+    tr.add_argument("--base", default=os.environ.get(ENV_BASE_MODEL, DEMO))
+    tr.add_argument("--scorer", required=True, help="a scorer .safetensors (trainer.scorer)")
+    tr.add_argument("--out", required=True, help="folder for checkpoints and summary.json")
+    tr.add_argument("--steps", type=int, default=TasteLoraConfig.steps)
+    tr.add_argument("--rank", type=int, default=TasteLoraConfig.rank)
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    tr.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    tr.add_argument("--config", help="JSON object of further TasteLoraConfig settings")
+    args = parser.parse_args(argv)
+    try:
+        settings = json.loads(args.config) if args.config else {}
+        settings.update(steps=args.steps, rank=args.rank)
+        settings.setdefault("alpha", float(args.rank))
+        config = TasteLoraConfig.from_dict(settings)
+        config.check()
+        base = load_base(args.base, device=args.device)
+        summary = train(base, args.scorer, args.out, config, resume=args.resume)
+    except (
+        BaseModelNotFound,
+        ScorerFileError,
+        TasteLoraError,
+        LoraFileError,
+        TypeError,
+        ValueError,
+    ) as error:
+        parser.exit(2, f"error: {error}\n")
+    summary.pop("history")
+    json.dump(summary, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

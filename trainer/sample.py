@@ -1,0 +1,427 @@
+"""Show what a taste does: before/after grids over LoRA strengths, and score-guided refinement.
+
+A grid renders prompts × seeds at several strengths of the taste LoRA (0 is the base model,
+−1 the anti-taste), from the same noise in every column, and scores every picture with the
+user's scorer on the latents the pipeline produced. Refinement raises one image's score by
+gradient ascent on its latents, within a bound on how far they may move.
+
+    python -m trainer.sample refine --base demo --scorer s.safetensors --image in.png --out out.png
+    python -m trainer.sample grid --base demo --scorer s.safetensors --lora CHECKPOINT --out g.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
+from trainer.latents import encode_pixels
+from trainer.lora import ADAPTER, LoraFileError, apply_lora, read_state
+from trainer.prompts import read_prompts
+from trainer.scorer import Scorer, ScorerFileError, load_scorer, predict
+
+STRENGTHS = (0.0, 0.5, 1.0, -1.0)  # base, half taste, full taste, anti-taste
+MIN_CELL = 128  # smaller pictures (the demo's 64 px) are enlarged to at least this in a grid
+LABEL_HEIGHT = 16  # pixels of each text band in a grid: column labels, row captions
+Progress = Callable[[int, int, str], None]
+
+
+def _no_progress(step: int, total: int, message: str) -> None:
+    pass
+
+
+def _never_stop() -> bool:
+    return False
+
+
+# ---- pictures -------------------------------------------------------------------------
+
+
+def _pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """An open image as [3,R,R] in [-1,1]: the resize and crop of trainer.latents.load_pixels."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+@torch.no_grad()
+def decode(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode scaled latents [N,4,h,w] (as trainer.latents makes them) to PIL images."""
+    vae = pipeline.vae
+    shift = vae.config.get("shift_factor") or 0.0  # undo encode_pixels' (x − shift)·scale
+    latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
+    pixels = vae.decode(latents).sample
+    return pipeline.image_processor.postprocess(pixels, output_type="pil")
+
+
+# ---- refinement -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How far and how fast refinement may move an image's latents x away from x0."""
+
+    steps: int = 20  # gradient steps at most; each is one scorer forward and backward pass
+    step_size: float = 0.02  # length of each step as a share of ‖x0‖: normalised steps move
+    # the same distance whatever the scale of the scorer's gradient, which varies a lot
+    max_change: float = 0.15  # bound on ‖x − x0‖ / ‖x0‖ (L2, relative). Not per-element L∞:
+    # that lets all 16k SD 1.x latents move at once (√N times the distance), which buys score with
+    # noise spread everywhere; relative L2 is one budget for the whole picture and means the
+    # same for any VAE scale. 0.15 is a visible edit that keeps the picture's layout.
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RefineConfig:
+        """Build a config from a dict, refusing keys this config does not have."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown RefineConfig keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Refined:
+    """An image before and after refinement, both as the VAE decodes them, with their scores."""
+
+    before: Image.Image  # the input as the VAE reconstructs it at the model's resolution (the
+    # fair comparison: the round trip alone changes a picture), not the input file itself
+    after: Image.Image  # the best latents found, decoded
+    before_score: float  # the scorer on the input's latents
+    after_score: float  # the scorer on the latents decoded into `after`; ≥ before_score
+    steps: int  # gradient steps taken (fewer than configured when stopped)
+    change: float  # ‖x − x0‖ / ‖x0‖ of the latents kept; ≤ max_change
+    reencoded_score: float  # the scorer on `after` encoded again: what the saved file scores,
+    # usually a little below after_score because the VAE round trip loses part of the edit
+
+
+def _score_and_gradient(scorer: Scorer, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    # Callers (and encode_pixels) may run in no_grad or inference mode; this pass needs the
+    # gradient, and clone() outside inference mode makes a tensor autograd accepts.
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        score = scorer(x).sum()
+        (gradient,) = torch.autograd.grad(score, x)
+    return float(score.detach()), gradient  # float(): a CPU–GPU sync point, once per step
+
+
+def refine(
+    base: BaseModel,
+    scorer: Scorer,
+    image: Image.Image,
+    *,
+    config: RefineConfig | None = None,
+    progress: Progress = _no_progress,
+    should_stop: Callable[[], bool] = _never_stop,
+) -> Refined:
+    """Raise an image's score by gradient ascent on its latents, within a bound on the change.
+
+    Each step moves x by step_size·‖x0‖ along the scorer's gradient, then projects back onto
+    the ball ‖x − x0‖ ≤ max_change·‖x0‖. The best latents seen (x0 included) are kept, so the
+    score never drops. The scorer runs where it is; the VAE where the pipeline is.
+    """
+    config = config or RefineConfig()
+    pipeline = base.pipeline
+    scorer.eval()  # BatchNorm must use its running statistics, not this one picture's
+    device = next(scorer.parameters()).device
+    x0 = encode_pixels(_pixels(image, base.resolution)[None], pipeline.vae).to(device)
+    radius = float(x0.norm())
+    limit = config.max_change * radius
+    before_score, gradient = _score_and_gradient(scorer, x0)
+    x, best, best_score, steps = x0, x0, before_score, 0
+    while steps < config.steps and not should_stop():
+        norm = float(gradient.norm())
+        if norm == 0:  # a saturated scorer: no direction to climb
+            break
+        moved = x + config.step_size * radius * gradient / norm - x0
+        if float(moved.norm()) > limit:  # project back onto the allowed ball around x0
+            moved = moved * (limit / float(moved.norm()))
+        x, steps = x0 + moved, steps + 1
+        score, gradient = _score_and_gradient(scorer, x)
+        if score > best_score:
+            best, best_score = x, score
+        progress(steps, config.steps, f"step {steps}: score {score:.3f}")
+    after = decode(pipeline, best)[0]
+    reencoded = encode_pixels(_pixels(after, base.resolution)[None], pipeline.vae)
+    return Refined(
+        before=decode(pipeline, x0)[0],
+        after=after,
+        before_score=before_score,
+        after_score=best_score,
+        steps=steps,
+        change=float((best - x0).norm()) / radius if radius else 0.0,
+        reencoded_score=float(predict(scorer, reencoded)[0]),
+    )
+
+
+# ---- grids ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One picture of a grid: a prompt and seed at one LoRA strength, with its score."""
+
+    prompt: str
+    seed: int
+    strength: float  # LoRA weight: 0 = the base model, 1 = the taste, −1 = the anti-taste
+    image: Image.Image  # at the model's resolution, as the pipeline made it
+    score: float  # the scorer on the latents this image was decoded from
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A before/after grid: its cells, the composite picture, and the mean score per column."""
+
+    cells: list[Cell]  # row by row (prompt, then seed), each row in column (strength) order
+    image: Image.Image  # rows = prompt × seed, columns = strengths, every cell labelled
+    scores_by_strength: dict[float, float]  # mean cell score per strength
+    stopped: bool  # should_stop() ended it early: some cells are missing (left blank)
+
+
+def column_label(strength: float) -> str:
+    """Name a grid column: "base", "taste 0.5", "anti-taste −1"."""
+    if strength == 0:
+        return "base"
+    name = "taste" if strength > 0 else "anti-taste"
+    return f"{name} {strength:g}".replace(" -", " −")  # a minus sign, not a hyphen
+
+
+def _use_strength(pipeline: StableDiffusionPipeline, lora: str | Path, strength: float) -> None:
+    if strength == 0:
+        _remove_taste(pipeline)  # the base model itself, not an adapter weighted by zero
+    else:
+        apply_lora(pipeline, lora, strength)
+
+
+def _remove_taste(pipeline: StableDiffusionPipeline) -> None:
+    if ADAPTER in getattr(pipeline.unet, "peft_config", {}):
+        pipeline.delete_adapters(ADAPTER)
+
+
+def _render(
+    pipeline: StableDiffusionPipeline,
+    prompt: str,
+    seeds: Sequence[int],
+    resolution: int,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """Scaled latents [len(seeds),4,h,w] for one prompt, one image per seed."""
+    # CPU generators: a seed gives the same starting noise on any device, in every column.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    return pipeline(
+        prompt,
+        num_images_per_prompt=len(seeds),
+        generator=generators,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=resolution,
+        width=resolution,
+        output_type="latent",  # the scaled latents: what the scorer reads; decoded below
+    ).images
+
+
+def grid(
+    base: BaseModel,
+    scorer: Scorer,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    lora_folder: str | Path | None,
+    strengths: Sequence[float] = STRENGTHS,
+    steps: int = 25,  # DDIM steps: SD 1.x's usual count; the demo needs only 2
+    guidance: float = 7.5,  # classifier-free guidance, SD 1.x's usual scale
+    progress: Progress = _no_progress,
+    should_stop: Callable[[], bool] = _never_stop,
+) -> Grid:
+    """Render prompts × seeds at each LoRA strength, score every picture, and compose a grid.
+
+    Every column starts from the same noise per seed, so columns differ only by the LoRA.
+    The pipeline is left with no taste adapter loaded, whatever it had before.
+    """
+    if lora_folder is not None:
+        read_state(lora_folder)  # a bad folder fails now, not after the base column
+    elif any(strength != 0 for strength in strengths):
+        raise ValueError("strengths other than 0 need a LoRA folder")
+    pipeline = base.pipeline
+    jobs = [(c, s, r, p) for c, s in enumerate(strengths) for r, p in enumerate(prompts)]
+    found: dict[tuple[int, int], Cell] = {}  # (row, column) → cell
+    column_in_use, done = None, 0
+    try:
+        for column, strength, p, prompt in jobs:
+            if should_stop():
+                break
+            progress(done, len(jobs), f"{column_label(strength)}: prompt {p + 1} of {len(prompts)}")
+            if column != column_in_use:
+                _use_strength(pipeline, lora_folder, strength)
+                column_in_use = column
+            latents = _render(pipeline, prompt, seeds, base.resolution, steps, guidance)
+            scores = predict(scorer, latents.float())
+            for k, (seed, image) in enumerate(zip(seeds, decode(pipeline, latents), strict=True)):
+                found[p * len(seeds) + k, column] = Cell(
+                    prompt, seed, strength, image, float(scores[k])
+                )
+            done += 1
+    finally:
+        _remove_taste(pipeline)
+    progress(done, len(jobs), "grid done" if done == len(jobs) else "grid stopped")
+    cells = [found[key] for key in sorted(found)]
+    by_strength: dict[float, list[float]] = {}
+    for cell in cells:
+        by_strength.setdefault(cell.strength, []).append(cell.score)
+    return Grid(
+        cells=cells,
+        image=_compose(found, prompts, seeds, strengths, base.resolution, base.is_demo),
+        scores_by_strength={s: sum(v) / len(v) for s, v in by_strength.items()},
+        stopped=done < len(jobs),
+    )
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """Cut `text` to fit `width` pixels, marking the cut with "..."."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _compose(
+    found: dict[tuple[int, int], Cell],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    strengths: Sequence[float],
+    resolution: int,
+    demo: bool,
+) -> Image.Image:
+    """Lay cells out under column labels, each row under a caption, each cell with its score."""
+    scale = math.ceil(MIN_CELL / resolution)
+    side = resolution * scale
+    rows = len(prompts) * len(seeds)
+    height = LABEL_HEIGHT + rows * (LABEL_HEIGHT + side)
+    composite = Image.new("RGB", (side * len(strengths), height))
+    draw = ImageDraw.Draw(composite)
+    font = ImageFont.load_default(size=12)
+
+    def text(xy: tuple[int, int], words: str, width: int) -> None:
+        # The bundled font has no "−" (U+2212) glyph; a hyphen reads the same.
+        draw.text(xy, _fit(draw, words.replace("−", "-"), font, width), font=font, fill="white")
+
+    for column, strength in enumerate(strengths):
+        label = column_label(strength)
+        if demo and strength == 0:
+            label += " (demo)"  # the demo model is labelled as such wherever it appears
+        text((column * side + 4, 2), label, side - 8)
+    for row in range(rows):
+        top = LABEL_HEIGHT + row * (LABEL_HEIGHT + side)
+        prompt, seed = prompts[row // len(seeds)], seeds[row % len(seeds)]
+        text((4, top + 2), f"seed {seed} · {prompt}", composite.width - 8)
+        for column in range(len(strengths)):
+            cell = found.get((row, column))
+            if cell is None:  # stopped before this one was rendered
+                continue
+            x, y = column * side, top + LABEL_HEIGHT
+            # NEAREST: the demo's 64 px noise stays crisp instead of turning to blur.
+            composite.paste(cell.image.resize((side, side), Image.Resampling.NEAREST), (x, y))
+            draw.rectangle((x, y + side - LABEL_HEIGHT, x + 40, y + side), fill="black")
+            text((x + 3, y + side - LABEL_HEIGHT + 2), f"{cell.score:.2f}", 36)
+    return composite
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def _numbers(kind: type, text: str) -> list:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Refine an image or draw a before/after grid: `python -m trainer.sample refine|grid ...`."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.sample")
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base", default=os.environ.get(ENV_BASE_MODEL, DEMO))
+    common.add_argument("--scorer", required=True, help="scorer .safetensors (trainer.scorer)")
+    common.add_argument("--out", required=True, help="the PNG to write")
+    common.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    rf = commands.add_parser("refine", parents=[common], help="raise one image's score")
+    rf.add_argument("--image", required=True)
+    rf.add_argument("--steps", type=int, default=RefineConfig.steps)
+    rf.add_argument("--step-size", type=float, default=RefineConfig.step_size)
+    rf.add_argument("--max-change", type=float, default=RefineConfig.max_change)
+    rf.add_argument("--before", help="also write the VAE's reconstruction of the input here")
+    gr = commands.add_parser("grid", parents=[common], help="before/after grid over strengths")
+    gr.add_argument("--lora", required=True, help="a taste LoRA checkpoint folder")
+    gr.add_argument("--prompts", type=int, default=4, help="how many held-out [eval] prompts")
+    gr.add_argument("--seeds", type=lambda s: _numbers(int, s), default=[0, 1], help="e.g. 0,1")
+    gr.add_argument("--strengths", type=lambda s: _numbers(float, s), default=list(STRENGTHS))
+    gr.add_argument("--steps", type=int, default=25)
+    gr.add_argument("--guidance", type=float, default=7.5)
+    args = parser.parse_args(argv)
+    try:
+        scorer, _ = load_scorer(args.scorer)
+        if args.command == "grid":
+            read_state(args.lora)  # fail in a second, before loading the base model
+        base = load_base(args.base, device=args.device)
+        scorer.to(base.pipeline.device)
+        if args.command == "refine":
+            with Image.open(args.image) as image:
+                config = RefineConfig(
+                    steps=args.steps, step_size=args.step_size, max_change=args.max_change
+                )
+                result = refine(base, scorer, image, config=config)
+            result.after.save(args.out)
+            if args.before:
+                result.before.save(args.before)
+            summary = {
+                "before_score": round(result.before_score, 4),
+                "after_score": round(result.after_score, 4),
+                "reencoded_score": round(result.reencoded_score, 4),
+                "steps": result.steps,
+                "change": round(result.change, 4),
+                "out": args.out,
+            }
+        else:
+            prompts = read_prompts("eval")[: args.prompts]  # held out: never trained on
+            made = grid(
+                base,
+                scorer,
+                prompts,
+                args.seeds,
+                lora_folder=args.lora,
+                strengths=args.strengths,
+                steps=args.steps,
+                guidance=args.guidance,
+            )
+            made.image.save(args.out)
+            summary = {
+                "scores_by_strength": {
+                    f"{s:g}": round(v, 4) for s, v in made.scores_by_strength.items()
+                },
+                "columns": [column_label(s) for s in args.strengths],
+                "cells": len(made.cells),
+                "prompts": prompts,
+                "seeds": args.seeds,
+                "out": args.out,
+            }
+    except (BaseModelNotFound, ScorerFileError, LoraFileError, ValueError, OSError) as error:
+        parser.exit(2, f"error: {error}\n")
+    json.dump(summary, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
