@@ -170,6 +170,7 @@ def test_bad_inputs_are_refused_with_a_clear_message(base, scorer_file, tmp_path
     with pytest.raises(sc.ScorerFileError, match="never unpickled"):
         lora.train(base, pickled, tmp_path / "c", QUICK)
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+    assert lora.ADAPTER not in getattr(base.pipeline.unet, "peft_config", {})
 
 
 def test_cli_prints_a_json_summary_and_reports_errors(scorer_file, tmp_path, capsys):

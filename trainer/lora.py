@@ -488,13 +488,13 @@ def train(
     config.check()
     started, out_dir = time.perf_counter(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _prepare(base, scorer_path, config)
-    trainable = [p for p in run.unet.parameters() if p.requires_grad]
-    optimizer = OPTIMIZERS[config.optimizer](trainable, config)
-    scaler = torch.amp.GradScaler(enabled=run.half == torch.float16)  # fp16 grads underflow
     history: list[dict] = []
     first = 0
     try:
+        run = _prepare(base, scorer_path, config)
+        trainable = [p for p in run.unet.parameters() if p.requires_grad]
+        optimizer = OPTIMIZERS[config.optimizer](trainable, config)
+        scaler = torch.amp.GradScaler(enabled=run.half == torch.float16)  # fp16 grads underflow
         if resume and _checkpoint_dirs(out_dir):
             state = _restore(run, optimizer, _checkpoint_dirs(out_dir)[-1])
             first, history = state["step"], state["history"]
@@ -533,7 +533,7 @@ def train(
         if stopped and history[-1]["step"] != step:
             _save(run, optimizer, out_dir, step, history)  # a stop loses no finished step
     finally:
-        _release(base, run)
+        _release(base)
     chosen, why = _choose(history, config)
     summary = {
         "base_score": round(base_figures["score"], 4),
@@ -655,15 +655,15 @@ def _half(device: torch.device, config: TasteLoraConfig) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _release(base: BaseModel, run: _Run) -> None:
+def _release(base: BaseModel) -> None:
     """Hand the pipeline back as it came: no adapter, no checkpointing, all on one device."""
     unet = base.pipeline.unet
     if unet.is_gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     if ADAPTER in getattr(unet, "peft_config", {}):
         unet.delete_adapters(ADAPTER)
-    base.pipeline.text_encoder.to(run.device)
-    base.pipeline.vae.to(run.device)
+    base.pipeline.text_encoder.to(unet.device)
+    base.pipeline.vae.to(unet.device)
     unet.eval()
 
 
