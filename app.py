@@ -12,7 +12,7 @@ from flask_migrate import Migrate, upgrade
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import event
 
-from rating import admin, auth, crowd, jobs, me, media, pool_admin, rate, upload
+from rating import admin, auth, crowd, jobs, me, media, pool_admin, rate, taste, upload
 from rating.limits import limiter
 from rating.models import User, db, site_setting
 from rating.pool import size_text
@@ -45,7 +45,7 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     login_manager.init_app(app)
     limiter.init_app(app)
     jobs.init_app(app)
-    for module in (auth, rate, me, crowd, admin, pool_admin, upload, media):
+    for module in (auth, rate, me, crowd, admin, pool_admin, upload, media, taste):
         app.register_blueprint(module.bp)
     register_error_pages(app)
     app.jinja_env.globals.update(site_setting=site_setting, size_text=size_text)
@@ -107,7 +107,7 @@ def main() -> None:
     consumer = None
     if app.config["EMBEDDED_WORKER"] and app.config["QUEUE"] != "immediate":
         with app.app_context():
-            stuck = jobs.fail_orphaned_jobs()
+            stuck = jobs.fail_orphaned_jobs(app.config["JOB_STALE_SECONDS"])
         if stuck:
             logging.warning("marked %d job(s) left running by a stopped worker as failed", stuck)
         consumer = jobs.start_embedded_worker(app)

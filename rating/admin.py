@@ -22,6 +22,7 @@ from rating.models import Image, Job, Rating, Source, User, db, get_or_404, site
 from rating.rate import page_or_fragment
 from rating.sources import demo  # noqa: F401 - registers the demo_pack job
 from rating.sources.civitai import LEVELS, PERIODS, SORTS
+from rating.taste_jobs import crowd_model_info
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -42,7 +43,12 @@ def index():
         select(Job).where(Job.owner_id == current_user.id).order_by(Job.id.desc()).limit(5)
     ).all()
     return page_or_fragment(
-        "admin/index.html", "admin/_sources.html", sources=sources, jobs=recent, **site_settings()
+        "admin/index.html",
+        "admin/_sources.html",
+        sources=sources,
+        jobs=recent,
+        crowd_model=crowd_model_info(),
+        **site_settings(),
     )
 
 
@@ -56,6 +62,19 @@ def load_demo():
     job = jobs.enqueue(
         "demo_pack", current_user.id, count=count, seed=current_app.config["DEMO_PACK_SEED"]
     )
+    if not request.headers.get("HX-Request"):
+        return redirect(url_for("admin.index"))
+    return job_widget(job)
+
+
+@bp.post("/crowd-model")
+@admin_required
+def train_crowd():
+    """Queue training the crowd model on everyone's ratings (or show the one running)."""
+    try:
+        job = jobs.enqueue("train_crowd", current_user.id, lock_key="train_crowd")
+    except jobs.JobBusy as busy:
+        job = busy.job
     if not request.headers.get("HX-Request"):
         return redirect(url_for("admin.index"))
     return job_widget(job)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
+import click
 from flask import Flask, current_app
+from flask.cli import AppGroup
 from huey import MemoryHuey, RedisHuey, SqliteHuey
+from sqlalchemy.exc import IntegrityError
 
 from rating.models import Job, db, utcnow
 
@@ -18,17 +25,40 @@ log = logging.getLogger(__name__)
 
 # kind -> function(job, progress) that does the work; modules register theirs at import.
 HANDLERS: dict[str, Callable[[Job, JobProgress], dict | None]] = {}
+# Kinds that need the GPU: they go to their own queue, whose worker runs one at a time.
+GPU_KINDS: set[str] = set()
+# kind -> function(job) that keeps what a dead worker's job finished (a LoRA checkpoint).
+SALVAGE: dict[str, Callable[[Job], None]] = {}
+# One GPU job at a time in this process, even if someone starts the GPU queue with more threads.
+GPU_LOCK = threading.Lock()
+LOG_CHARS = 4000  # how much of a job's log the row keeps (the tail)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class JobCancelled(Exception):
     """Raised inside a job when its owner pressed Cancel."""
 
 
-def handler(kind: str):
-    """Register the decorated function as the runner of jobs of `kind`."""
+class JobBusy(Exception):
+    """A job with the same lock key is already queued or running; `job` is that one."""
+
+    def __init__(self, job: Job):
+        super().__init__(f"job {job.id} is already {job.status}")
+        self.job = job
+
+
+def handler(kind: str, *, gpu: bool = False, salvage: Callable[[Job], None] | None = None):
+    """Register the decorated function as the runner of jobs of `kind`.
+
+    `gpu` sends them to the GPU queue; `salvage(job)` runs when their worker died mid-run.
+    """
 
     def register(fn):
         HANDLERS[kind] = fn
+        if gpu:
+            GPU_KINDS.add(kind)
+        if salvage is not None:
+            SALVAGE[kind] = salvage
         return fn
 
     return register
@@ -41,29 +71,56 @@ class JobProgress:
 
     def __init__(self, job: Job):
         self.job = job
-        self._last_commit = 0.0
+        self._last_commit = self._last_check = 0.0
 
-    def __call__(self, step: int, total: int, message: str = "") -> None:
-        """Record progress, commit it now and then, and raise JobCancelled if asked to stop."""
+    def __call__(self, step: int, total: int, message: str = "", *, stop: bool = True) -> None:
+        """Record progress, commit it now and then, and raise JobCancelled if asked to stop.
+
+        `stop=False` only records: for trainer loops that end themselves on should_stop()
+        and return what they finished.
+        """
         self.job.progress, self.job.total = step, total
         if message:
             self.job.message = message[:500]
         now = time.monotonic()
         if now - self._last_commit >= self.min_interval or step >= total:
-            db.session.commit()
-            self._last_commit = now
-            if self.should_stop():
+            if message:
+                self.log(message)
+            self._sync(now)
+            if stop and self.job.stop_requested:
                 raise JobCancelled()
 
-    def should_stop(self) -> bool:
-        """Return whether Cancel was pressed (reads the row afresh)."""
+    def _sync(self, now: float) -> None:
+        """Commit what changed (a heartbeat too), then read whether Cancel was pressed."""
+        self.job.heartbeat_at = utcnow()
+        db.session.commit()  # ends the transaction, so the refresh sees the latest row
         db.session.refresh(self.job, ["stop_requested"])
+        self._last_commit = self._last_check = now
+
+    def should_stop(self) -> bool:
+        """Return whether Cancel was pressed (reads the row afresh, at most twice a second)."""
+        now = time.monotonic()
+        if now - self._last_check >= self.min_interval:
+            self._sync(now)
         return self.job.stop_requested
 
+    def phase(self, name: str, message: str) -> None:
+        """Start the next phase: its own counter and ETA; raise JobCancelled if asked to stop."""
+        self.job.phase, self.job.phase_started_at = name, utcnow()
+        self.job.progress, self.job.total, self.job.message = 0, 0, message[:500]
+        self.log(f"[{name}] {message}")
+        self._sync(time.monotonic())
+        if self.job.stop_requested:
+            raise JobCancelled()
 
-def make_queue(app: Flask):
-    """Build the huey instance the settings ask for."""
-    name = "tastebud"
+    def log(self, line: str) -> None:
+        """Add a line to the job's log, keeping the last LOG_CHARS characters."""
+        stamp = utcnow().strftime("%H:%M:%S")
+        self.job.log = ((self.job.log or "") + f"{stamp} {line}\n")[-LOG_CHARS:]
+
+
+def make_queue(app: Flask, name: str):
+    """Build a huey instance of the kind the settings ask for."""
     kind = app.config["QUEUE"]
     if kind == "immediate":
         return MemoryHuey(name, immediate=True)
@@ -73,28 +130,58 @@ def make_queue(app: Flask):
 
 
 def init_app(app: Flask) -> None:
-    """Attach the queue and its one task, `run_job`, to the app."""
-    huey = make_queue(app)
+    """Attach two queues to the app: light jobs, and GPU jobs (whose worker runs one at a time).
+
+    Imports never wait behind a training: each queue has its own consumer.
+    """
+    huey, gpu_huey = make_queue(app, "tastebud"), make_queue(app, "tastebud-gpu")
 
     @huey.task(name="run_job")
     def run_job_task(job_id: int) -> None:
         with app.app_context():
             run_job(job_id)
 
-    app.extensions["huey"] = huey
-    app.extensions["run_job_task"] = run_job_task
+    @gpu_huey.task(name="run_gpu_job")
+    def run_gpu_job_task(job_id: int) -> None:
+        with GPU_LOCK, app.app_context():
+            run_job(job_id)
+
+    app.extensions.update(
+        huey=huey, gpu_huey=gpu_huey, run_job_task=run_job_task, run_gpu_job_task=run_gpu_job_task
+    )
+    app.cli.add_command(cli)
 
 
-def enqueue(kind: str, owner_id: int | None, **params) -> Job:
-    """Create a Job row and queue it; the worker picks it up by id."""
+def enqueue(kind: str, owner_id: int | None, *, lock_key: str | None = None, **params) -> Job:
+    """Create a Job row and queue it; the worker picks it up by id.
+
+    With `lock_key`, raise JobBusy (carrying the unfinished job) when one holds the key.
+    """
     if kind not in HANDLERS:
         raise ValueError(f"unknown job kind {kind!r}")
-    job = Job(kind=kind, owner_id=owner_id, params=params, message="Waiting for a worker…")
+    job = Job(
+        kind=kind, owner_id=owner_id, params=params, lock_key=lock_key, message=waiting_text(kind)
+    )
     db.session.add(job)
-    db.session.commit()
-    current_app.extensions["run_job_task"](job.id)
+    try:
+        db.session.commit()
+    except IntegrityError:  # the unique lock key: another job holds it, in the database's eyes
+        db.session.rollback()
+        busy = db.session.scalar(db.select(Job).where(Job.lock_key == lock_key))
+        if busy is None:  # it ended between the insert and this read: try once more
+            return enqueue(kind, owner_id, lock_key=lock_key, **params)
+        raise JobBusy(busy) from None
+    task = "run_gpu_job_task" if kind in GPU_KINDS else "run_job_task"
+    current_app.extensions[task](job.id)
     db.session.refresh(job)  # an immediate queue (tests) has already run it in another session
     return job
+
+
+def waiting_text(kind: str) -> str:
+    """Say what a queued job waits for."""
+    if kind in GPU_KINDS:
+        return "Waiting for the GPU worker (one training at a time)…"
+    return "Waiting for a worker…"
 
 
 def run_here(kind: str, **params) -> Job:
@@ -115,7 +202,8 @@ def run_job(job_id: int) -> None:
     if job.stop_requested:
         _finish(job, "cancelled", "Cancelled before it started.")
         return
-    job.status, job.started_at = "running", utcnow()
+    job.status, job.started_at, job.worker = "running", utcnow(), WORKER
+    job.heartbeat_at = job.started_at
     db.session.commit()
     status, message, error = "failed", "", None
     try:
@@ -134,6 +222,7 @@ def run_job(job_id: int) -> None:
 
 def _finish(job: Job, status: str, message: str, error: str | None = None) -> None:
     job.status, job.message, job.error, job.finished_at = status, message[:500], error, utcnow()
+    job.lock_key = None  # the next job of its kind may start
     db.session.commit()
 
 
@@ -142,24 +231,97 @@ def request_stop(job: Job) -> None:
     job.stop_requested = True
     if job.status == "queued":
         job.status, job.message, job.finished_at = "cancelled", "Cancelled.", utcnow()
+        job.lock_key = None
     db.session.commit()
 
 
-def fail_orphaned_jobs() -> int:
-    """Mark jobs a dead worker left running as failed, so no progress bar stays stuck."""
-    orphans = db.session.scalars(db.select(Job).where(Job.status == "running")).all()
+def _worker_gone(job: Job, stale_after: timedelta) -> bool:
+    """Tell whether the process running `job` is dead (same host) or silent for too long."""
+    if not job.worker or ":" not in job.worker:
+        return True
+    host, _, pid = job.worker.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # it exists, under another user
+        if int(pid) == os.getpid():
+            return False
+    beat = job.heartbeat_at or job.started_at
+    return beat is None or utcnow() - beat > stale_after
+
+
+def fail_orphaned_jobs(stale_after: float = 900) -> int:
+    """Mark jobs a dead worker left running as failed, so no progress bar stays stuck.
+
+    A job belongs to a dead worker when its process on this host is gone, or when it has
+    not reported for `stale_after` seconds (a worker on another machine that died).
+    """
+    running = db.session.scalars(db.select(Job).where(Job.status == "running")).all()
+    orphans = [job for job in running if _worker_gone(job, timedelta(seconds=stale_after))]
     for job in orphans:
         _finish(job, "failed", "Failed: the worker stopped while this was running; start it again.")
+        if job.kind in SALVAGE:
+            try:
+                SALVAGE[job.kind](job)
+            except Exception:  # salvaging is a bonus; the job is failed either way
+                log.exception("could not salvage job %s", job.id)
+                db.session.rollback()
     return len(orphans)
 
 
-def start_embedded_worker(app: Flask, workers: int = 2):
-    """Run huey's consumer on threads inside this process (the embedded default)."""
-    consumer = app.extensions["huey"].create_consumer(workers=workers, worker_type="thread")
+class Workers:
+    """The consumers of both queues, started together and stopped together."""
+
+    def __init__(self, consumers: list):
+        self.consumers = consumers
+
+    def stop(self, graceful: bool = False) -> None:
+        """Stop every consumer (graceful: let running jobs finish first)."""
+        for consumer in self.consumers:
+            consumer.stop(graceful=graceful)
+
+
+def start_embedded_worker(app: Flask, workers: int | None = None, gpu: bool | None = None):
+    """Run huey's consumers on threads inside this process (the embedded default).
+
+    Light jobs get `workers` threads (LIGHT_WORKERS); GPU jobs get one thread of their own,
+    unless EMBEDDED_GPU_WORKER is off because GPU machines run `flask jobs worker --gpu`.
+    """
+    workers = workers or int(app.config["LIGHT_WORKERS"])
+    gpu = app.config["EMBEDDED_GPU_WORKER"] if gpu is None else gpu
+    queues = [("huey", workers)] + ([("gpu_huey", 1)] if gpu else [])
     names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
     saved = {getattr(signal, name): signal.getsignal(getattr(signal, name)) for name in names}
-    consumer.start()
+    consumers = []
+    for queue, threads in queues:
+        # max_delay: an idle worker looks for new jobs at least every second, not every 10 s
+        consumer = app.extensions[queue].create_consumer(
+            workers=threads, worker_type="thread", max_delay=1.0
+        )
+        consumer.start()
+        consumers.append(consumer)
     # huey installs handlers meant for its own main loop; the server's (Ctrl-C) must stay.
     for signum, previous in saved.items():
         signal.signal(signum, previous)
-    return consumer
+    return Workers(consumers)
+
+
+cli = AppGroup("jobs", help="Run job workers outside the web server.")
+
+
+@cli.command("worker")
+@click.option("--gpu", is_flag=True, help="Run the GPU queue (one job at a time).")
+@click.option("--threads", type=click.IntRange(1, 64), help="Light-queue threads.")
+def worker_command(gpu: bool, threads: int | None) -> None:
+    """Run one queue's worker here until Ctrl-C; first fail jobs a dead worker left running."""
+    app = current_app._get_current_object()
+    stuck = fail_orphaned_jobs(app.config["JOB_STALE_SECONDS"])
+    if stuck:
+        click.echo(f"marked {stuck} job(s) left running by a stopped worker as failed")
+    workers = 1 if gpu else threads or int(app.config["LIGHT_WORKERS"])
+    queue = app.extensions["gpu_huey" if gpu else "huey"]
+    click.echo(f"running the {'GPU' if gpu else 'light'} queue with {workers} thread(s)")
+    queue.create_consumer(workers=workers, worker_type="thread", max_delay=1.0).run()

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -161,6 +162,18 @@ class Job(db.Model):
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     result: Mapped[dict] = mapped_column(JSON, default=dict)
     stop_requested: Mapped[bool] = mapped_column(default=False)
+    # A job in several phases (train_taste) names the one running; progress counts within it.
+    phase: Mapped[str] = mapped_column(String(20), default="", server_default="")
+    phase_started_at: Mapped[datetime | None]
+    # The last lines of what the job reported, shown when it fails.
+    log: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # At most one unfinished job per key ("train_taste:7"): the unique index refuses a second
+    # one inside the inserting transaction; the key is cleared when the job ends.
+    lock_key: Mapped[str | None] = mapped_column(String(80), unique=True)
+    # Which process runs it ("host:pid") and when it last reported, to tell a dead worker's
+    # job from one a live worker elsewhere is still running.
+    worker: Mapped[str | None] = mapped_column(String(120))
+    heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -179,11 +192,51 @@ class Job(db.Model):
 
     @property
     def eta_seconds(self) -> int | None:
-        """Estimate the seconds left from the pace so far (None before there is a pace)."""
-        if self.done or not self.started_at or not self.progress or not self.total:
+        """Estimate the seconds left (in this phase) from the pace so far (None before a pace)."""
+        since = self.phase_started_at or self.started_at
+        if self.done or not since or not self.progress or not self.total:
             return None
-        elapsed = (utcnow() - self.started_at).total_seconds()
-        return round(elapsed * (self.total - self.progress) / self.progress)
+        elapsed = (utcnow() - since).total_seconds()
+        return round(elapsed * max(self.total - self.progress, 0) / self.progress)
+
+
+class TasteVersion(db.Model):
+    """One run of "Train my taste": the scorer and taste LoRA made from a person's ratings.
+
+    Its files live in their own folder (see rating.taste_jobs.version_folder); the *_file
+    columns name them relative to it, and stay empty until that file is complete.
+    """
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("user.id"), index=True)
+    number: Mapped[int]  # 1, 2, … per person: "version 3"
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ratings_count: Mapped[int] = mapped_column(default=0)
+    picks_count: Mapped[int] = mapped_column(default=0)
+    base_model: Mapped[str] = mapped_column(String(500))
+    is_demo: Mapped[bool] = mapped_column(default=False)
+    latents_file: Mapped[str | None] = mapped_column(String(200))
+    scorer_file: Mapped[str | None] = mapped_column(String(200))
+    lora_dir: Mapped[str | None] = mapped_column(String(200))  # the chosen checkpoint folder
+    bundle_file: Mapped[str | None] = mapped_column(String(200))  # the zip
+    grid_file: Mapped[str | None] = mapped_column(String(200))
+    # scorer metrics, love/hate predictions, LoRA figures, the grid's cells, phase timings
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    public: Mapped[bool] = mapped_column(default=False)
+
+    owner: Mapped[User] = relationship()
+    job: Mapped[Job | None] = relationship()
+
+    @property
+    def training(self) -> bool:
+        """Return whether its job is still queued or running."""
+        return self.job is not None and not self.job.done
+
+    @property
+    def complete(self) -> bool:
+        """Return whether every phase finished: scorer, LoRA, grid and bundle."""
+        return bool(self.scorer_file and self.lora_dir and self.grid_file and self.bundle_file)
 
 
 def get_or_404(model, ident, owner: User | None = None):

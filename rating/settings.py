@@ -22,6 +22,15 @@ DEFAULTS: dict[str, object] = {
     "REDIS_URL": "",
     # Run the job worker inside `python app.py`; turn off when separate workers run.
     "EMBEDDED_WORKER": True,
+    # Threads for light jobs (imports, the demo pack); GPU jobs always get one thread of their
+    # own, so an import never waits behind a training.
+    "LIGHT_WORKERS": 2,
+    # Run the GPU queue's worker inside `python app.py` too; turn off when GPU machines run
+    # `flask --app app jobs worker --gpu` against the same Redis, database and storage.
+    "EMBEDDED_GPU_WORKER": True,
+    # A running job whose worker (on another machine) has not reported for this many seconds
+    # is taken for dead when a worker starts.
+    "JOB_STALE_SECONDS": 900,
     # Apply database migrations at start-up, so an upgrade never needs a manual step.
     "AUTO_MIGRATE": True,
     # Anyone may register; the first account becomes an admin.
@@ -55,6 +64,30 @@ DEFAULTS: dict[str, object] = {
     "RATINGS_PER_PAGE": 60,
     # Crowd page: an image needs this many raters before agreement means anything.
     "CROWD_MIN_RATERS": 3,
+    # "Train my taste": the base model (a hub id, a diffusers folder, a .safetensors file, or
+    # "demo": the tiny built-in model, random weights, offline), and the ratings it needs.
+    "BASE_MODEL": "demo",
+    "TASTE_MIN_RATINGS": 30,
+    # A scorer file whose trunk personal scorers start from; empty: the crowd model when an
+    # admin has trained one for this base model, else from scratch.
+    "SCORER_INIT": "",
+    # Trainer settings, as JSON objects of dataclass fields (unknown keys are an error):
+    # trainer.scorer.ScorerConfig, trainer.lora.TasteLoraConfig, trainer.latents.LatentsConfig.
+    "TASTE_SCORER": {},
+    "TASTE_LORA": {},
+    "TASTE_LATENTS": {},
+    # Unrated pool images the new scorer scores, to show the ones it predicts I'd love and hate.
+    "TASTE_PREDICT_POOL": 200,
+    # The before/after grid: held-out prompts and seeds, and denoising steps per image.
+    "TASTE_GRID_PROMPTS": 3,
+    "TASTE_GRID_SEEDS": 1,
+    "TASTE_SAMPLE_STEPS": 20,
+    # "Improve this image": settings for trainer.sample.refine (empty: its defaults).
+    "TASTE_REFINE": {},
+    # CPU threads torch may use in GPU-queue jobs; 0: half the cores (at least 1). One thread
+    # per core spins against the web server: on a busy 2-core machine 2 threads ran a LoRA
+    # 10× slower than 1.
+    "TORCH_THREADS": 0,
     # Session cookies: HttpOnly always; set SESSION_COOKIE_SECURE=true behind HTTPS.
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",

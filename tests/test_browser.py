@@ -64,8 +64,11 @@ def _missing_browser() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory):
-    """Serve a fresh site on a free 127.0.0.1 port with waitress, its job worker running."""
+def live_server(request, tmp_path_factory):
+    """Serve a fresh site on a free 127.0.0.1 port with waitress, its job worker running.
+
+    A test module may set LIVE_SERVER_CONFIG (a dict) to add settings of its own.
+    """
     instance = tmp_path_factory.mktemp("browser-site") / "instance"
     app = create_app(
         {
@@ -75,6 +78,7 @@ def live_server(tmp_path_factory):
             "DATABASE_URL": "",  # never a database named by a TASTEBUD_* variable
             "STORAGE_ROOT": "",
             "DEMO_PACK_SIZE": DEMO_COUNT,
+            **getattr(request.module, "LIVE_SERVER_CONFIG", {}),
         },
         instance_path=str(instance),
     )

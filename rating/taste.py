@@ -1,0 +1,310 @@
+"""My taste: the "Train my taste" button, its job, results, versions, downloads, refinement."""
+
+from __future__ import annotations
+
+import shutil
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from flask_login import current_user, login_required
+from sqlalchemy import func, select
+
+from rating import jobs
+from rating import taste_jobs as work  # also registers the train_taste and refine_image jobs
+from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
+from rating.rate import page_or_fragment, visible_image_or_404
+
+bp = Blueprint("taste", __name__, url_prefix="/taste")
+
+# what -> (the version's column naming the file, file-name suffix, MIME type)
+DOWNLOADS = {
+    "lora": ("bundle_file", "-lora.zip", "application/zip"),
+    "scorer": ("scorer_file", "-scorer.safetensors", "application/octet-stream"),
+    "latents": ("latents_file", "-latents.safetensors", "application/octet-stream"),
+}
+JOB_TEMPLATES = {"train_taste": "taste/_train_job.html", "refine_image": "taste/_refine_job.html"}
+
+
+def rating_count(user_id: int) -> int:
+    """Count a person's star ratings."""
+    return db.session.scalar(select(func.count(Rating.id)).where(Rating.user_id == user_id))
+
+
+def latest_job(user_id: int, kind: str, **params) -> Job | None:
+    """Return a person's newest job of `kind` (whose params include `params`)."""
+    found = db.session.scalars(
+        select(Job)
+        .where(Job.owner_id == user_id, Job.kind == kind)
+        .order_by(Job.id.desc())
+        .limit(100)
+    )
+    return next((j for j in found if params.items() <= j.params.items()), None)
+
+
+def viewer_id() -> int | None:
+    """Return the signed-in person's id, or None for a visitor."""
+    return current_user.id if current_user.is_authenticated else None
+
+
+def viewable_version_or_404(version_id: int) -> TasteVersion:
+    """Load a version its owner asks for, or anyone asks for once it is public; else 404."""
+    version = db.session.get(TasteVersion, version_id)
+    if version is None or not (version.public or version.owner_id == viewer_id()):
+        abort(404)
+    return version
+
+
+def phase_states(job: Job) -> list[tuple[str, str, str]]:
+    """Return (name, label, state) per phase: done, running, waiting, failed or cancelled."""
+    names = list(work.PHASES)
+    current = names.index(job.phase) if job.phase in names else -1
+    states = []
+    for index, name in enumerate(names):
+        if job.status == "succeeded" or index < current:
+            state = "done"
+        elif index == current:
+            state = "running" if job.status == "running" else job.status
+        else:
+            state = "waiting"
+        states.append((name, work.PHASES[name], state))
+    return states
+
+
+def grid_rows(version: TasteVersion) -> list[dict]:
+    """Group the grid's cells into rows, one per prompt and seed, in strength order."""
+    grid = version.metrics.get("grid") or {}
+    rows: dict[tuple, dict] = {}
+    for index, cell in enumerate(grid.get("cells", [])):
+        row = rows.setdefault((cell["prompt"], cell["seed"]), {**cell, "cells": {}})
+        row["cells"][cell["strength"]] = {**cell, "index": index}
+    return list(rows.values())
+
+
+def guesses(version: TasteVersion | None) -> dict[str, list[tuple[Image, float]]]:
+    """Return the unrated images the version's scorer predicts I'd love and hate."""
+    picks = {key: (version.metrics.get(key) or []) if version else [] for key in ("love", "hate")}
+    ids = [pick["image_id"] for found in picks.values() for pick in found]
+    images = {i.id: i for i in db.session.scalars(select(Image).where(Image.id.in_(ids)))}
+    return {
+        key: [(images[p["image_id"]], p["score"]) for p in found if p["image_id"] in images]
+        for key, found in picks.items()
+    }
+
+
+def job_context(job: Job | None) -> dict:
+    """Gather what a taste job's widget shows: its phases, its version, what is done so far."""
+    if job is None:
+        return dict(job=None)
+    version = db.session.get(TasteVersion, job.params.get("version_id") or 0)
+    return dict(
+        job=job,
+        version=version,
+        phases=phase_states(job),
+        guesses=guesses(version),
+        checkpoints=work.checkpoint_history(version) if job.phase == "lora" else [],
+    )
+
+
+def taste_context(user_id: int) -> dict:
+    """Gather what My taste shows: counts, the job, the newest version and the history."""
+    versions = db.session.scalars(
+        select(TasteVersion)
+        .where(TasteVersion.owner_id == user_id)
+        .order_by(TasteVersion.id.desc())
+    ).all()
+    # the newest finished version, else the newest with a scorer (a training in progress)
+    shown = next((v for v in versions if v.complete), None)
+    shown = shown or next((v for v in versions if v.scorer_file), None)
+    return dict(
+        count=rating_count(user_id),
+        needed=current_app.config["TASTE_MIN_RATINGS"],
+        base_model=current_app.config["BASE_MODEL"],
+        versions=versions,
+        shown=shown,
+        rows=grid_rows(shown) if shown else [],
+        shown_guesses=guesses(shown),
+    ) | job_context(latest_job(user_id, "train_taste"))
+
+
+@bp.get("/")
+@login_required
+def page():
+    """Show My taste: the button, my training job, my newest results and my versions."""
+    return page_or_fragment(
+        "taste/index.html", "taste/_overview.html", **taste_context(current_user.id)
+    )
+
+
+@bp.post("/train")
+@login_required
+def train():
+    """Start training my taste, or show the training of mine already queued or running."""
+    count, needed = rating_count(current_user.id), current_app.config["TASTE_MIN_RATINGS"]
+    if count < needed:
+        abort(400, description=f"Rate at least {needed} images first; you have rated {count}.")
+    try:
+        job = jobs.enqueue("train_taste", current_user.id, lock_key=f"taste:{current_user.id}")
+    except jobs.JobBusy as busy:
+        job = busy.job
+    if not request.headers.get("HX-Request"):
+        return redirect(url_for("taste.page"))
+    return job_widget(job)
+
+
+def job_widget(job: Job):
+    """Render a taste job's widget; once it has ended, tell the page (HX-Trigger)."""
+    if job.kind not in JOB_TEMPLATES:
+        abort(404)
+    context = job_context(job)
+    response = make_response(page_or_fragment("taste/job.html", JOB_TEMPLATES[job.kind], **context))
+    if job.done:
+        response.headers["HX-Trigger"] = "job-finished"  # the page refreshes its results
+    return response
+
+
+@bp.get("/jobs/<int:job_id>")
+@login_required
+def job(job_id: int):
+    """Show a taste job's progress (its widget polls this until the job ends)."""
+    return job_widget(get_or_404(Job, job_id, owner=current_user))
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+@login_required
+def cancel(job_id: int):
+    """Ask my taste job to stop; what finished before it is kept."""
+    found = get_or_404(Job, job_id, owner=current_user)
+    if not found.done:
+        jobs.request_stop(found)
+    if not request.headers.get("HX-Request"):
+        return redirect(url_for("taste.page"))
+    return job_widget(found)
+
+
+@bp.get("/versions/<int:version_id>")
+def version(version_id: int):
+    """Show one taste version: figures, the grid, downloads (its owner's, or a public one)."""
+    found = viewable_version_or_404(version_id)
+    mine = found.owner_id == viewer_id()
+    return render_template(
+        "taste/version.html",
+        version=found,
+        rows=grid_rows(found),
+        mine=mine,
+        guesses=guesses(found) if mine else {},
+    )
+
+
+@bp.post("/versions/<int:version_id>/public")
+@login_required
+def set_public(version_id: int):
+    """Make my version public (anyone may see and download it) or private again."""
+    found = get_or_404(TasteVersion, version_id, owner=current_user)
+    found.public = request.form.get("public") == "1"
+    db.session.commit()
+    if not request.headers.get("HX-Request"):
+        return redirect(url_for("taste.version", version_id=found.id))
+    return render_template("taste/_share.html", version=found)
+
+
+@bp.post("/versions/<int:version_id>/delete")
+@login_required
+def delete(version_id: int):
+    """Delete my version and its files (not while it is training)."""
+    found = get_or_404(TasteVersion, version_id, owner=current_user)
+    if found.training:
+        flash("That version is still training: cancel it first, then delete it.")
+        return redirect(url_for("taste.version", version_id=found.id))
+    shutil.rmtree(work.version_folder(found), ignore_errors=True)
+    db.session.delete(found)
+    db.session.commit()
+    flash(f"Deleted taste version {found.number} and its files.")
+    return redirect(url_for("taste.page"))
+
+
+@bp.get("/versions/<int:version_id>/download/<what>")
+def download(version_id: int, what: str):
+    """Download a version's LoRA bundle (zip), scorer or latents+scores file."""
+    found = viewable_version_or_404(version_id)
+    if what not in DOWNLOADS:
+        abort(404)
+    column, suffix, mimetype = DOWNLOADS[what]
+    path = work.version_path(found, getattr(found, column))
+    if path is None or not path.is_file():
+        abort(404)
+    name = work.bundle_name(found) + suffix
+    return send_file(path, mimetype=mimetype, as_attachment=True, download_name=name)
+
+
+@bp.get("/versions/<int:version_id>/grid/<int:index>.png")
+def grid_cell(version_id: int, index: int):
+    """Send one image of a version's before/after grid."""
+    found = viewable_version_or_404(version_id)
+    cells = (found.metrics.get("grid") or {}).get("cells", [])
+    if not found.grid_file or not 0 <= index < len(cells):
+        abort(404)
+    path = work.version_path(found, cells[index]["file"])
+    return send_file(path, mimetype="image/png", max_age=3600)
+
+
+@bp.get("/images/<int:image_id>")
+@login_required
+def image(image_id: int):
+    """Show an image with my stars and "Improve this image" (refine it with my scorer)."""
+    shown = visible_image_or_404(image_id)
+    stars = db.session.scalar(
+        select(Rating.stars).where(Rating.user_id == current_user.id, Rating.image_id == image_id)
+    )
+    return render_template(
+        "taste/image.html",
+        image=shown,
+        stars=stars,
+        version=work.latest_scorer_version(current_user),
+        job=latest_job(current_user.id, "refine_image", image_id=image_id),
+    )
+
+
+@bp.post("/images/<int:image_id>/improve")
+@login_required
+def improve(image_id: int):
+    """Refine an image with my newest scorer, as a GPU job; answer with its widget."""
+    shown = visible_image_or_404(image_id)
+    version = work.latest_scorer_version(current_user)
+    if version is None:
+        abort(400, description="Train your taste first: refining needs your scorer.")
+    try:
+        job = jobs.enqueue(
+            "refine_image",
+            current_user.id,
+            lock_key=f"refine:{current_user.id}",
+            image_id=shown.id,
+            version_id=version.id,
+        )
+    except jobs.JobBusy as busy:
+        job = busy.job
+    if not request.headers.get("HX-Request"):
+        return redirect(url_for("taste.image", image_id=image_id))
+    return job_widget(job)
+
+
+@bp.get("/refined/<int:job_id>/<which>.png")
+@login_required
+def refined(job_id: int, which: str):
+    """Send the before or after image of my "Improve this image" job."""
+    found = get_or_404(Job, job_id, owner=current_user)
+    if found.kind != "refine_image" or which not in ("before", "after"):
+        abort(404)
+    path = work.refine_folder(found) / f"{which}.png"
+    if not path.is_file():
+        abort(404)
+    return send_file(path, mimetype="image/png", max_age=3600)

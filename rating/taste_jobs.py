@@ -1,0 +1,639 @@
+"""The "Train my taste" job (latents → scorer → taste LoRA → results) and "Improve this image".
+
+Both are GPU jobs: they run on the GPU queue, one at a time per worker. Trainer modules are
+imported inside the jobs, not at the top: diffusers takes seconds to import, and the web
+process never needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import unicodedata
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from flask import current_app
+from sqlalchemy import func, select
+
+from rating.jobs import JobCancelled, JobProgress, handler
+from rating.media import image_store
+from rating.models import Comparison, Image, Job, Rating, TasteVersion, User, db
+
+PHASES = {
+    "encode": "Encode my rated images",
+    "scorer": "Finetune my scorer",
+    "lora": "Train my taste LoRA",
+    "results": "Render the results",
+}
+STRENGTHS = (0.0, 0.5, 1.0, -1.0)  # base, half, full, and "anti-taste"
+LOVE_HATE = 8  # unrated images shown as the scorer's best and worst guesses
+# A version folder's entries (see version_folder); LORA holds checkpoint-NNNNNN folders.
+LATENTS = "latents.safetensors"
+SCORER = "scorer.safetensors"
+LORA = "lora"
+BUNDLE = "bundle"
+BUNDLE_ZIP = "bundle.zip"
+GRID_IMAGE = "grid.png"
+GRID_CELLS = "grid"
+OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5}
+
+
+def storage_root() -> Path:
+    """Return the configured storage root."""
+    return Path(current_app.config["STORAGE_ROOT"])
+
+
+def version_folder(version: TasteVersion) -> Path:
+    """Return the folder of a taste version's files (made from ids, never from a request)."""
+    return storage_root() / "taste" / str(version.owner_id) / f"v{version.id}"
+
+
+def version_path(version: TasteVersion, name: str | None) -> Path | None:
+    """Return the path of one of a version's recorded files, or None when it has none."""
+    return version_folder(version) / name if name else None
+
+
+def refine_folder(job: Job) -> Path:
+    """Return the folder of an "Improve this image" job's before and after images."""
+    return storage_root() / "taste" / str(job.owner_id) / "refine" / str(job.id)
+
+
+def crowd_model_path(base_model: str) -> Path:
+    """Return where the crowd scorer for a base model is kept (one folder per base model)."""
+    # A readable part and a hash: "a/b" and "a_b" must not share a folder.
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", base_model)[-60:].strip("._") or "model"
+    digest = hashlib.sha256(base_model.encode()).hexdigest()[:10]
+    return storage_root() / "models" / "crowd" / f"{readable}-{digest}" / SCORER
+
+
+def bundle_name(version: TasteVersion) -> str:
+    """Return the file-name stem of a version's downloads: tastebud-ada-taste-v3."""
+    # The same rule as trainer.export.sanitize_name, without importing diffusers in a request.
+    name = f"tastebud-{version.owner.username}-taste-v{version.number}"
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_name).strip("_-")[:64]
+
+
+def plain(value):
+    """Make trainer output JSON-safe: floats finite or None, tuples as lists, paths as text."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int | str | bool) or value is None:
+        return value
+    if hasattr(value, "item"):  # a 0-d tensor or numpy number
+        return plain(value.item())
+    return str(value)
+
+
+def new_version(job: Job) -> TasteVersion:
+    """Create the version a train_taste job fills, numbered after the owner's last one."""
+    number = db.session.scalar(
+        select(func.coalesce(func.max(TasteVersion.number), 0)).where(
+            TasteVersion.owner_id == job.owner_id
+        )
+    )
+    base_model = current_app.config["BASE_MODEL"]
+    version = TasteVersion(
+        owner_id=job.owner_id,
+        number=number + 1,
+        job_id=job.id,
+        base_model=base_model,
+        is_demo=base_model.strip() == "demo",
+        metrics={},
+    )
+    db.session.add(version)
+    db.session.commit()
+    job.params = {**job.params, "version_id": version.id}
+    db.session.commit()
+    return version
+
+
+class TasteRun:
+    """One train_taste job: the version it fills, the base model, what phases pass on."""
+
+    def __init__(self, job: Job, progress: JobProgress):
+        self.job, self.progress, self.config = job, progress, current_app.config
+        self.version = new_version(job)
+        self.folder = version_folder(self.version)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.base = None
+        self.picks: list[tuple[int, int, float]] = []
+        self.unrated_ids: list[int] = []
+        self.unrated_latents = None
+
+    def record(self, **metrics) -> None:
+        """Add figures to the version's metrics and commit, so the page shows them now."""
+        self.version.metrics = {**self.version.metrics, **plain(metrics)}
+        db.session.commit()
+
+    def load_base(self) -> None:
+        """Load the configured base model (the demo builds in a second, offline)."""
+        from trainer.base import load_base
+
+        self.progress.log(f"loading the base model {self.version.base_model}")
+        self.base = load_base(self.version.base_model)
+        self.record(resolution=self.base.resolution, device=str(self.base.pipeline.device))
+
+    def encode(self) -> None:
+        """Encode my rated images (new ones only; the rest come from the cache) and a sample
+        of unrated ones; write my latents+scores file."""
+        from trainer.latents import LatentsConfig, encode_images, save_latents_file
+
+        owner = self.job.owner_id
+        rated = db.session.execute(
+            select(Image, Rating.stars)
+            .join(Rating, Rating.image_id == Image.id)
+            .where(Rating.user_id == owner)
+            .order_by(Image.id)
+        ).all()
+        mine = select(Rating.image_id).where(Rating.user_id == owner)
+        unrated = db.session.scalars(
+            select(Image)
+            .where(Image.hidden.is_(False), Image.id.not_in(mine))
+            .order_by(func.random())
+            .limit(int(self.config["TASTE_PREDICT_POOL"]))
+        ).all()
+        images = [image for image, _ in rated] + list(unrated)
+        store = image_store()
+        paths = [store.original_path(image.sha256, image.original_ext) for image in images]
+        settings = {"cache_dir": str(storage_root() / "latents-cache")}
+        config = LatentsConfig.from_dict({**settings, **self.config["TASTE_LATENTS"]})
+        encoded = encode_images(
+            paths,
+            self.base.pipeline.vae,
+            resolution=self.base.resolution,
+            config=config,
+            progress=self.progress,
+        )
+        n = len(rated)
+        flipped = encoded.flipped[:n] if encoded.flipped is not None else None
+        save_latents_file(
+            self.folder / LATENTS,
+            encoded.latents[:n],
+            [float(stars) for _, stars in rated],
+            [image.sha256 for image, _ in rated],
+            flipped=flipped,
+            metadata={"base_model": self.version.base_model, "owner": self.version.owner.username},
+        )
+        self.unrated_ids = [image.id for image in unrated]
+        self.unrated_latents = encoded.latents[n:]
+        self.picks = self.my_picks({image.id: row for row, (image, _) in enumerate(rated)})
+        self.version.latents_file = LATENTS
+        self.version.ratings_count, self.version.picks_count = n, len(self.picks)
+        cached = len(set(encoded.sha256s)) - encoded.encoded
+        self.progress.log(f"encoded {encoded.encoded} new images; {cached} came from the cache")
+        self.record(encoded={"new": encoded.encoded, "cached": cached, "unrated": len(unrated)})
+
+    def my_picks(self, rows: dict[int, int]) -> list[tuple[int, int, float]]:
+        """Return my pairwise picks between images I also rated, as (row, row, outcome)."""
+        found = db.session.execute(
+            select(Comparison.image_a_id, Comparison.image_b_id, Comparison.outcome).where(
+                Comparison.user_id == self.job.owner_id
+            )
+        ).all()
+        return [(rows[a], rows[b], OUTCOMES[o]) for a, b, o in found if a in rows and b in rows]
+
+    def scorer_init(self, shape: list[int]) -> tuple[str | None, str]:
+        """Pick the trunk to start from: the configured file, else a fitting crowd model.
+
+        Returns the file (None: from scratch) and how to name it on the page.
+        """
+        if self.config["SCORER_INIT"]:
+            return str(self.config["SCORER_INIT"]), "the configured trunk (SCORER_INIT)"
+        crowd = crowd_model_path(self.version.base_model)
+        if not crowd.is_file():
+            return None, "scratch"
+        fits = json.loads(safetensors_metadata(crowd).get("input_shape", "null")) == shape
+        if not fits:
+            self.progress.log("the crowd model was trained on other latents; starting afresh")
+            return None, "scratch"
+        return str(crowd), "the crowd model"
+
+    def finetune_scorer(self) -> None:
+        """Train my scorer on my latents file; record its held-out figures and its guesses."""
+        from trainer import scorer
+        from trainer.latents import load_latents_file
+
+        data = load_latents_file(self.folder / LATENTS)
+        init, start = self.scorer_init(list(data.latents.shape[1:]))
+        trained = scorer.train(
+            data,
+            scorer.ScorerConfig.from_dict(self.config["TASTE_SCORER"]),
+            picks=self.picks,
+            init=init,
+            progress=self.progress,
+            should_stop=self.progress.should_stop,
+        )
+        if self.progress.should_stop():
+            raise JobCancelled()
+        scorer.save_scorer(self.folder / SCORER, trained)
+        self.version.scorer_file = SCORER
+        love, hate = [], []
+        if self.unrated_ids:
+            guesses = scorer.predict(trained.model, self.unrated_latents).tolist()
+            ranked = sorted(zip(guesses, self.unrated_ids, strict=True), reverse=True)
+            pairs = [{"image_id": i, "score": round(s, 2)} for s, i in ranked]
+            shown = min(LOVE_HATE, len(pairs) // 2)  # no image is both loved and hated
+            love, hate = pairs[:shown], pairs[::-1][:shown]
+        self.record(scorer={**trained.metrics, "init": start}, love=love, hate=hate)
+
+    def train_lora(self) -> None:
+        """Train my taste LoRA against my scorer; on GPU OOM retry once, smaller."""
+        import torch
+
+        from trainer import lora
+
+        config = lora.TasteLoraConfig.from_dict(self.config["TASTE_LORA"])
+        train = functools.partial(
+            lora.train,
+            self.base,
+            self.folder / SCORER,
+            self.folder / LORA,
+            progress=functools.partial(self.progress, stop=False),  # it ends itself on Cancel
+            should_stop=self.progress.should_stop,
+        )
+        try:
+            result = train(config)
+        except torch.OutOfMemoryError:
+            config = replace(
+                config, gradient_checkpointing=True, batch_size=max(1, config.batch_size // 2)
+            )
+            said = (
+                "Out of GPU memory: retrying once with gradient checkpointing on and batch "
+                f"size {config.batch_size}"
+            )
+            self.progress.log(said)
+            self.job.message = said
+            self.record(notes=[said])
+            gc.collect()
+            torch.cuda.empty_cache()
+            try:
+                result = train(config)
+            except torch.OutOfMemoryError as error:
+                raise RuntimeError(
+                    f"out of GPU memory even with gradient checkpointing and batch size "
+                    f"{config.batch_size}. Lower batch_size, rank or resolution in TASTE_LORA, "
+                    "or use a GPU with more memory."
+                ) from error
+        chosen = result.get("chosen_checkpoint")
+        if chosen:
+            self.version.lora_dir = Path(chosen).relative_to(self.folder).as_posix()
+        self.record(lora={k: v for k, v in result.items() if k != "chosen_checkpoint"})
+        if result.get("stopped"):
+            if self.version.lora_dir:
+                write_bundle(self.version, preview=None)
+            raise JobCancelled()
+
+    def render_results(self) -> None:
+        """Render the before/after grid with my scorer's scores, then the download bundle."""
+        from trainer import sample
+        from trainer.prompts import read_prompts
+        from trainer.scorer import load_scorer
+
+        prompts = read_prompts("eval")[: int(self.config["TASTE_GRID_PROMPTS"])]
+        seeds = list(range(int(self.config["TASTE_GRID_SEEDS"])))
+        model, _ = load_scorer(self.folder / SCORER)
+        model.to(self.base.pipeline.device)
+        grid = sample.grid(
+            self.base,
+            model,
+            prompts,
+            seeds,
+            lora_folder=self.folder / self.version.lora_dir,
+            strengths=STRENGTHS,
+            steps=int(self.config["TASTE_SAMPLE_STEPS"]),
+            progress=self.progress,
+            should_stop=self.progress.should_stop,
+        )
+        if self.progress.should_stop():
+            raise JobCancelled()
+        cells_dir = self.folder / GRID_CELLS
+        cells_dir.mkdir(exist_ok=True)
+        cells = []
+        for index, cell in enumerate(grid.cells):
+            name = f"{GRID_CELLS}/cell-{index:03d}.png"
+            cell.image.save(self.folder / name)
+            cells.append(
+                {
+                    "prompt": cell.prompt,
+                    "seed": cell.seed,
+                    "strength": cell.strength,
+                    "score": cell.score,
+                    "file": name,
+                }
+            )
+        grid.image.save(self.folder / GRID_IMAGE)
+        self.version.grid_file = GRID_IMAGE
+        self.record(
+            grid={"prompts": prompts, "seeds": seeds, "strengths": STRENGTHS, "cells": cells},
+            scores_by_strength=grid.scores_by_strength,
+        )
+        self.progress(1, 2, "writing the download bundle")
+        write_bundle(self.version, preview=grid.image)
+        self.progress(2, 2, "done")
+
+
+def checkpoint_history(version: TasteVersion | None) -> list[dict]:
+    """Return the held-out figures at each LoRA checkpoint so far (read while it trains)."""
+    if version is None:
+        return []
+    folders = sorted((version_folder(version) / LORA).glob("checkpoint-*"))
+    for folder in reversed(folders):  # the newest holds the whole history
+        try:
+            return json.loads((folder / "state.json").read_text()).get("history") or []
+        except (OSError, ValueError):
+            continue  # being written or pruned right now
+    return []
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """Return the newest complete LoRA checkpoint in a version's lora folder, if any."""
+    from trainer.lora import LoraFileError, read_state
+
+    for checkpoint in sorted(folder.glob("checkpoint-*"), reverse=True):
+        try:
+            read_state(checkpoint)
+        except LoraFileError:
+            continue
+        return checkpoint
+    return None
+
+
+def salvage(version: TasteVersion, log) -> None:
+    """After a stop or failure mid-run, keep the last completed LoRA checkpoint downloadable."""
+    folder = version_folder(version)
+    if not version.scorer_file or version.bundle_file:
+        return
+    if not version.lora_dir:
+        checkpoint = latest_checkpoint(folder / LORA)
+        if checkpoint is None:
+            return
+        version.lora_dir = checkpoint.relative_to(folder).as_posix()
+        log(f"kept the last completed checkpoint, {checkpoint.name}")
+        db.session.commit()
+    try:
+        write_bundle(version, preview=None)
+    except Exception as error:  # the checkpoint itself stays; only the zip is missing
+        db.session.rollback()
+        log(f"could not bundle {version.lora_dir}: {error}")
+
+
+def write_bundle(version: TasteVersion, preview) -> None:
+    """Write a version's LoRA bundle (kohya and diffusers files, preview, sidecar, README), zip
+    it, and record the zip."""
+    from trainer import export
+
+    folder = version_folder(version)
+    with open(folder / SCORER, "rb") as file:
+        scorer_sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+    lora = version.metrics.get("lora") or {}
+    info = {
+        "base_model": version.base_model,
+        "resolution": version.metrics.get("resolution", 512),
+        "scorer_sha256": scorer_sha256,
+        "ratings": version.ratings_count,
+        "score_gain": lora.get("score_gain"),
+        "config": lora.get("config") or {},
+        "author": version.owner.username,
+    }
+    export.write_bundle(
+        folder / version.lora_dir,
+        folder / BUNDLE,
+        name=bundle_name(version),
+        preview=preview,
+        info=info,
+    )
+    export.zip_bundle(folder / BUNDLE, folder / BUNDLE_ZIP)
+    version.bundle_file = BUNDLE_ZIP
+    db.session.commit()
+
+
+def remove_partial_files(version: TasteVersion) -> None:
+    """Delete what the version does not record (half-written files), keeping LoRA checkpoints."""
+    folder = version_folder(version)
+    recorded = (version.latents_file, version.scorer_file, version.grid_file, version.bundle_file)
+    keep = {LORA} | {name for name in recorded if name}
+    if version.grid_file:
+        keep.add(GRID_CELLS)
+    if version.bundle_file:
+        keep.add(BUNDLE)
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _timed(run: TasteRun, timings: dict, name: str, step) -> None:
+    started = time.monotonic()
+    run.progress.phase(name, PHASES[name])
+    step()
+    timings[name] = round(time.monotonic() - started, 1)
+    run.record(seconds=timings)
+
+
+def salvage_orphan(job: Job) -> None:
+    """When a train_taste job's worker died: keep its last completed LoRA checkpoint."""
+    version = db.session.scalar(select(TasteVersion).where(TasteVersion.job_id == job.id))
+    if version is not None:
+        salvage(version, lambda line: None)
+        remove_partial_files(version)
+
+
+@contextmanager
+def gpu_job():
+    """Run a GPU job's body with TORCH_THREADS applied; give its GPU memory back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    # Half the cores by default: torch's one thread per core spins against the web server and
+    # anything else running, and on a busy 2-core machine that was 10× slower than 1 thread.
+    threads = int(current_app.config["TORCH_THREADS"]) or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)  # process-wide, but one GPU job runs at a time
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next job (or a refine) starts from a clean slate
+
+
+@handler("train_taste", gpu=True, salvage=salvage_orphan)
+def train_taste(job: Job, progress: JobProgress) -> dict:
+    """Encode my ratings, finetune my scorer, train my taste LoRA, and render the results."""
+    run = TasteRun(job, progress)
+    timings: dict[str, float] = {}
+    with gpu_job():
+        try:
+            _timed(run, timings, "encode", lambda: (run.load_base(), run.encode()))
+            _timed(run, timings, "scorer", run.finetune_scorer)
+            _timed(run, timings, "lora", run.train_lora)
+            _timed(run, timings, "results", run.render_results)
+        except BaseException:
+            db.session.rollback()
+            salvage(run.version, progress.log)
+            raise
+        finally:
+            run.base = None  # so that gpu_job can give its memory back
+            remove_partial_files(run.version)
+    job.message = f"Done: taste version {run.version.number} is ready."
+    return {"version_id": run.version.id}
+
+
+@handler("train_crowd", gpu=True)
+def train_crowd(job: Job, progress: JobProgress) -> dict:
+    """Train the crowd scorer on everyone's ratings; personal scorers then start from it."""
+    from trainer import scorer
+
+    progress.phase("encode", "Encoding every rated image")
+    ratings = db.session.execute(select(Rating.user_id, Rating.image_id, Rating.stars)).all()
+    if not ratings:
+        raise RuntimeError("nobody has rated anything yet")
+    with gpu_job():
+        trained = _crowd_model(ratings, progress)
+    if progress.should_stop():
+        raise JobCancelled()
+    path = crowd_model_path(current_app.config["BASE_MODEL"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scorer.save_scorer(path, trained)
+    account = trained.metrics.get("crowd", {})
+    job.message = (
+        f"Crowd model ready: held-out SRCC {trained.metrics.get('srcc')} from"
+        f" {account.get('ratings')} ratings by {account.get('raters')} raters."
+    )
+    return plain(trained.metrics)
+
+
+def _crowd_model(ratings: list, progress: JobProgress):
+    """Encode every rated image and train the crowd scorer on all the ratings."""
+    import torch
+
+    from trainer import crowd, scorer
+    from trainer.base import load_base
+    from trainer.latents import LatentsConfig, LatentsFile, encode_images
+
+    config = current_app.config
+    images = db.session.scalars(
+        select(Image).where(Image.id.in_({r.image_id for r in ratings})).order_by(Image.id)
+    ).all()
+    base = load_base(config["BASE_MODEL"])
+    store = image_store()
+    settings = {"cache_dir": str(storage_root() / "latents-cache"), **config["TASTE_LATENTS"]}
+    encoded = encode_images(
+        [store.original_path(i.sha256, i.original_ext) for i in images],
+        base.pipeline.vae,
+        resolution=base.resolution,
+        config=LatentsConfig.from_dict(settings),
+        progress=progress,
+    )
+    row = {image.id: k for k, image in enumerate(images)}
+    data = LatentsFile(
+        latents=encoded.latents,
+        scores=torch.zeros(len(images)),  # unused: the crowd targets come from the ratings
+        flipped=encoded.flipped,
+        sha256s=[image.sha256 for image in images],
+        metadata={},
+    )
+    progress.phase("scorer", "Training the crowd model")
+    return crowd.train_crowd(
+        data,
+        [r.user_id for r in ratings],
+        [row[r.image_id] for r in ratings],
+        [float(r.stars) for r in ratings],
+        scorer.ScorerConfig.from_dict(config["TASTE_SCORER"]),
+        init=config["SCORER_INIT"] or None,
+        progress=progress,
+        should_stop=progress.should_stop,
+    )
+
+
+def crowd_model_info() -> dict | None:
+    """Describe the crowd model for the configured base model, or None when there is none."""
+    path = crowd_model_path(current_app.config["BASE_MODEL"])
+    if not path.is_file():
+        return None
+    metrics = json.loads(safetensors_metadata(path).get("metrics", "{}"))
+    return {"metrics": metrics, "crowd": metrics.get("crowd", {})}
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """Read a .safetensors file's metadata from its header, without loading torch."""
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")  # the format: u64 header length, JSON
+        header = json.loads(file.read(min(size, 100 * 2**20)))
+    return header.get("__metadata__") or {}
+
+
+def latest_scorer_version(user: User) -> TasteVersion | None:
+    """Return the person's newest version that has a scorer (for "Improve this image")."""
+    return db.session.scalar(
+        select(TasteVersion)
+        .where(TasteVersion.owner_id == user.id, TasteVersion.scorer_file.is_not(None))
+        .order_by(TasteVersion.id.desc())
+    )
+
+
+@handler("refine_image", gpu=True)
+def refine_image(job: Job, progress: JobProgress) -> dict:
+    """Refine one image towards my scorer; save before and after with both scores."""
+    version = db.session.get(TasteVersion, job.params["version_id"])
+    image = db.session.get(Image, job.params["image_id"])
+    if version is None or version.scorer_file is None or image is None:
+        raise RuntimeError("that taste version or image was deleted; train your taste again")
+    progress.phase("refine", f"Loading {version.base_model}")
+    with gpu_job():
+        refined = _refine(version, image, progress)
+    if progress.should_stop():
+        raise JobCancelled()
+    folder = refine_folder(job)
+    folder.mkdir(parents=True, exist_ok=True)
+    refined.before.save(folder / "before.png")
+    refined.after.save(folder / "after.png")
+    job.message = f"My scorer: {refined.before_score:.2f} before, {refined.after_score:.2f} after."
+    return plain(
+        {
+            "before_score": refined.before_score,
+            "after_score": refined.after_score,
+            "steps": refined.steps,
+            "change": refined.change,
+            "reencoded_score": refined.reencoded_score,
+            "version_id": version.id,
+            "is_demo": version.is_demo,
+        }
+    )
+
+
+def _refine(version: TasteVersion, image: Image, progress: JobProgress):
+    """Load the base model and my scorer, and refine the image's latents."""
+    from PIL import Image as PILImage
+
+    from trainer import sample
+    from trainer.base import load_base
+    from trainer.scorer import load_scorer
+
+    base = load_base(version.base_model)
+    model, _ = load_scorer(version_path(version, version.scorer_file))
+    model.to(base.pipeline.device)
+    with PILImage.open(image_store().original_path(image.sha256, image.original_ext)) as opened:
+        picture = opened.convert("RGB")
+    settings = current_app.config["TASTE_REFINE"]
+    return sample.refine(
+        base,
+        model,
+        picture,
+        config=sample.RefineConfig.from_dict(settings) if settings else None,
+        progress=progress,
+        should_stop=progress.should_stop,
+    )

@@ -1,0 +1,541 @@
+"""My taste: one button runs encode → scorer → LoRA → results as one GPU job, live, cancellable.
+
+Most tests share one site on the real SQLite queue with its worker threads (light queue and
+GPU queue), a demo pool, and the real trainer on the demo model with tiny settings.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from app import create_app
+from rating import jobs, taste_jobs
+from rating.jobs import JobProgress
+from rating.models import Image, Job, TasteVersion, User, db, utcnow
+from tests.conftest import Site
+
+# Small enough that a whole run takes seconds on one CPU thread.
+TINY = {
+    "TASTE_SCORER": {"channels": [8, 16, 32, 64], "epochs": 2, "batch_size": 16},
+    "TASTE_LORA": {
+        "steps": 4,
+        "eval_every": 2,
+        "eval_prompts": 2,
+        "eval_seeds": [0],
+        "sample_steps": 4,
+        "window": 2,
+        "batch_size": 2,
+    },
+    "TASTE_GRID_PROMPTS": 2,
+    "TASTE_GRID_SEEDS": 1,
+    "TASTE_SAMPLE_STEPS": 2,
+    "TASTE_PREDICT_POOL": 12,
+    "TASTE_REFINE": {"steps": 3},
+    "TORCH_THREADS": 1,  # a shared 2-core CPU: spinning OpenMP threads cost 10× here
+}
+POOL = 48
+RATED = 40
+JOB_SECONDS = 180  # the longest any one job may take before a test gives up
+STATUS = re.compile(r'class="job [^"]*" id="job-(\d+)" data-status="(\w+)"(?: data-phase="(\w*)")?')
+FINAL = ("succeeded", "failed", "cancelled")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(check, what: str, timeout: float = JOB_SECONDS):
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def widget(site: Site, job_id: int) -> tuple[str, str, str]:
+    """Fetch a job's widget as htmx polls it; return (html, status, phase)."""
+    html = site.client.get(f"/taste/jobs/{job_id}", headers={"HX-Request": "true"}).get_data(
+        as_text=True
+    )
+    _, status, phase = STATUS.search(html).groups()
+    return html, status, phase or ""
+
+
+def fetch(site: Site, url: str):
+    """GET a URL and close the response (a file download holds its file open until then)."""
+    with site.client.get(url) as response:
+        response.get_data()  # read now; the body stays readable after the close
+    return response
+
+
+def click_train(site: Site) -> int:
+    """Press "Train my taste"; return the job id the widget shows."""
+    response = site.post("/taste/train", htmx=True)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return int(STATUS.search(response.get_data(as_text=True)).group(1))
+
+
+def wait_until_done(site: Site, job_id: int) -> tuple[str, str, str]:
+    """Poll the widget until the job ends, as the page does; return the last answer."""
+    return wait_for(
+        lambda: (found := widget(site, job_id))[1] in FINAL and found, f"job {job_id} to end"
+    )
+
+
+@pytest.fixture(scope="module")
+def site_app(tmp_path_factory):
+    """Serve a site on the real queue with its workers, and a demo pool loaded by its admin."""
+    instance = tmp_path_factory.mktemp("taste") / "instance"
+    config = {
+        "SECRET_KEY": "test",
+        "QUEUE": "sqlite",
+        "REDIS_URL": "",
+        "DATABASE_URL": "",
+        "STORAGE_ROOT": "",
+        "BASE_MODEL": "demo",
+        "SCORER_INIT": "",
+        **TINY,
+    }
+    app = create_app(config, instance_path=str(instance))
+    app.config["TEST_SETTINGS"] = config  # for the subprocess worker below
+    workers = jobs.start_embedded_worker(app)
+    admin = Site(app.test_client())
+    admin.register("admin")
+    admin.post("/admin/demo", {"count": POOL})
+    with app.app_context():
+        count = lambda: db.session.scalar(select(func.count(Image.id)))  # noqa: E731
+        wait_for(lambda: count() == POOL, "the demo pack")
+    app.config["ADMIN_SITE"] = admin
+    yield app
+    workers.stop(graceful=True)
+    with app.app_context():
+        db.engine.dispose()
+
+
+def person(app, name: str, rated: int = RATED) -> Site:
+    """Register someone who rated the first `rated` images of the pool, through the site."""
+    site = Site(app.test_client())
+    site.register(name)
+    with app.app_context():
+        ids = db.session.scalars(select(Image.id).order_by(Image.id).limit(rated)).all()
+    for n, image_id in enumerate(ids):
+        # stars follow the image's style a little, so the scorer has something to find
+        assert site.post(f"/rate/{image_id}", {"stars": 1 + (image_id * 7 + n) % 5}).status_code
+    return site
+
+
+def version_of(app, job_id: int) -> TasteVersion:
+    """Return the taste version a job made (loaded in a fresh session)."""
+    with app.app_context():
+        version = db.session.scalar(select(TasteVersion).where(TasteVersion.job_id == job_id))
+        db.session.expunge_all()
+        return version
+
+
+class Gate:
+    """Holds a train_taste job at its first progress report inside one phase."""
+
+    def __init__(self):
+        self.phase = None
+        self.reached, self.release = threading.Event(), threading.Event()
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Let a test press Cancel while the job is certainly inside the phase it names."""
+    held = Gate()
+    report = JobProgress.__call__
+
+    def waiting(self, step, total, message="", *, stop=True):
+        if self.job.kind == "train_taste" and self.job.phase == held.phase:
+            held.reached.set()
+            held.release.wait(timeout=JOB_SECONDS)
+        return report(self, step, total, message, stop=stop)
+
+    monkeypatch.setattr(JobProgress, "__call__", waiting)
+    yield held
+    held.release.set()
+
+
+# ---- the whole flow -----------------------------------------------------------------------
+
+
+def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
+    ada = person(site_app, "ada")
+    page = ada.client.get("/taste/").get_data(as_text=True)
+    assert re.search(r'<button class="primary big" id="train-button"\s*>', page)  # enabled
+    assert "demo model" in page and f"Uses your {RATED} ratings" in page
+
+    job_id = click_train(ada)
+    assert click_train(ada) == job_id  # a second click shows the same job
+    with site_app.app_context():
+        owner = db.session.scalar(select(User).where(User.username == "ada"))
+        assert db.session.scalar(select(func.count(Job.id)).where(Job.owner_id == owner.id)) == 1
+
+    html, status, phase = wait_until_done(ada, job_id)
+    assert status == "succeeded", html
+    assert html.count('data-state="done"') == 4 and "Held-out SRCC" in html
+    version = version_of(site_app, job_id)
+    assert version.complete and version.ratings_count == RATED and version.is_demo
+    assert set(version.metrics["seconds"]) == {"encode", "scorer", "lora", "results"}
+
+    # The results: a grid of base vs LoRA at 0.5, 1 and −1, each image with its score.
+    page = ada.client.get("/taste/").get_data(as_text=True)
+    cells = TINY["TASTE_GRID_PROMPTS"] * TINY["TASTE_GRID_SEEDS"] * 4
+    assert page.count('<figure class="cell">') == cells
+    assert len(re.findall(r"score <b>\d\.\d\d</b> · demo", page)) == cells
+    assert "anti-taste −1" in page and "held-out score gain" in page and "drift" in page
+    cell = fetch(ada, f"/taste/versions/{version.id}/grid/0.png")
+    assert cell.status_code == 200 and cell.data.startswith(b"\x89PNG")
+
+    # Downloads with their names; the kohya file loads into a fresh demo pipeline.
+    zipped = fetch(ada, f"/taste/versions/{version.id}/download/lora")
+    assert zipped.headers["Content-Disposition"] == (
+        "attachment; filename=tastebud-ada-taste-v1-lora.zip"
+    )
+    with zipfile.ZipFile(io.BytesIO(zipped.data)) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path)
+    stem = "bundle/tastebud-ada-taste-v1"
+    expected = {f"{stem}.safetensors", f"{stem}.json", f"{stem}.preview.png", "bundle/README.md"}
+    assert expected <= names
+    assert_kohya_file_loads(tmp_path / "bundle", "tastebud-ada-taste-v1.safetensors")
+    assert_other_downloads(ada, version, tmp_path)
+
+    improve_an_image(site_app, ada)
+    others_see_nothing_until_it_is_public(site_app, ada, version, job_id)
+
+    deleted = ada.post(f"/taste/versions/{version.id}/delete")
+    assert deleted.status_code == 302
+    with site_app.app_context():
+        assert not taste_jobs.version_folder(version).exists()
+    assert ada.client.get(f"/taste/versions/{version.id}").status_code == 404
+
+
+def assert_kohya_file_loads(folder: Path, kohya_name: str) -> None:
+    """Load the kohya file, and the diffusers file, into fresh demo pipelines: same adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    from trainer.base import build_demo_pipeline
+
+    adapters = []
+    for weight_name in (kohya_name, "pytorch_lora_weights.safetensors"):
+        pipe = build_demo_pipeline()
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="taste")
+        assert pipe.get_list_adapters() == {"unet": ["taste"]}
+        adapters.append(get_peft_model_state_dict(pipe.unet, adapter_name="taste"))
+    kohya, diffusers = adapters
+    assert kohya.keys() == diffusers.keys() and len(kohya) > 0
+    for key, value in diffusers.items():  # kohya files are fp16
+        assert (kohya[key].float() - value.float()).abs().max() < 1e-2, key
+
+
+def assert_other_downloads(site: Site, version: TasteVersion, tmp_path: Path) -> None:
+    """The scorer and the latents+scores file download with their names and load again."""
+    from trainer.latents import load_latents_file
+    from trainer.scorer import load_scorer
+
+    for what, suffix in (("scorer", "scorer"), ("latents", "latents")):
+        response = fetch(site, f"/taste/versions/{version.id}/download/{what}")
+        name = f"tastebud-ada-taste-v1-{suffix}.safetensors"
+        assert response.headers["Content-Disposition"] == f"attachment; filename={name}"
+        (tmp_path / name).write_bytes(response.data)
+    _, metadata = load_scorer(tmp_path / "tastebud-ada-taste-v1-scorer.safetensors")
+    assert json.loads(metadata["input_shape"]) == [4, 8, 8]
+    latents = load_latents_file(tmp_path / "tastebud-ada-taste-v1-latents.safetensors")
+    assert latents.latents.shape == (RATED, 4, 8, 8) and len(latents.sha256s) == RATED
+    assert set(latents.scores.tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def improve_an_image(app, site: Site) -> None:
+    """On an image's page, "Improve this image" refines it with my scorer: both scores shown."""
+    with app.app_context():
+        image_id = db.session.scalar(select(Image.id).order_by(Image.id.desc()))
+    page = site.client.get(f"/taste/images/{image_id}").get_data(as_text=True)
+    assert re.search(r'id="improve-button"\s*>', page)  # enabled: I have a scorer
+    response = site.post(f"/taste/images/{image_id}/improve", htmx=True)
+    job_id = int(STATUS.search(response.get_data(as_text=True)).group(1))
+    html, status, _ = wait_until_done(site, job_id)
+    assert status == "succeeded", html
+    before = float(re.search(r'class="score-before">([\d.]+)<', html).group(1))
+    after = float(re.search(r'class="score-after">([\d.]+)<', html).group(1))
+    assert after >= before and "demo model" in html
+    for which in ("before", "after"):
+        picture = fetch(site, f"/taste/refined/{job_id}/{which}.png")
+        assert picture.status_code == 200 and picture.data.startswith(b"\x89PNG")
+    app.config["REFINE_JOB"] = job_id
+
+
+def others_see_nothing_until_it_is_public(app, ada: Site, version: TasteVersion, job_id: int):
+    """Another person gets 404 for everything of mine; a public version they may download."""
+    bob = Site(app.test_client())
+    bob.register("bob")
+    base = f"/taste/versions/{version.id}"
+    private = [f"{base}", f"{base}/download/lora", f"{base}/download/scorer",
+               f"{base}/download/latents", f"{base}/grid/0.png", f"/taste/jobs/{job_id}",
+               f"/taste/refined/{app.config['REFINE_JOB']}/after.png"]  # fmt: skip
+    for url in private:
+        assert bob.client.get(url).status_code == 404, url
+    for url in (f"{base}/public", f"{base}/delete", f"/taste/jobs/{job_id}/cancel"):
+        assert bob.post(url, {"public": "1"}).status_code == 404, url
+    assert "v1" not in bob.client.get("/taste/").get_data(as_text=True)
+
+    shared = ada.post(f"{base}/public", {"public": "1"}, htmx=True).get_data(as_text=True)
+    assert "Make private" in shared
+    assert fetch(bob, f"{base}/download/lora").status_code == 200
+    assert "by ada" in bob.client.get(base).get_data(as_text=True)
+    assert bob.post(f"{base}/delete").status_code == 404  # public is not theirs to delete
+    assert bob.client.get(f"/taste/jobs/{job_id}").status_code == 404
+    ada.post(f"{base}/public", {"public": "0"})
+    assert bob.client.get(f"{base}/download/lora").status_code == 404
+
+
+# ---- cancel, failure, restart -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["encode", "scorer", "lora", "results"])
+def test_cancel_works_during_each_phase(site_app, gate, phase):
+    site = person(site_app, f"cancel-{phase}")
+    gate.phase = phase
+    job_id = click_train(site)
+    assert gate.reached.wait(JOB_SECONDS), f"the job never reached {phase}"
+    html, status, shown = widget(site, job_id)
+    assert (status, shown) == ("running", phase) and "Cancel" in html
+    version = version_of(site_app, job_id)
+    refused = site.post(f"/taste/versions/{version.id}/delete", follow_redirects=True)
+    assert "still training" in refused.get_data(as_text=True)
+
+    pressed = site.post(f"/taste/jobs/{job_id}/cancel", htmx=True).get_data(as_text=True)
+    assert 'data-status="running"' in pressed  # it stops at its next report
+    gate.release.set()
+    html, status, shown = wait_until_done(site, job_id)
+    assert (status, shown) == ("cancelled", phase), html
+    assert 'data-state="cancelled"' in html and "hx-trigger" not in html  # polling stopped
+
+    version = version_of(site_app, job_id)
+    assert bool(version.scorer_file) == (phase in ("lora", "results"))
+    # What finished before the cancel is kept: a LoRA checkpoint, bundled for download.
+    assert bool(version.bundle_file) == (phase in ("lora", "results"))
+    assert version.grid_file is None and not version.complete
+    with site_app.app_context():
+        assert db.session.get(Job, job_id).lock_key is None  # the button works again
+        folder = taste_jobs.version_folder(version)
+        recorded = {version.latents_file, version.scorer_file, version.bundle_file}
+        expected = {name for name in recorded if name} | {"lora", "bundle"}
+        assert {entry.name for entry in folder.iterdir()} <= expected
+
+
+def test_out_of_memory_retries_once_smaller_then_says_what_to_change(site_app, monkeypatch):
+    import torch
+
+    from trainer import lora
+
+    configs = []
+
+    def out_of_memory(base, scorer_path, out_dir, config=None, **callbacks):
+        configs.append(config)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lora, "train", out_of_memory)
+    site = person(site_app, "oom")
+    html, status, phase = wait_until_done(site, click_train(site))
+    assert (status, phase) == ("failed", "lora")
+    assert "out of GPU memory even with gradient checkpointing and batch size 1" in html
+    assert "retrying once with gradient checkpointing on and batch size 1" in html  # log tail
+    assert [c.batch_size for c in configs] == [2, 1] and configs[1].gradient_checkpointing
+
+
+def test_a_failure_says_why_removes_partial_files_and_keeps_the_checkpoint(site_app, monkeypatch):
+    from trainer import sample
+
+    def broken_grid(base, scorer, prompts, seeds, *, lora_folder, **options):
+        (Path(lora_folder).parents[1] / "grid.png").write_bytes(b"half a picture")
+        raise RuntimeError("the renderer ran out of disk")
+
+    monkeypatch.setattr(sample, "grid", broken_grid)
+    site = person(site_app, "broken")
+    job_id = click_train(site)
+    html, status, phase = wait_until_done(site, job_id)
+    assert (status, phase) == ("failed", "results")
+    assert "Failed: the renderer ran out of disk" in html and '<details class="log"' in html
+    version = version_of(site_app, job_id)
+    with site_app.app_context():
+        assert "RuntimeError" in db.session.get(Job, job_id).error
+        folder = taste_jobs.version_folder(version)
+        assert not (folder / "grid.png").exists()  # the partial file is gone
+        assert (folder / version.lora_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert fetch(site, f"/taste/versions/{version.id}/download/lora").status_code == 200
+
+
+WORKER = """
+import json, sys
+from app import create_app
+from rating import jobs
+app = create_app(json.loads(sys.argv[2]), instance_path=sys.argv[1])
+with app.app_context():
+    jobs.run_job(int(sys.argv[3]))
+"""
+
+
+def test_a_killed_worker_leaves_no_job_running_and_keeps_its_checkpoint(site_app):
+    site = person(site_app, "kim")
+    with site_app.app_context():
+        owner = db.session.scalar(select(User).where(User.username == "kim"))
+        job = Job(kind="train_taste", owner_id=owner.id, lock_key=f"taste:{owner.id}")
+        db.session.add(job)
+        db.session.commit()
+        job_id = job.id
+    settings = dict(site_app.config["TEST_SETTINGS"], QUEUE="immediate")
+    settings["TASTE_LORA"] = {**TINY["TASTE_LORA"], "steps": 10_000}  # still training when killed
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, site_app.instance_path, json.dumps(settings), str(job_id)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: taste_jobs_checkpoint(site_app, job_id), "the first LoRA checkpoint")
+    finally:
+        worker.kill()  # SIGKILL: no finally blocks run, as in a power cut or the OOM killer
+        worker.wait()
+    _, status, phase = widget(site, job_id)
+    assert (status, phase) == ("running", "lora")
+
+    restarted = create_app(settings, instance_path=site_app.instance_path)
+    with restarted.app_context():
+        assert jobs.fail_orphaned_jobs() == 1
+        db.engine.dispose()
+    html, status, _ = widget(site, job_id)
+    assert status == "failed" and "the worker stopped" in html
+    version = version_of(site_app, job_id)
+    assert version.lora_dir == "lora/checkpoint-000000" and version.bundle_file
+    with site_app.app_context():
+        assert db.session.get(Job, job_id).lock_key is None
+
+
+def taste_jobs_checkpoint(app, job_id: int) -> bool:
+    """Tell whether a job's version has a complete LoRA checkpoint yet."""
+    version = version_of(app, job_id)
+    if version is None:
+        return False
+    with app.app_context():
+        folder = taste_jobs.version_folder(version) / "lora"
+        return taste_jobs.latest_checkpoint(folder) is not None
+
+
+# ---- the queues ---------------------------------------------------------------------------
+
+
+def test_an_import_finishes_while_a_training_runs_and_gpu_jobs_wait_their_turn(
+    site_app, monkeypatch
+):
+    started, release = threading.Event(), threading.Event()
+
+    def long_training(job, progress):
+        started.set()
+        assert release.wait(JOB_SECONDS)
+        return {}
+
+    monkeypatch.setitem(jobs.HANDLERS, "train_taste", long_training)
+    first, second = person(site_app, "gpu-1"), person(site_app, "gpu-2")
+    training = click_train(first)
+    assert started.wait(JOB_SECONDS)
+    waiting = click_train(second)
+
+    admin = site_app.config["ADMIN_SITE"]
+    imported = admin.post("/admin/demo", {"count": 2}, htmx=True).get_data(as_text=True)
+    import_id = int(re.search(r'id="job-(\d+)"', imported).group(1))
+    with site_app.app_context():
+        job = lambda i: db.session.get(Job, i, populate_existing=True)  # noqa: E731
+        wait_for(lambda: job(import_id).status == "succeeded", "the import")
+        assert job(training).status == "running"  # the import did not wait for it
+        assert job(waiting).status == "queued"  # one GPU job at a time
+        release.set()
+        wait_for(lambda: job(waiting).status == "succeeded", "the second training")
+        assert job(training).finished_at <= job(waiting).started_at
+
+
+def test_a_remote_workers_job_is_left_alone_until_it_goes_silent(app):
+    with app.app_context():
+        alive = Job(kind="train_taste", status="running", worker="gpu-box:4242")
+        alive.heartbeat_at = utcnow()
+        silent = Job(kind="train_taste", status="running", worker="gpu-box:4343")
+        silent.heartbeat_at = utcnow() - timedelta(hours=1)
+        db.session.add_all([alive, silent])
+        db.session.commit()
+        assert jobs.fail_orphaned_jobs(stale_after=900) == 1
+        assert (alive.status, silent.status) == ("running", "failed")
+
+
+# ---- the button ---------------------------------------------------------------------------
+
+
+def test_the_button_is_disabled_below_the_minimum_with_the_reason(app, site):
+    site.register("newcomer")
+    page = site.client.get("/taste/").get_data(as_text=True)
+    assert re.search(r'id="train-button" disabled', page)
+    assert "Rate at least 30 images first — you have rated 0." in page
+    response = site.post("/taste/train", htmx=True)
+    assert response.status_code == 400
+    assert "Rate at least 30 images first; you have rated 0." in response.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Job.id))) == 0
+
+
+def test_a_second_click_never_starts_a_second_job(app, site):
+    site.register("ada")
+    app.config["TASTE_MIN_RATINGS"] = 0
+    with app.app_context():
+        running = Job(kind="train_taste", owner_id=1, status="running", lock_key="taste:1")
+        db.session.add(running)
+        db.session.commit()
+        with pytest.raises(jobs.JobBusy) as busy:  # refused by the database, not just the page
+            jobs.enqueue("train_taste", 1, lock_key="taste:1")
+        assert busy.value.job.id == running.id
+    assert click_train(site) == running.id
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Job.id))) == 1
+
+
+def test_posts_need_the_csrf_token(app, site):
+    site.register("ada")
+    app.config["TASTE_MIN_RATINGS"] = 0
+    assert site.client.post("/taste/train").status_code == 400
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Job.id))) == 0
+
+
+# ---- the crowd model ----------------------------------------------------------------------
+
+
+def test_the_crowd_model_trains_on_all_ratings_and_personal_scorers_start_from_it(site_app, gate):
+    fan = person(site_app, "crowd-fan")
+    admin = site_app.config["ADMIN_SITE"]
+    started = admin.post("/admin/crowd-model", htmx=True).get_data(as_text=True)
+    crowd_job = int(re.search(r'id="job-(\d+)"', started).group(1))
+    with site_app.app_context():
+        job = lambda: db.session.get(Job, crowd_job, populate_existing=True)  # noqa: E731
+        wait_for(lambda: job().done, "the crowd model")
+        assert job().status == "succeeded", job().error
+    page = admin.client.get("/admin/").get_data(as_text=True)
+    assert re.search(r"Trained on \d+ ratings by \d+ raters", page)
+
+    gate.phase = "lora"  # the scorer is all this test needs
+    job_id = click_train(fan)
+    assert gate.reached.wait(JOB_SECONDS)
+    fan.post(f"/taste/jobs/{job_id}/cancel")
+    gate.release.set()
+    assert wait_until_done(fan, job_id)[1] == "cancelled"
+    assert version_of(site_app, job_id).metrics["scorer"]["init"] == "the crowd model"
