@@ -256,7 +256,8 @@ class TasteRun:
 
         from trainer import lora
 
-        config = lora.TasteLoraConfig.from_dict(self.config["TASTE_LORA"])
+        preset = lora.DEMO_PRESET if self.base.is_demo else {}
+        config = lora.TasteLoraConfig.from_dict({**preset, **self.config["TASTE_LORA"]})
         train = functools.partial(
             lora.train,
             self.base,

@@ -12,6 +12,19 @@ from rating.models import Image, db
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"|"X-CSRFToken": "([^"]+)"')
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Run the suite's tiny nets on one CPU thread, then give torch its thread count back."""
+    # Models this small gain nothing from a second thread, and on a busy 2-core machine the
+    # OpenMP threads wait on each other: steps took ten times longer with two than with one.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def app(tmp_path):
     """Return an app on a fresh instance folder, running jobs synchronously."""

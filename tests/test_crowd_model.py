@@ -16,17 +16,6 @@ from trainer.latents import LatentsFile, save_latents_file
 TINY = sc.ScorerConfig(channels=(8, 16, 32, 64), epochs=6, batch_size=32, max_shift=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run these tiny nets on one thread, then give torch its thread count back."""
-    # An 8×8 net gains nothing from a second thread, and on a busy machine the two OpenMP
-    # threads wait on each other: a step took ten times longer with two than with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rated_pool(n: int = 120, raters: int = 4, seed: int = 0) -> tuple[LatentsFile, tuple]:
     """Latents with a hidden quality (a top/bottom channel-0 pattern) rated by offset raters.
 

@@ -37,15 +37,6 @@ def save_random_scorer(path, shape=(4, 8, 8), seed=0):
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one CPU thread: the demo model is tiny, so more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def scorer_file(tmp_path):
     return save_random_scorer(tmp_path / "scorer.safetensors")
@@ -162,6 +153,9 @@ def test_bad_inputs_are_refused_with_a_clear_message(base, scorer_file, tmp_path
         lora.TasteLoraConfig.from_dict({"stepz": 3})
     with pytest.raises(lora.TasteLoraError, match="grad_steps <= window"):
         lora.train(base, scorer_file, tmp_path / "a", replace(QUICK, window=1, grad_steps=2))
+    half = load_base("demo", device="cpu", dtype=torch.float16)
+    with pytest.raises(lora.TasteLoraError, match="load it with dtype=torch.float32"):
+        lora.train(half, scorer_file, tmp_path / "h", QUICK)
     wrong = save_random_scorer(tmp_path / "wide.safetensors", shape=(4, 64, 64))
     with pytest.raises(lora.TasteLoraError, match=r"shape \[4, 64, 64\].*makes \[4, 8, 8\]"):
         lora.train(base, wrong, tmp_path / "b", QUICK)

@@ -45,19 +45,8 @@ def tasks(seed: int = 0) -> list[pt.Task]:
     ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's tiny nets on one thread, then restore the thread count."""
-    # A second thread only adds sync overhead to ops this small, and on a shared CPU it
-    # stalls for seconds: this file took 2 minutes on two busy cores, 20 s on one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def trained(one_thread) -> pt.PretrainedTrunk:
+def trained() -> pt.PretrainedTrunk:
     return pt.pretrain(tasks(), TINY)
 
 

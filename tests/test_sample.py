@@ -21,16 +21,6 @@ PROMPTS = ["a red apple on a table", "a lighthouse at dusk"]
 SEEDS = [0, 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run on one CPU thread: these models are tiny, so more threads only contend (10× slower
-    on a shared, busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base():
     """Return the demo base model on the CPU."""

@@ -13,7 +13,7 @@ from trainer import scorer as sc
 from trainer.latents import LatentsFile, save_latents_file
 
 # Tiny and quick: 4×8×8 latents, a narrow resnet18, a few epochs.
-TINY = sc.ScorerConfig(channels=(8, 16, 32, 64), epochs=8, batch_size=32, max_shift=1)
+TINY = sc.ScorerConfig(channels=(8, 16, 32, 64), epochs=8, batch_size=32, max_shift=1, min_steps=0)
 
 
 def synthetic(n: int = 160, side: int = 8, seed: int = 0) -> LatentsFile:
@@ -183,3 +183,10 @@ def test_callbacks_report_progress_and_stop():
     )
     assert result.metrics["epochs"] == 2  # 2 steps per epoch: stopped before the third epoch
     assert seen[0][:2] == (1, 10) and seen[-1][0] == seen[-1][1] == 10
+
+
+def test_few_ratings_get_more_epochs_to_reach_min_steps():
+    config = sc.ScorerConfig(**{**vars(TINY), "epochs": 2, "min_steps": 24, "patience": 100})
+    result = sc.train(synthetic(40), config)  # 32 training rows: one step an epoch
+    assert result.metrics["epochs"] == 24
+    assert sc.train(synthetic(40), TINY).metrics["epochs"] <= TINY.epochs

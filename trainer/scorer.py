@@ -62,6 +62,8 @@ class ScorerConfig:
     # so a CPU trains 1,000 ratings from scratch in under a minute; None = the arch's own
     epochs: int = 8  # upper bound (cosine lr spans it); 8 fit 1,000 CPU ratings in under a minute
     patience: int = 3  # epochs without a better held-out SRCC before training stops
+    min_steps: int = 100  # few ratings make short epochs: run more of them (and scale the
+    # patience) so 10–100 ratings still get enough optimiser steps to leave the warm-up
     batch_size: int = 64  # big enough for BatchNorm and for many implied pairs per batch
     lr: float = 2e-3  # AdamW peak rate; short runs need a brisk rate, cosine-decayed to 0
     warmup_steps: int = 20  # linear warm-up: a fresh BatchNorm net diverges at full rate
@@ -353,9 +355,11 @@ def train(
     pick_tensor = torch.tensor(train_picks, dtype=torch.float32).view(-1, 3)
 
     steps_per_epoch = len(_batches(train_rows, config.batch_size, torch.Generator()))
-    total = steps_per_epoch * config.epochs
+    epochs = max(config.epochs, math.ceil(config.min_steps / max(steps_per_epoch, 1)))
+    patience = math.ceil(config.patience * epochs / config.epochs)
+    total = steps_per_epoch * epochs
     best, best_state, best_epoch, stale, step, epochs_run = None, None, 0, 0, 0, 0
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         if should_stop():
             break
         epochs_run = epoch + 1
@@ -394,7 +398,7 @@ def train(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-            if stale >= config.patience:
+            if stale >= patience:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
