@@ -14,8 +14,10 @@ import argparse
 import io
 import json
 import re
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
@@ -24,7 +26,9 @@ from sqlalchemy import func, select
 from app import create_app
 from rating import jobs
 from rating.models import Image, Job, TasteVersion, db
-from tests.conftest import Site
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' Site helper
+from tests.conftest import Site  # noqa: E402
 
 FINAL = ("succeeded", "failed", "cancelled")
 STATUS = re.compile(r'id="job-(\d+)" data-status="(\w+)"')

@@ -22,15 +22,15 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.latents import LatentsFile, LatentsFileError, load_latents_file
 from trainer.scorer import (
-    Progress,
     ScorerConfig,
     ScorerFileError,
     TrainedScorer,
@@ -47,14 +47,6 @@ MIN_RATINGS_PER_RATER = 5
 STD_FLOOR = 0.5
 STAR_RANGE = (1.0, 5.0)
 CENTRE = 3.0  # the middle star: where a crowd score of "as liked as raters' own average" sits
-
-
-def _no_progress(step: int, total: int, message: str) -> None:
-    pass
-
-
-def _never_stop() -> bool:
-    return False
 
 
 def _crowd_targets(
@@ -149,8 +141,8 @@ def train_crowd(
     init: str | Path | None = None,
     min_ratings_per_rater: int = MIN_RATINGS_PER_RATER,
     std_floor: float = STD_FLOOR,
-    progress: Progress = _no_progress,
-    should_stop: Callable[[], bool] = _never_stop,
+    progress: Progress = no_progress,
+    should_stop: StopCheck = never_stop,
 ) -> TrainedScorer:
     """Train the crowd scorer on everyone's ratings of a latents file's rows (its scores unused).
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -26,16 +26,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 
+from trainer.callbacks import Progress, no_progress
 from trainer.tensorfiles import read_safetensors, write_atomic
 
 FORMAT = "tastebud.latents"
 FORMAT_VERSION = "1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-Progress = Callable[[int, int, str], None]
-
-
-def _no_progress(step: int, total: int, message: str) -> None:
-    pass
 
 
 class LatentsFileError(ValueError):
@@ -153,7 +149,7 @@ def encode_images(
     resolution: int,
     config: LatentsConfig | None = None,
     identity: str | None = None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> EncodedImages:
     """Encode image files to scaled latents (and mirrored latents), using the cache if set.
 
@@ -328,7 +324,7 @@ def export(
     config: LatentsConfig | None = None,
     identity: str | None = None,
     base_name: str = "",
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> dict:
     """Encode the scored images and write a latents file; return a JSON-ready summary."""
     config = config or LatentsConfig()

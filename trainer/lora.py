@@ -17,7 +17,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
+from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.prompts import read_prompts
 from trainer.scorer import ScorerFileError, load_scorer
 from trainer.tensorfiles import read_safetensors, write_atomic
@@ -38,15 +38,6 @@ ADAPTER = "taste"  # the adapter's name on the UNet, and in every pipeline that 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 STATE_NAME = "state.json"
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-Progress = Callable[[int, int, str], None]
-
-
-def _no_progress(step: int, total: int, message: str) -> None:
-    pass
-
-
-def _never_stop() -> bool:
-    return False
 
 
 class LoraFileError(ValueError):
@@ -495,8 +486,8 @@ def train(
     config: TasteLoraConfig | None = None,
     *,
     resume: bool = False,
-    progress: Progress = _no_progress,
-    should_stop: Callable[[], bool] = _never_stop,
+    progress: Progress = no_progress,
+    should_stop: StopCheck = never_stop,
 ) -> dict:
     """Train the taste LoRA on `base` to raise `scorer`'s score; return a JSON-ready summary.
 

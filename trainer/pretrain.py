@@ -44,7 +44,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -54,22 +54,14 @@ from timm.optim import Lion
 from torch import nn
 
 from trainer import scorer as sc
+from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.device import pick_device
 from trainer.latents import LatentsFileError, image_sha256, list_images, load_latents_file
 from trainer.tensorfiles import write_atomic
 
-Progress = Callable[[int, int, str], None]
 KINDS = ("distribution", "classes", "regression")
 AVA_BINS = 10
 SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _no_progress(step: int, total: int, message: str) -> None:
-    pass
-
-
-def _never_stop() -> bool:
-    return False
 
 
 class PretrainDataError(ValueError):
@@ -351,8 +343,8 @@ def pretrain(
     tasks: Sequence[Task],
     config: PretrainConfig | None = None,
     *,
-    progress: Progress = _no_progress,
-    should_stop: Callable[[], bool] = _never_stop,
+    progress: Progress = no_progress,
+    should_stop: StopCheck = never_stop,
 ) -> PretrainedTrunk:
     """Train one trunk on several tasks, each with its own head and Lion, stepped in turn."""
     config = config or PretrainConfig()

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
+from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.latents import encode_pixels
 from trainer.lora import ADAPTER, LoraFileError, apply_lora, read_state
 from trainer.prompts import read_prompts
@@ -34,15 +35,6 @@ from trainer.scorer import Scorer, ScorerFileError, load_scorer, predict
 STRENGTHS = (0.0, 0.5, 1.0, -1.0)  # base, half taste, full taste, anti-taste
 MIN_CELL = 128  # smaller pictures (the demo's 64 px) are enlarged to at least this in a grid
 LABEL_HEIGHT = 16  # pixels of each text band in a grid: column labels, row captions
-Progress = Callable[[int, int, str], None]
-
-
-def _no_progress(step: int, total: int, message: str) -> None:
-    pass
-
-
-def _never_stop() -> bool:
-    return False
 
 
 # ---- pictures -------------------------------------------------------------------------
@@ -121,8 +113,8 @@ def refine(
     image: Image.Image,
     *,
     config: RefineConfig | None = None,
-    progress: Progress = _no_progress,
-    should_stop: Callable[[], bool] = _never_stop,
+    progress: Progress = no_progress,
+    should_stop: StopCheck = never_stop,
 ) -> Refined:
     """Raise an image's score by gradient ascent on its latents, within a bound on the change.
 
@@ -241,8 +233,8 @@ def grid(
     strengths: Sequence[float] = STRENGTHS,
     steps: int = 25,  # DDIM steps: SD 1.x's usual count; the demo needs only 2
     guidance: float = 7.5,  # classifier-free guidance, SD 1.x's usual scale
-    progress: Progress = _no_progress,
-    should_stop: Callable[[], bool] = _never_stop,
+    progress: Progress = no_progress,
+    should_stop: StopCheck = never_stop,
 ) -> Grid:
     """Render prompts × seeds at each LoRA strength, score every picture, and compose a grid.
 

@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import nn
 
+from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.device import pick_device  # not trainer.base: diffusers takes ~10 s to import
 from trainer.latents import LatentsFile, LatentsFileError, load_latents_file
 from trainer.tensorfiles import read_safetensors, write_atomic
@@ -37,16 +38,7 @@ from trainer.tensorfiles import read_safetensors, write_atomic
 FORMAT = "tastebud.scorer"
 FORMAT_VERSION = "1"
 STARS = 5
-Progress = Callable[[int, int, str], None]
 Pick = tuple[int, int, float]  # (row i, row j, outcome): 1 = i wins, 0 = j wins, 0.5 = tie
-
-
-def _no_progress(step: int, total: int, message: str) -> None:
-    pass
-
-
-def _never_stop() -> bool:
-    return False
 
 
 class ScorerFileError(ValueError):
@@ -312,8 +304,8 @@ def train(
     *,
     picks: Sequence[Pick] = (),
     init: str | Path | None = None,
-    progress: Progress = _no_progress,
-    should_stop: Callable[[], bool] = _never_stop,
+    progress: Progress = no_progress,
+    should_stop: StopCheck = never_stop,
 ) -> TrainedScorer:
     """Train a scorer on a latents file's rows (scores; NaN = unrated) and optional picks.
 
