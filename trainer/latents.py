@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 
 from trainer.callbacks import Progress, no_progress
+from trainer.configs import FromDict
 from trainer.tensorfiles import read_safetensors, write_atomic
 
 FORMAT = "tastebud.latents"
@@ -39,21 +40,13 @@ class LatentsFileError(ValueError):
 
 
 @dataclass(frozen=True)
-class LatentsConfig:
+class LatentsConfig(FromDict):
     """How images become latents; the web layer fills this from app config."""
 
     batch_size: int = 8  # images per encoder call (each also encoded mirrored, so 2× that)
     flip: bool = True  # also encode the mirrored image: free augmentation for the scorer
     cache_dir: str | None = None  # folder of per-image latents; None encodes every time
     fast_encoder: str | None = None  # AutoencoderTiny hub id/folder (e.g. taesd); None = full VAE
-
-    @classmethod
-    def from_dict(cls, values: dict) -> LatentsConfig:
-        """Build a config from a dict, refusing keys this config does not have."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown LatentsConfig keys: {sorted(unknown)}")
-        return cls(**values)
 
 
 @dataclass(frozen=True)

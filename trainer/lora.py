@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
+from trainer.configs import FromDict
 from trainer.prompts import read_prompts
 from trainer.scorer import ScorerFileError, load_scorer
 from trainer.tensorfiles import read_safetensors, write_atomic
@@ -119,7 +120,7 @@ TARGETS = {  # which UNet modules get an adapter, beyond the attention projectio
 
 
 @dataclass(frozen=True)
-class TasteLoraConfig:
+class TasteLoraConfig(FromDict):
     """How a taste LoRA trains; defaults are for SD 1.x, the web layer fills this from config."""
 
     rank: int = 8  # enough for a "look"; the file stays a few MB for SD 1.x
@@ -156,17 +157,6 @@ class TasteLoraConfig:
     # plain fp32 throughout (load the base in float32)
     max_grad_norm: float = 1.0  # clip: one odd batch can't throw the adapter far
     seed: int = 0  # same seed, same prompts and noise → the same LoRA
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TasteLoraConfig:
-        """Build a config from a dict, refusing keys this config does not have."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown TasteLoraConfig keys: {sorted(unknown)}")
-        values = dict(values)
-        if "eval_seeds" in values:
-            values["eval_seeds"] = tuple(values["eval_seeds"])
-        return cls(**values)
 
     def check(self) -> None:
         """Raise TasteLoraError for settings that can't work together."""

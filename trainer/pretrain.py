@@ -45,7 +45,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ from torch import nn
 
 from trainer import scorer as sc
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
+from trainer.configs import FromDict
 from trainer.device import pick_device
 from trainer.latents import LatentsFileError, image_sha256, list_images, load_latents_file
 from trainer.tensorfiles import write_atomic
@@ -69,7 +70,7 @@ class PretrainDataError(ValueError):
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(FromDict):
     """How the shared trunk is built and pretrained; the saved file records it."""
 
     arch: str = "resnet18"  # as ScorerConfig: the trunk must be the net a scorer builds
@@ -83,17 +84,6 @@ class PretrainConfig:
     weight_decay: float = 1e-3  # Lion's decoupled decay scales with lr: 10× AdamW's, same pull
     flip: bool = True  # mirror half of each batch: a mirrored picture keeps its label
     seed: int = 0  # same seed, same tasks → the same trunk
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PretrainConfig:
-        """Build a config from a dict, refusing keys this config does not have."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown PretrainConfig keys: {sorted(unknown)}")
-        values = dict(values)
-        if values.get("channels") is not None:
-            values["channels"] = tuple(values["channels"])  # JSON gives a list
-        return cls(**values)
 
     def scorer_config(self) -> sc.ScorerConfig:
         """The scorer config a trunk of this shape is saved and rebuilt with."""

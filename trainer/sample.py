@@ -17,7 +17,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
+from trainer.configs import FromDict
 from trainer.latents import encode_pixels
 from trainer.lora import ADAPTER, LoraFileError, apply_lora, read_state
 from trainer.prompts import read_prompts
@@ -62,7 +63,7 @@ def decode(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> list[Ima
 
 
 @dataclass(frozen=True)
-class RefineConfig:
+class RefineConfig(FromDict):
     """How far and how fast refinement may move an image's latents x away from x0."""
 
     steps: int = 20  # gradient steps at most; each is one scorer forward and backward pass
@@ -72,14 +73,6 @@ class RefineConfig:
     # that lets all 16k SD 1.x latents move at once (√N times the distance), which buys score with
     # noise spread everywhere; relative L2 is one budget for the whole picture and means the
     # same for any VAE scale. 0.15 is a visible edit that keeps the picture's layout.
-
-    @classmethod
-    def from_dict(cls, values: dict) -> RefineConfig:
-        """Build a config from a dict, refusing keys this config does not have."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown RefineConfig keys: {sorted(unknown)}")
-        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import timm
@@ -31,6 +31,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
+from trainer.configs import FromDict
 from trainer.device import pick_device  # not trainer.base: diffusers takes ~10 s to import
 from trainer.latents import LatentsFile, LatentsFileError, load_latents_file
 from trainer.tensorfiles import read_safetensors, write_atomic
@@ -46,7 +47,7 @@ class ScorerFileError(ValueError):
 
 
 @dataclass(frozen=True)
-class ScorerConfig:
+class ScorerConfig(FromDict):
     """How a scorer is built and trained; the web layer fills this from app config."""
 
     arch: str = "resnet18"  # timm ResNet: small, and its stages split cleanly into trunk/last
@@ -69,17 +70,6 @@ class ScorerConfig:
     pick_batch: int = 32  # explicit picks drawn per step, when there are any
     max_shift: int = 2  # translation augmentation, in latent pixels (8 image pixels each)
     flip: bool = True  # mirror augmentation: a mirrored picture is rated the same
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ScorerConfig:
-        """Build a config from a dict, refusing keys this config does not have."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown ScorerConfig keys: {sorted(unknown)}")
-        values = dict(values)
-        if values.get("channels") is not None:
-            values["channels"] = tuple(values["channels"])  # JSON gives a list
-        return cls(**values)
 
 
 class Scorer(nn.Module):
