@@ -71,10 +71,7 @@ def load_demo():
 @admin_required
 def train_crowd():
     """Queue training the crowd model on everyone's ratings (or show the one running)."""
-    try:
-        job = jobs.enqueue("train_crowd", current_user.id, lock_key="train_crowd")
-    except jobs.JobBusy as busy:
-        job = busy.job
+    job = jobs.enqueue_once("train_crowd", current_user.id, lock_key="train_crowd")
     if not request.headers.get("HX-Request"):
         return redirect(url_for("admin.index"))
     return job_widget(job)

@@ -177,6 +177,14 @@ def enqueue(kind: str, owner_id: int | None, *, lock_key: str | None = None, **p
     return job
 
 
+def enqueue_once(kind: str, owner_id: int | None, lock_key: str, **params) -> Job:
+    """Queue a job unless one holding `lock_key` is unfinished; return the one that runs."""
+    try:
+        return enqueue(kind, owner_id, lock_key=lock_key, **params)
+    except JobBusy as busy:
+        return busy.job
+
+
 def waiting_text(kind: str) -> str:
     """Say what a queued job waits for."""
     if kind in GPU_KINDS:

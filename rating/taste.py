@@ -152,10 +152,7 @@ def train():
     count, needed = rating_count(current_user.id), current_app.config["TASTE_MIN_RATINGS"]
     if count < needed:
         abort(400, description=f"Rate at least {needed} images first; you have rated {count}.")
-    try:
-        job = jobs.enqueue("train_taste", current_user.id, lock_key=f"taste:{current_user.id}")
-    except jobs.JobBusy as busy:
-        job = busy.job
+    job = jobs.enqueue_once("train_taste", current_user.id, lock_key=f"taste:{current_user.id}")
     if not request.headers.get("HX-Request"):
         return redirect(url_for("taste.page"))
     return job_widget(job)
@@ -282,16 +279,13 @@ def improve(image_id: int):
     version = work.latest_scorer_version(current_user)
     if version is None:
         abort(400, description="Train your taste first: refining needs your scorer.")
-    try:
-        job = jobs.enqueue(
-            "refine_image",
-            current_user.id,
-            lock_key=f"refine:{current_user.id}",
-            image_id=shown.id,
-            version_id=version.id,
-        )
-    except jobs.JobBusy as busy:
-        job = busy.job
+    job = jobs.enqueue_once(
+        "refine_image",
+        current_user.id,
+        lock_key=f"refine:{current_user.id}",
+        image_id=shown.id,
+        version_id=version.id,
+    )
     if not request.headers.get("HX-Request"):
         return redirect(url_for("taste.image", image_id=image_id))
     return job_widget(job)

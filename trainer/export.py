@@ -44,7 +44,7 @@ from PIL import Image
 
 from trainer.base import DEMO
 from trainer.lora import WEIGHTS_NAME, LoraFileError, read_state
-from trainer.tensorfiles import read_safetensors, write_atomic
+from trainer.tensorfiles import folder_written_whole, read_safetensors, write_atomic
 
 KOHYA_KEY = re.compile(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)")
 ARCHITECTURE = "stable-diffusion-v1/lora"  # SAI ModelSpec id; also what the demo base mimics
@@ -284,10 +284,8 @@ def write_bundle(
     export_info = _export_info(info)
     stem = sanitize_name(name)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Everything goes into a temp folder renamed at the end: a failure leaves no half bundle.
-    temp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with folder_written_whole(out_dir) as temp:
         kohya = save_kohya(checkpoint_dir, temp / f"{stem}.safetensors", name=name, info=info)
         files = {"kohya": kohya.name, "diffusers": WEIGHTS_NAME}
         shutil.copyfile(Path(checkpoint_dir, WEIGHTS_NAME), temp / WEIGHTS_NAME)
@@ -304,12 +302,6 @@ def write_bundle(
         card = model_card(name, stem, state, export_info, file_sha256, preview="preview" in files)
         (temp / "README.md").write_text(card)
         files["readme"] = "README.md"
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(temp, out_dir)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return {kind: out_dir / file_name for kind, file_name in files.items()}
 
 

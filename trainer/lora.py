@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.configs import FromDict
 from trainer.prompts import read_prompts
 from trainer.scorer import ScorerFileError, load_scorer
-from trainer.tensorfiles import read_safetensors, write_atomic
+from trainer.tensorfiles import folder_written_whole, read_safetensors, write_atomic
 
 ADAPTER = "taste"  # the adapter's name on the UNet, and in every pipeline that loads it
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -63,9 +62,7 @@ def save_checkpoint(unet: torch.nn.Module, folder: Path, state: dict) -> Path:
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     state = {**state, "rank": config.r, "alpha": config.lora_alpha}
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with folder_written_whole(folder) as temp:
         StableDiffusionPipeline.save_lora_weights(
             temp,
             unet_lora_layers=layers,
@@ -73,12 +70,6 @@ def save_checkpoint(unet: torch.nn.Module, folder: Path, state: dict) -> Path:
             weight_name=WEIGHTS_NAME,
         )
         (temp / STATE_NAME).write_text(json.dumps(state, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(temp, folder)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -1,9 +1,12 @@
-"""safetensors files: atomic writes, and reads that never unpickle (shared by latents, scorer)."""
+"""Atomic writes of safetensors files and whole folders, and reads that never unpickle."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +26,24 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def folder_written_whole(folder: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `folder`; if the block succeeds it replaces `folder`.
+
+    Readers see the old folder or the whole new one; a failure leaves no half-written folder.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        yield temp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(temp, folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
         raise
 
 
