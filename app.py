@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from flask import Flask, render_template, request
@@ -16,6 +17,7 @@ from rating import admin, auth, crowd, jobs, me, media, pool_admin, rate, taste,
 from rating.limits import limiter
 from rating.models import User, db, site_setting
 from rating.pool import size_text
+from rating.security import init_security
 from rating.settings import load_settings
 
 MIGRATIONS = str(Path(__file__).resolve().parent / "migrations")
@@ -29,8 +31,14 @@ login_manager.login_message = "Sign in to continue."
 
 @login_manager.user_loader
 def load_user(user_id: str) -> User | None:
-    """Return the signed-in person from the session's id."""
-    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    """Return the signed-in person from the cookie's "id:token", if the token is current."""
+    number, _, token = user_id.partition(":")
+    user = db.session.get(User, int(number)) if number.isdigit() and token else None
+    return (
+        user
+        if user is not None and secrets.compare_digest(user.session_token or "", token)
+        else None
+    )
 
 
 def create_app(test_config: dict | None = None, instance_path: str | None = None) -> Flask:
@@ -44,6 +52,7 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     csrf.init_app(app)
     login_manager.init_app(app)
     limiter.init_app(app)
+    init_security(app)
     jobs.init_app(app)
     for module in (auth, rate, me, crowd, admin, pool_admin, upload, media, taste):
         app.register_blueprint(module.bp)

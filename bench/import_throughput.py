@@ -26,7 +26,7 @@ from app import create_app
 from rating import imports, jobs, pool, store
 from rating.auth import create_user
 from rating.models import Image, Source, db
-from rating.sources.demo_art import render_demo_image
+from trainer.demo_art import render_demo_image
 
 STAGES = ("download", "decode", "sha256", "phash", "thumbnail", "file writes", "db", "phash index")
 DB_METHODS = ("execute", "scalar", "scalars", "get", "refresh", "flush", "commit")

@@ -10,10 +10,12 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user, login_required, login_user, logout_user
 from flask_wtf import FlaskForm
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from werkzeug.security import check_password_hash
 from wtforms import BooleanField, PasswordField, StringField
 from wtforms.validators import EqualTo, InputRequired, Length, Regexp, ValidationError
 
-from rating.limits import limiter, submitted_username
+from rating.limits import address_and_username, failed, limiter
 from rating.models import User, db
 
 bp = Blueprint("auth", __name__, cli_group="user")
@@ -49,12 +51,19 @@ def find_user(username: str) -> User | None:
 
 
 def create_user(username: str, password: str, *, admin: bool = False) -> User:
-    """Create an account; the first account on a site is always an admin."""
+    """Create an account; the first account on a site is always an admin, and only it."""
     first = db.session.scalar(select(func.count(User.id))) == 0
-    user = User(username=username.strip(), is_admin=admin or first)
+    user = User(username=username.strip(), is_admin=admin or first, founder=first or None)
     user.set_password(password)
     db.session.add(user)
-    db.session.commit()
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        if not first:
+            raise  # the username was taken a moment ago: not ours to paper over
+        # Several first registrations at once: the database let one be the founder.
+        return create_user(username, password, admin=admin)
     return user
 
 
@@ -80,6 +89,7 @@ def safe_next(target: str | None) -> str:
 
 
 @bp.route("/register", methods=["GET", "POST"])
+@limiter.limit(lambda: current_app.config["REGISTER_RATE_LIMIT"], methods=["POST"])
 def register():
     """Create an account and sign in."""
     if not current_app.config["ALLOW_REGISTRATION"]:
@@ -93,17 +103,28 @@ def register():
     return render_template("auth/register.html", form=form), 400 if form.errors else 200
 
 
+def login_limit() -> str:
+    """The sign-in rate limit, from settings."""
+    return current_app.config["LOGIN_RATE_LIMIT"]
+
+
+# A hash of a password nobody has: an unknown username costs the same hashing as a known one,
+# so the time of a failed sign-in doesn't tell whether the account exists.
+DUMMY_HASH = User.hash_of("not a real password")
+
+
 @bp.route("/login", methods=["GET", "POST"])
-@limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT"], methods=["POST"])
-@limiter.limit(
-    lambda: current_app.config["LOGIN_RATE_LIMIT"], methods=["POST"], key_func=submitted_username
-)
+@limiter.limit(login_limit, methods=["POST"], deduct_when=failed)
+@limiter.limit(login_limit, methods=["POST"], key_func=address_and_username, deduct_when=failed)
 def login():
     """Sign in with a username and password."""
     form = LoginForm()
     if form.validate_on_submit():
         user = find_user(form.username.data)
-        if user and user.check_password(form.password.data) and user.is_active:
+        matches = check_password_hash(
+            user.password_hash if user else DUMMY_HASH, form.password.data
+        )
+        if user and matches and user.is_active:
             login_user(user, remember=form.remember.data)
             return redirect(safe_next(request.args.get("next")))
         form.password.errors.append("Wrong username or password.")
@@ -112,7 +133,10 @@ def login():
 
 @bp.route("/logout", methods=["POST"])
 def logout():
-    """Sign out."""
+    """Sign out everywhere: every session and remember-me cookie of this account ends."""
+    if current_user.is_authenticated:
+        current_user.new_session_token()  # cookies copied before now name the old token
+        db.session.commit()
     logout_user()
     flash("Signed out.")
     return redirect(url_for("auth.login"))

@@ -7,7 +7,16 @@ from flask_limiter.util import get_remote_address
 limiter = Limiter(key_func=get_remote_address, default_limits=[])
 
 
-def submitted_username() -> str:
-    """Key sign-in limits by the username tried, so one account can't be guessed at from many
-    addresses."""
-    return "user:" + (request.form.get("username") or "").strip().lower()
+def address_and_username() -> str:
+    """Key sign-in limits by the address and the username tried together.
+
+    An attacker guessing at one account is slowed from their own address, while the owner,
+    signing in from theirs, is never locked out by someone else's failures.
+    """
+    username = (request.form.get("username") or "").strip().lower()
+    return f"{get_remote_address()}|user:{username}"
+
+
+def failed(response) -> bool:
+    """Count an attempt against a limit only when it failed (a sign-in redirects on success)."""
+    return response.status_code != 302

@@ -113,8 +113,9 @@ def import_ratings():
         report = ratings_io.apply(current_user.id, items)
     except UnicodeDecodeError:
         flash("Nothing imported: the file is not UTF-8 text. Export it again as CSV or JSONL.")
+        return ratings(), 400  # the page itself, with the reason: nothing to redirect to
     except ratings_io.ImportRejected as exc:
         flash(f"Nothing imported; fix these and try again: {exc}")
-    else:
-        flash(f"Imported {upload.filename}: {report.summary()}")
+        return ratings(), 400
+    flash(f"Imported {upload.filename}: {report.summary()}")
     return redirect(url_for("me.ratings"))

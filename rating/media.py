@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from flask import Blueprint, abort, current_app, send_file
-from flask_login import login_required
+from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from rating.models import Image, db
@@ -35,20 +35,29 @@ def _send_immutable(path: Path, mimetype: str):
     return response
 
 
+def _shown_image_or_404(sha256: str) -> Image:
+    """The image with this sha256, unless an admin hid it (admins still see it, to unhide)."""
+    if not SHA256.match(sha256):
+        abort(404)
+    image = db.session.scalar(select(Image).where(Image.sha256 == sha256))
+    if image is None or (image.hidden and not current_user.is_admin):
+        abort(404)
+    return image
+
+
 @bp.get("/img/<sha256>.jpg")
 @login_required
 def thumb(sha256: str):
     """Send an image's thumbnail (at most THUMBNAIL_SIDE px on the long side)."""
-    if not SHA256.match(sha256):
-        abort(404)
-    return _send_immutable(image_store().thumb_path(sha256), "image/jpeg")
+    image = _shown_image_or_404(sha256)
+    return _send_immutable(image_store().thumb_path(image.sha256), "image/jpeg")
 
 
 @bp.get("/img/<sha256>/original")
 @login_required
 def original(sha256: str):
     """Send an image's original file."""
-    image = db.session.scalar(select(Image).where(Image.sha256 == sha256)) or abort(404)
+    image = _shown_image_or_404(sha256)
     path = image_store().original_path(image.sha256, image.original_ext)
     mimetype = "image/jpeg" if image.original_ext == "jpg" else f"image/{image.original_ext}"
     return _send_immutable(path, mimetype)

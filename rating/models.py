@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 
 from flask import abort
@@ -50,6 +51,12 @@ class User(UserMixin, db.Model):
     username: Mapped[str] = mapped_column(String(40), unique=True)
     password_hash: Mapped[str] = mapped_column(String(256))
     is_admin: Mapped[bool] = mapped_column(default=False)
+    # True for the site's first account only, else NULL: the unique index lets the database,
+    # not a count read a moment earlier, decide who made the first account.
+    founder: Mapped[bool | None] = mapped_column(index=True, unique=True)
+    # Part of the id every session and remember-me cookie carries; signing out replaces it,
+    # so a cookie copied before then no longer signs anyone in.
+    session_token: Mapped[str | None] = mapped_column(String(32))
     # Admins can disable an account without deleting the ratings it made.
     disabled: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -59,9 +66,25 @@ class User(UserMixin, db.Model):
         """Tell Flask-Login whether this account may sign in."""
         return not self.disabled
 
+    def get_id(self) -> str:
+        """The id Flask-Login keeps in cookies: the account and its current session token."""
+        if not self.session_token:
+            self.new_session_token()
+            db.session.commit()
+        return f"{self.id}:{self.session_token}"
+
+    def new_session_token(self) -> None:
+        """Start a new session generation: cookies naming the old token stop working."""
+        self.session_token = secrets.token_hex(16)
+
+    @staticmethod
+    def hash_of(password: str) -> str:
+        """A salted hash of `password`."""
+        return generate_password_hash(password)
+
     def set_password(self, password: str) -> None:
         """Store a salted hash of `password`, never the password."""
-        self.password_hash = generate_password_hash(password)
+        self.password_hash = self.hash_of(password)
 
     def check_password(self, password: str) -> bool:
         """Return whether `password` matches the stored hash."""
@@ -135,6 +158,8 @@ class Comparison(db.Model):
         CheckConstraint("outcome IN ('a', 'b', 'tie')", name="outcome_values"),
         CheckConstraint("image_a_id <> image_b_id", name="distinct_images"),
         Index("ix_comparison_user_id", "user_id"),
+        # One pick per shown pair: a double-sent pick carries the same token and is refused.
+        UniqueConstraint("user_id", "token", name="uq_comparison_user_token"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -143,6 +168,7 @@ class Comparison(db.Model):
     image_b_id: Mapped[int] = mapped_column(ForeignKey("image.id"))
     outcome: Mapped[str] = mapped_column(String(3))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    token: Mapped[str | None] = mapped_column(String(32))  # the pair card's one-time token
 
     image_a: Mapped[Image] = relationship(foreign_keys=[image_a_id])
     image_b: Mapped[Image] = relationship(foreign_keys=[image_b_id])

@@ -20,6 +20,21 @@ def join_ids(ids: list[int]) -> str:
     return ",".join(str(i) for i in ids)
 
 
+def parse_history(text: str | None, limit: int) -> list[tuple[int, int]]:
+    """Read "image:stars" pairs from a form field, keeping the last `limit` valid ones."""
+    pairs = []
+    for part in (text or "").split(","):
+        image, _, stars = part.strip().partition(":")
+        if image.isdigit() and stars in {"1", "2", "3", "4", "5"}:
+            pairs.append((int(image), int(stars)))
+    return pairs[-limit:] if limit else []
+
+
+def join_history(pairs: list[tuple[int, int]]) -> str:
+    """Write "image:stars" pairs for a hidden form field."""
+    return ",".join(f"{image}:{stars}" for image, stars in pairs)
+
+
 def _unrated(user_id: int, exclude: list[int]):
     rated = select(Rating.image_id).where(Rating.user_id == user_id)
     query = select(Image.id).where(Image.hidden.is_(False), Image.id.not_in(rated))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 from flask import Blueprint, abort, current_app, render_template, request
@@ -10,8 +11,16 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import joinedload
 
 from rating.models import Comparison, Image, Rating, db
-from rating.picking import join_ids, next_image_ids, next_pair, parse_ids, still_unrated
-from rating.ratings import save_rating, undo_rating
+from rating.picking import (
+    join_history,
+    join_ids,
+    next_image_ids,
+    next_pair,
+    parse_history,
+    parse_ids,
+    still_unrated,
+)
+from rating.ratings import save_pick, save_rating, undo_rating
 
 bp = Blueprint("rate", __name__)
 
@@ -24,7 +33,9 @@ class Sitting:
 
     queue: list[int] = field(default_factory=list)  # the image on screen, then the prefetched
     skipped: list[int] = field(default_factory=list)
-    history: list[int] = field(default_factory=list)  # what undo walks back through
+    # What undo walks back through: (image id, the stars this page gave it). The stars make
+    # undo idempotent: a replayed undo finds the rating no longer at those stars and leaves it.
+    history: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def from_form(cls) -> Sitting:
@@ -33,7 +44,7 @@ class Sitting:
         return cls(
             queue=parse_ids(request.form.get("queue"), 1 + current_app.config["PICK_AHEAD"]),
             skipped=parse_ids(request.form.get("skipped"), 2000),
-            history=parse_ids(request.form.get("history"), depth),
+            history=parse_history(request.form.get("history"), depth),
         )
 
 
@@ -51,13 +62,14 @@ def visible_image_or_404(image_id: int) -> Image:
     return image
 
 
-def rate_from_form(image_id: int) -> None:
-    """Save the posted stars (1–5) for a visible image, or answer 400/404 saying why."""
+def rate_from_form(image_id: int) -> int:
+    """Save the posted stars (1–5) for a visible image and return them; else 400/404."""
     visible_image_or_404(image_id)
     stars = request.form.get("stars", type=int)
     if stars not in range(1, 6):
         abort(400, description="Choose 1 to 5 stars.")
     save_rating(current_user.id, image_id, stars)
+    return stars
 
 
 @bp.route("/")
@@ -83,9 +95,9 @@ def rate_page():
 @login_required
 def rate_image(image_id: int):
     """Save 1–5 stars for an image and show the next one."""
-    rate_from_form(image_id)
+    stars = rate_from_form(image_id)
     sitting = Sitting.from_form()
-    sitting.history = [*sitting.history, image_id][-current_app.config["UNDO_DEPTH"] :]
+    sitting.history = [*sitting.history, (image_id, stars)][-current_app.config["UNDO_DEPTH"] :]
     sitting.queue = [i for i in sitting.queue if i != image_id]
     return render_card(sitting)
 
@@ -107,9 +119,13 @@ def undo():
     sitting = Sitting.from_form()
     if not sitting.history:
         return render_card(sitting, notice="Nothing to undo.")
-    image_id = sitting.history.pop()
-    undo_rating(current_user.id, image_id)
-    return render_card(sitting, focus=image_id, notice="Undone — rate it again.")
+    image_id, stars = sitting.history.pop()
+    undone = undo_rating(current_user.id, image_id, stars)
+    notice = "Undone — rate it again." if undone else "Already undone, or changed since."
+    image = db.session.get(Image, image_id)
+    if image is None or image.hidden:  # taken out of the pool since: never shown again
+        return render_card(sitting, notice=notice.replace(" — rate it again", ""))
+    return render_card(sitting, focus=image_id, notice=notice)
 
 
 def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
@@ -141,6 +157,7 @@ def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
         upcoming=[images[i] for i in queue[1:] if i in images],
         sitting=sitting,
         join_ids=join_ids,
+        join_history=join_history,
         rated=rated,
         notice=notice,
     )
@@ -161,13 +178,13 @@ def pick(a: int, b: int):
     if outcome not in ("a", "b", "tie") or a == b:
         abort(400, description="Pick the left image, the right one, or “about the same”.")
     visible_image_or_404(a), visible_image_or_404(b)
-    comparison = Comparison(user_id=current_user.id, image_a_id=a, image_b_id=b, outcome=outcome)
-    db.session.add(comparison)
-    db.session.commit()
+    comparison_id = save_pick(current_user.id, a, b, outcome, request.form.get("token"))
     history = parse_ids(request.form.get("history"), current_app.config["UNDO_DEPTH"])
+    if comparison_id not in history:  # a replayed pick is the same pick, listed once
+        history.append(comparison_id)
     return render_pair(
         recent=parse_ids(request.form.get("recent"), 200) + [a, b],
-        history=[*history, comparison.id],
+        history=history,
         upcoming=tuple(parse_ids(request.form.get("upcoming"), 2)),
     )
 
@@ -222,6 +239,7 @@ def render_pair(recent: list[int], history: list[int], upcoming, notice: str = "
         recent=join_ids(recent[-200:]),
         history=join_ids(history),
         upcoming=join_ids(list(following or ())),
+        token=secrets.token_urlsafe(16),  # names this card's pick, so a resend is the same one
         picks=picks,
         notice=notice,
     )

@@ -1,4 +1,4 @@
-"""Writing ratings: one upsert that survives double clicks, and undo."""
+"""Writing ratings and picks so double clicks and replays count once, and undo."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import functools
 
 from sqlalchemy import bindparam, case, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
-from rating.models import Rating, db, utcnow
+from rating.models import Comparison, Rating, db, utcnow
 
 
 @functools.cache
@@ -46,21 +47,39 @@ def save_rating(user_id: int, image_id: int, stars: int) -> None:
     db.session.commit()
 
 
-def undo_rating(user_id: int, image_id: int) -> int | None:
-    """Undo the last change to a rating: restore the old stars or remove a new rating.
+def save_pick(user_id: int, a: int, b: int, outcome: str, token: str | None) -> int:
+    """Store a pick between images a and b once per card token; return the comparison's id.
 
-    Returns the stars the image has afterwards (None: unrated).
+    The same token sent again (a double click, a retried request) stores nothing new: the
+    database's unique (user, token) constraint decides, so even two at once make one row.
+    """
+    token = (token or "")[:32] or None  # no token (an old page): every pick counts
+    comparison = Comparison(user_id=user_id, image_a_id=a, image_b_id=b, outcome=outcome)
+    comparison.token = token
+    db.session.add(comparison)
+    try:
+        db.session.commit()
+        return comparison.id
+    except IntegrityError:
+        db.session.rollback()
+        mine = select(Comparison.id).where(Comparison.user_id == user_id)
+        return db.session.scalar(mine.where(Comparison.token == token))
+
+
+def undo_rating(user_id: int, image_id: int, stars: int) -> bool:
+    """Undo the change that gave an image `stars`: restore the old stars or remove the rating.
+
+    Idempotent: only a rating still at `stars` is undone, so a replayed or double-sent undo
+    finds it changed and leaves it alone. Returns whether anything was undone.
     """
     rating = db.session.scalar(
         select(Rating).where(Rating.user_id == user_id, Rating.image_id == image_id)
     )
-    if rating is None:
-        return None
+    if rating is None or rating.stars != stars:
+        return False
     if rating.undo_stars is None:
         db.session.delete(rating)
-        stars = None
     else:
         rating.stars, rating.undo_stars, rating.updated_at = rating.undo_stars, None, utcnow()
-        stars = rating.stars
     db.session.commit()
-    return stars
+    return True

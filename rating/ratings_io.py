@@ -140,6 +140,9 @@ def parse(text: str, filename: str) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as exc:
                 errors.append(f"line {number}: not valid JSON ({exc.msg})")
                 continue
+            except RecursionError:  # "[[[[…" thousands deep: Python's parser gives up
+                errors.append(f"line {number}: JSON nested too deeply")
+                continue
             if isinstance(row, dict):
                 rows.append((number, row))
             else:
@@ -148,10 +151,25 @@ def parse(text: str, filename: str) -> list[tuple[int, dict]]:
             raise ImportRejected(errors)
         return rows
     reader = csv.DictReader(io.StringIO(stripped))
-    missing = {"kind", "image_sha256"} - set(reader.fieldnames or [])
-    if missing:
-        raise ImportRejected([f"line 1: the header lacks {', '.join(sorted(missing))}"])
-    return [(reader.line_num, row) for row in reader]
+    try:
+        missing = {"kind", "image_sha256"} - set(reader.fieldnames or [])
+        if missing:
+            raise ImportRejected([f"line 1: the header lacks {', '.join(sorted(missing))}"])
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as error:  # a field over csv's size limit, a stray NUL, …
+        line = reader.line_num + 1  # the line that failed was not counted yet
+        raise ImportRejected([f"line {line}: not readable CSV ({error})"]) from None
+
+
+TEXT_FIELDS = ("kind", "image_sha256", "source_url", "other_sha256", "other_source_url", "pick")
+
+
+def _text_fields_ok(row: dict, number: int, errors: list[str]) -> bool:
+    """JSON may put a list or an object where text belongs; say so instead of failing later."""
+    bad = [k for k in TEXT_FIELDS if row.get(k) is not None and not isinstance(row[k], str)]
+    for name in bad:
+        errors.append(f"line {number}: {name} must be text, not {type(row[name]).__name__}")
+    return not bad
 
 
 def _timestamp(value, number: int, name: str, errors: list[str]) -> datetime | None:
@@ -169,6 +187,8 @@ def validate(rows: list[tuple[int, dict]]) -> list[dict]:
     """Check every row and normalise it; raise ImportRejected listing all problems."""
     clean, errors = [], []
     for number, row in rows:
+        if not _text_fields_ok(row, number, errors):
+            continue
         kind = str(row.get("kind") or "").strip()
         item = {
             "line": number,

@@ -36,7 +36,9 @@ DEFAULTS: dict[str, object] = {
     # Anyone may register; the first account becomes an admin.
     "ALLOW_REGISTRATION": True,
     # Sign-in attempts per client address and per username.
-    "LOGIN_RATE_LIMIT": "10 per minute;50 per hour",
+    "LOGIN_RATE_LIMIT": "10 per minute;50 per hour",  # failed sign-ins, per address and per
+    # address + username (never per username alone: that would let anyone lock the owner out)
+    "REGISTER_RATE_LIMIT": "5 per minute;20 per hour",  # new accounts per address
     # Largest request body (bytes): rating imports and uploads (a batch of files).
     "MAX_CONTENT_LENGTH": 200 * 2**20,
     # Images: how many the demo pack adds per click, thumbnail size, validation limits.
@@ -65,7 +67,8 @@ DEFAULTS: dict[str, object] = {
     # Crowd page: an image needs this many raters before agreement means anything.
     "CROWD_MIN_RATERS": 3,
     # "Train my taste": the base model (a hub id, a diffusers folder, a .safetensors file, or
-    # "demo": the tiny built-in model, random weights, offline), and the ratings it needs.
+    # "demo": the built-in demo world, a tiny model trained on the demo pack, offline), and the
+    # ratings it needs.
     "BASE_MODEL": "demo",
     "TASTE_MIN_RATINGS": 30,
     # A scorer file whose trunk personal scorers start from; empty: the crowd model when an
@@ -78,9 +81,12 @@ DEFAULTS: dict[str, object] = {
     "TASTE_LATENTS": {},
     # Unrated pool images the new scorer scores, to show the ones it predicts I'd love and hate.
     "TASTE_PREDICT_POOL": 200,
+    # A prompt file ([train] and [eval] sections, like trainer/prompts.txt) for LoRA training,
+    # its evaluation and the grid; empty: the base's own set (the demo world has its own words).
+    "TASTE_PROMPTS": "",
     # The before/after grid: held-out prompts and seeds, and denoising steps per image.
-    "TASTE_GRID_PROMPTS": 3,
-    "TASTE_GRID_SEEDS": 1,
+    "TASTE_GRID_PROMPTS": 4,
+    "TASTE_GRID_SEEDS": 2,
     "TASTE_SAMPLE_STEPS": 20,
     # "Improve this image": settings for trainer.sample.refine (empty: its defaults).
     "TASTE_REFINE": {},
@@ -106,12 +112,22 @@ def load_settings(app, test_config: dict | None) -> None:
     instance = Path(app.instance_path)
     instance.mkdir(parents=True, exist_ok=True)
     app.config["STORAGE_ROOT"] = str(Path(app.config["STORAGE_ROOT"] or instance))
+    if not app.config["DATABASE_URL"]:
+        _owner_only(instance / "tastebud.db")
     app.config["SQLALCHEMY_DATABASE_URI"] = (
         app.config["DATABASE_URL"] or f"sqlite:///{instance / 'tastebud.db'}"
     )
     app.config["RATELIMIT_STORAGE_URI"] = app.config.get("RATELIMIT_STORAGE_URI", "memory://")
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = _instance_secret(instance / "secret_key")
+
+
+def _owner_only(database: Path) -> None:
+    """Make the SQLite file (password hashes, the civitai key) readable by its owner only."""
+    # Created here, before SQLite opens it, so it is never world-readable even briefly; SQLite
+    # gives its -wal and -shm files the database file's mode.
+    os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+    database.chmod(0o600)  # an older instance's 0644 file too
 
 
 def _instance_secret(path: Path) -> str:

@@ -250,13 +250,18 @@ class TasteRun:
             love, hate = pairs[:shown], pairs[::-1][:shown]
         self.record(scorer={**trained.metrics, "init": start}, love=love, hate=hate)
 
+    @property
+    def prompts_file(self) -> Path:
+        """The prompt set: the TASTE_PROMPTS setting, else the base model's own."""
+        return Path(self.config.get("TASTE_PROMPTS") or self.base.prompts_file)
+
     def train_lora(self) -> None:
         """Train my taste LoRA against my scorer; on GPU OOM retry once, smaller."""
         import torch
 
         from trainer import lora
 
-        preset = lora.DEMO_PRESET if self.base.is_demo else {}
+        preset = lora.preset_for(self.base) | {"prompts_file": str(self.prompts_file)}
         config = lora.TasteLoraConfig.from_dict({**preset, **self.config["TASTE_LORA"]})
         train = functools.partial(
             lora.train,
@@ -304,7 +309,7 @@ class TasteRun:
         from trainer.prompts import read_prompts
         from trainer.scorer import load_scorer
 
-        prompts = read_prompts("eval")[: int(self.config["TASTE_GRID_PROMPTS"])]
+        prompts = read_prompts("eval", self.prompts_file)[: int(self.config["TASTE_GRID_PROMPTS"])]
         seeds = list(range(int(self.config["TASTE_GRID_SEEDS"])))
         model, _ = load_scorer(self.folder / SCORER)
         model.to(self.base.pipeline.device)

@@ -25,3 +25,15 @@ document.addEventListener("change", (event) => {
 document.addEventListener("reset", (event) => {  // fires before the reset, so look right after
   setTimeout(() => event.target.querySelectorAll(".dropzone input[type=file]").forEach(showChosen));
 });
+
+// An upload form empties itself once its files are in (no inline handler: the CSP forbids them).
+document.addEventListener("htmx:afterRequest", (event) => {
+  const form = event.detail.elt.closest?.("form[data-reset-after-upload]");
+  if (form && event.detail.successful) form.reset();
+});
+
+// A form with data-confirm asks first (instead of an inline onsubmit, which the CSP forbids).
+document.addEventListener("submit", (event) => {
+  const question = event.target.dataset?.confirm;
+  if (question && !window.confirm(question)) event.preventDefault();
+});

@@ -132,3 +132,124 @@ def test_cli_refuses_bad_accounts(runner):
     result = runner.invoke(args=["user", "create", "x y", "--password", "short"])
     assert result.exit_code != 0
     assert "at least 8 characters" in result.output and "Usernames are" in result.output
+
+
+def test_database_file_is_readable_by_its_owner_only(tmp_path):
+    (tmp_path / "instance").mkdir()
+    old = tmp_path / "instance" / "tastebud.db"
+    old.touch(mode=0o644)  # as an older version left it
+    old.chmod(0o644)
+    app = create_app({"TESTING": True, "QUEUE": "immediate"}, instance_path=str(old.parent))
+    with app.app_context():
+        db.session.execute(db.text("select 1"))
+        db.engine.dispose()
+    assert old.stat().st_mode & 0o777 == 0o600  # password hashes and the civitai key
+    fresh = create_app({"TESTING": True, "QUEUE": "immediate"}, instance_path=str(tmp_path / "new"))
+    with fresh.app_context():
+        db.engine.dispose()
+    assert (tmp_path / "new" / "tastebud.db").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "new" / "secret_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_simultaneous_first_registrations_make_exactly_one_admin(tmp_path):
+    import threading
+
+    from tests.conftest import Site
+
+    app = create_app(
+        {
+            "TESTING": True,
+            "QUEUE": "immediate",
+            "SECRET_KEY": "x",
+            "REGISTER_RATE_LIMIT": "99/minute",
+        },
+        instance_path=str(tmp_path),
+    )
+    sites = [Site(app.test_client()) for _ in range(8)]
+    tokens = [site.token() for site in sites]  # every form loaded before anyone submits
+    start, codes = threading.Barrier(len(sites)), []
+
+    def register(site: Site, token: str, name: str) -> None:
+        start.wait()
+        form = {"username": name, "password": "correct horse", "confirm": "correct horse"}
+        codes.append(site.client.post("/register", data=form | {"csrf_token": token}).status_code)
+
+    threads = [
+        threading.Thread(target=register, args=(s, t, f"user{i}"))
+        for i, (s, t) in enumerate(zip(sites, tokens, strict=True))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert codes == [302] * 8
+    with app.app_context():
+        users = db.session.scalars(db.select(User)).all()
+        assert len(users) == 8
+        assert sum(u.is_admin for u in users) == 1
+        assert sum(bool(u.founder) for u in users) == 1
+        db.engine.dispose()
+
+
+def test_someone_elses_failures_never_lock_the_owner_out(tmp_path):
+    app = create_app(
+        {"TESTING": True, "QUEUE": "immediate", "LOGIN_RATE_LIMIT": "3 per minute"},
+        instance_path=str(tmp_path),
+    )
+    app.config["WTF_CSRF_ENABLED"] = False
+    owner, attacker = app.test_client(), app.test_client()
+    form = {"username": "alice", "password": "correct horse", "confirm": "correct horse"}
+    assert owner.post("/register", data=form).status_code == 302
+    owner.post("/logout")
+    guesses = [
+        attacker.post(
+            "/login",
+            data={"username": "alice", "password": f"guess {i}"},
+            environ_base={"REMOTE_ADDR": "10.9.9.9"},
+        ).status_code
+        for i in range(5)
+    ]
+    assert guesses == [400, 400, 400, 429, 429]  # the attacker is slowed...
+    signed_in = owner.post("/login", data={"username": "alice", "password": "correct horse"})
+    assert signed_in.status_code == 302  # ...and the owner, from their own address, is not
+
+
+def test_sign_out_ends_a_copied_session_cookie(site, client):
+    site.register("alice")
+    assert client.get("/rate").status_code == 200
+    copied = client.get_cookie("session").value
+    site.logout()
+    client.set_cookie("session", copied)  # the cookie as it was before signing out
+    assert client.get("/rate").status_code == 302  # back to sign-in: it no longer works
+    site.login("alice")
+    assert client.get("/rate").status_code == 200
+
+
+def test_unknown_and_known_usernames_cost_the_same_hashing(app, site, monkeypatch):
+    site.register("alice")
+    site.logout()
+    import rating.auth
+
+    checked = []
+    real = rating.auth.check_password_hash
+    monkeypatch.setattr(
+        rating.auth, "check_password_hash", lambda h, p: checked.append(h) or real(h, p)
+    )
+    site.login("nobody", "wrong password")
+    site.login("alice", "wrong password")
+    assert len(checked) == 2  # a hash is checked for the unknown name too
+    assert checked[0] == rating.auth.DUMMY_HASH and checked[1] != checked[0]
+
+
+def test_registration_is_rate_limited(tmp_path):
+    app = create_app(
+        {"TESTING": True, "QUEUE": "immediate", "REGISTER_RATE_LIMIT": "2 per minute"},
+        instance_path=str(tmp_path),
+    )
+    app.config["WTF_CSRF_ENABLED"] = False
+    client = app.test_client()
+    codes = [
+        client.post("/register", data={"username": f"u{i}", "password": "x"}).status_code
+        for i in range(3)
+    ]
+    assert codes == [400, 400, 429]

@@ -58,26 +58,32 @@ def test_demo_does_not_disturb_the_global_random_stream():
 
 
 def test_demo_renders_the_same_image_twice(demo):
-    first, second = render(demo.pipeline), render(build_demo_pipeline())
-    assert first.shape == (64, 64, 3)
+    first, second = render(demo.pipeline), render(load_base(DEMO, device="cpu").pipeline)
+    assert first.shape == (32, 32, 3)
     assert np.isfinite(first).all()
     np.testing.assert_array_equal(first, second)
 
 
 def test_demo_has_sd1_structure(demo):
     pipe = demo.pipeline
-    assert demo.is_demo and demo.name == DEMO and demo.resolution == 64
+    assert demo.is_demo and demo.name == DEMO and demo.resolution == 32
     assert isinstance(pipe.unet, UNet2DConditionModel)
     assert isinstance(pipe.vae, AutoencoderKL)
     assert isinstance(pipe.text_encoder, CLIPTextModel)
     assert isinstance(pipe.tokenizer, CLIPTokenizer)
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 4
+    assert pipe.vae_scale_factor == 4  # the demo world's VAE: 3 levels, 32 px → 8×8
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    latents = pipe.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8)
+
+
+def test_test_models_keep_sd1_structure_at_64_px():
+    pipe = build_demo_pipeline()  # what unit tests build from config: random, 8× VAE
     assert pipe.vae_scale_factor == 8
     assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
-    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-    latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
-    assert latents.shape == (1, 4, 8, 8)
+    assert pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 8, 8)
 
 
 def test_demo_tokenizer_works_offline(demo):
@@ -141,6 +147,8 @@ def test_info_cli_prints_a_json_summary(capsys):
     base.main(["info", "--base", DEMO, "--device", "cpu"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["name"] == DEMO and summary["is_demo"] is True
-    assert summary["resolution"] == 64 and summary["latent_shape"] == [4, 8, 8]
+    assert summary["resolution"] == 32 and summary["latent_shape"] == [4, 8, 8]
+    assert summary["demo_world"]["config"]["image_size"] == 32
+    assert summary["prompts_file"].endswith("prompts_demo.txt")
     assert summary["device"] == "cpu"
     assert all(count > 0 for count in summary["parameters"].values())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rating.sources.demo_art import (
+from trainer.demo_art import (
     DEMO_STYLES,
     demo_image_size,
     demo_image_style,

@@ -137,14 +137,25 @@ def test_kohya_file_reproduces_the_trained_unet_and_strength_zero_the_base(train
     assert torch.equal(unet_output(pipe, trained.inputs), trained.base)
 
 
-def test_diffusers_file_in_the_bundle_reproduces_the_trained_unet(trained, tmp_path):
+def test_bundle_has_only_files_every_loader_reads_and_all_are_readable(trained, tmp_path):
     paths = write_bundle(
         trained.checkpoint, tmp_path / "bundle", name="taste", preview=None, info=INFO
     )
-    pipe = loaded(paths["diffusers"].parent, weight_name=paths["diffusers"].name)
+    # A diffusers-format file beside the kohya one is listed by A1111/Forge/ComfyUI (they
+    # scan models/Lora recursively) and loads as nothing there: it is not in the bundle.
+    files = sorted(p.relative_to(tmp_path / "bundle").as_posix() for p in paths.values())
+    assert files == ["README.md", "taste.json", "taste.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "bundle").rglob("*")) == files
     assert "preview" not in paths["readme"].read_text()  # none given, none promised
-    # The same fp32 bytes the trained UNet had: only float summation order may differ.
-    assert (unet_output(pipe, trained.inputs) - trained.fp32).abs().max().item() <= 1e-6
+    assert 'weight_name="taste.safetensors"' in paths["readme"].read_text()
+    for path in paths.values():  # a loader running as another user can read every file
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755
+    archive = zip_bundle(tmp_path / "bundle", tmp_path / "taste.zip")
+    assert archive.stat().st_mode & 0o777 == 0o644
+    with zipfile.ZipFile(archive) as opened:
+        modes = {i.filename: (i.external_attr >> 16) & 0o777 for i in opened.infolist()}
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_kohya_metadata_is_present_and_parseable(trained, tmp_path):
@@ -179,7 +190,7 @@ def test_bundle_holds_every_file_and_the_a1111_card(trained, tmp_path):
         trained.checkpoint, tmp_path / "out", name="Ann's taste", preview=preview, info=INFO
     )
     stem = "Ann_s_taste"
-    names = {"kohya": f"{stem}.safetensors", "diffusers": lora.WEIGHTS_NAME}
+    names = {"kohya": f"{stem}.safetensors"}
     names |= {"preview": f"{stem}.preview.png", "sidecar": f"{stem}.json", "readme": "README.md"}
     assert {kind: path.name for kind, path in paths.items()} == names
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names.values())
@@ -263,7 +274,7 @@ def test_cli_writes_a_bundle_and_prints_its_paths(trained, tmp_path, capsys):
     argv = ["--checkpoint", str(trained.checkpoint), "--out", str(tmp_path / "b"), "--name", "t"]
     main([*argv, "--info", json.dumps(INFO), "--preview", str(tmp_path / "grid.png")])
     paths = json.loads(capsys.readouterr().out)
-    assert set(paths) == {"kohya", "diffusers", "preview", "sidecar", "readme"}
+    assert set(paths) == {"kohya", "preview", "sidecar", "readme"}
     assert all(Path(path).is_file() for path in paths.values())
 
 

@@ -264,7 +264,7 @@ def test_cli_exports_and_describes(images, tmp_path, capsys, monkeypatch):
     lt.main(argv)
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 3 and summary["encoded"] == 3
-    assert summary["latent_shape"] == [4, 8, 8] and summary["resolution"] == RESOLUTION
+    assert summary["latent_shape"] == [4, 8, 8] and summary["resolution"] == 32  # demo world
     loaded = lt.load_latents_file(out)
     assert loaded.scores.tolist() == [2.0, 3.0, 4.5]
     assert loaded.sha256s == [lt.image_sha256(p) for p in images]

@@ -111,6 +111,30 @@ def test_a_bad_file_imports_nothing_and_says_which_lines(app, admin_site):
     assert "the header lacks" in upload(admin_site, "a,b\n1,2\n", "x.csv")
 
 
+def test_hostile_files_get_a_clear_400_listing_the_lines(app, admin_site):
+    huge = "kind,image_sha256,stars\nrating," + "a" * 140_000 + ",4\n"  # over csv's field limit
+    odd = (
+        '{"kind": "rating", "source_url": ["http://x"], "stars": 3}\n'
+        '{"kind": "rating", "image_sha256": {"a": 1}, "stars": 3}\n'
+    )
+    deep = "[" * 100_000 + "]" * 100_000 + "\n"
+    for text, name, said in [
+        (huge, "huge.csv", "line 2: not readable CSV"),
+        (odd, "odd.jsonl", "line 1: source_url must be text, not list"),
+        (odd, "odd.jsonl", "line 2: image_sha256 must be text, not dict"),
+        (deep, "deep.jsonl", "line 1: JSON nested too deeply"),
+    ]:
+        response = admin_site.post(
+            "/me/ratings/import",
+            {"file": (io.BytesIO(text.encode()), name)},
+            content_type="multipart/form-data",
+        )
+        html = response.get_data(as_text=True)
+        assert response.status_code == 400 and said in html, (name, response.status_code)
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Rating.id))) == 0
+
+
 def test_unknown_images_are_skipped_and_counted(app, admin_site):
     with app.app_context():
         sha = db.session.get(Image, 2).sha256

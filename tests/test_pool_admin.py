@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 from rating.models import Image, Job, Rating, Source, db, site_setting
 from rating.ratings import save_rating
@@ -132,3 +133,30 @@ def test_api_key_is_never_shown_back_in_full(app, site, client):
     site.post("/admin/pool/settings", {"clear_api_key": "on"})
     with app.app_context():
         assert site_setting("civitai_api_key") == ""
+
+
+def test_hidden_images_are_not_served_and_undo_does_not_bring_them_back(
+    app, admin_site, second_site
+):
+    second_site.register("bob")
+    html = second_site.client.get("/rate").text
+    image_id = int(re.search(r'data-image-id="(\d+)"', html).group(1))
+    fields = dict(re.findall(r'name="(queue|skipped|history)" value="([^"]*)"', html))
+    rated = second_site.post(f"/rate/{image_id}", fields | {"stars": 4}, htmx=True).text
+    with app.app_context():
+        sha = db.session.get(Image, image_id).sha256
+    urls = (f"/img/{sha}.jpg", f"/img/{sha}/original")
+
+    def codes(site) -> list[int]:
+        responses = [site.client.get(url) for url in urls]
+        for response in responses:
+            response.close()
+        return [response.status_code for response in responses]
+
+    assert codes(second_site) == [200, 200]
+    admin_site.post(f"/admin/pool/images/{image_id}/hidden", {"hidden": "1"})
+    assert codes(second_site) == [404, 404]
+    assert codes(admin_site) == [200, 200]  # an admin still sees it, to unhide it
+    fields = dict(re.findall(r'name="(queue|skipped|history)" value="([^"]*)"', rated))
+    undone = second_site.post("/rate/undo", fields, htmx=True).text
+    assert f'data-image-id="{image_id}"' not in undone and "Undone" in undone

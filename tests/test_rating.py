@@ -42,7 +42,7 @@ def test_rating_commits_and_shows_the_next_image(app, admin_site, client):
     assert my_ratings(app) == {first: 4}
     assert after["image"] not in (None, first)
     assert after["rated"] == 1
-    assert after["history"] == str(first)
+    assert after["history"] == f"{first}:4"  # the image and the stars this page gave it
     assert 'id="rate-card"' in after["html"] and "<html" not in after["html"]  # a fragment
 
 
@@ -89,12 +89,27 @@ def test_rerating_updates_and_undo_restores(app, admin_site, client):
     assert "Undone" in undone["html"]
     again = rate(admin_site, undone, 2)
     assert my_ratings(app) == {image: 2}
-    # re-rate from My ratings, then undo on the rating page restores the earlier stars
+    # re-rate from My ratings: undo on the rating page undoes only what that page did
     admin_site.post(f"/me/ratings/{image}", {"stars": 4}, htmx=True)
     assert my_ratings(app) == {image: 4}
-    data = {"queue": again["queue"], "history": str(image), "skipped": ""}
-    card(admin_site.post("/rate/undo", data, htmx=True))
-    assert my_ratings(app) == {image: 2}
+    data = {"queue": again["queue"], "history": again["history"], "skipped": ""}
+    changed = card(admin_site.post("/rate/undo", data, htmx=True))
+    assert my_ratings(app) == {image: 4} and "changed since" in changed["html"]
+
+
+def test_undo_sent_twice_undoes_once(app, admin_site, client):
+    state = card(client.get("/rate"))
+    image = state["image"]
+    state = rate(admin_site, state, 3)
+    data = {"queue": state["queue"], "history": state["history"], "skipped": ""}
+    state = rate(admin_site, card(admin_site.post("/rate/undo", data, htmx=True)), 3)
+    state = rate(admin_site, {**state, "image": image}, 5)  # change it: 3 → 5
+    assert my_ratings(app) == {image: 5}
+    data = {"queue": state["queue"], "history": state["history"], "skipped": ""}
+    first = card(admin_site.post("/rate/undo", data, htmx=True))
+    replay = card(admin_site.post("/rate/undo", data, htmx=True))  # the same request again
+    assert my_ratings(app) == {image: 3}  # the 3 is kept, not lost to the replay
+    assert "Undone" in first["html"] and "Already undone" in replay["html"]
 
 
 def test_double_click_keeps_one_rating_and_undo_still_works(app, admin_site, client):
@@ -102,7 +117,7 @@ def test_double_click_keeps_one_rating_and_undo_still_works(app, admin_site, cli
     rate(admin_site, state, 3)
     second = rate(admin_site, state, 3)  # the same request again
     assert my_ratings(app) == {state["image"]: 3}
-    assert second["history"] == f"{state['image']}"
+    assert second["history"] == f"{state['image']}:3"
     data = {"queue": second["queue"], "history": second["history"], "skipped": ""}
     card(admin_site.post("/rate/undo", data, htmx=True))
     assert my_ratings(app) == {}
@@ -133,7 +148,7 @@ def test_unknown_or_hidden_images_answer_404(app, admin_site):
 
 def test_garbage_sitting_fields_are_ignored(admin_site, client):
     state = card(client.get("/rate"))
-    data = {"queue": "1,,abc,-4", "skipped": "x" * 5000, "history": "9999,'; drop", "stars": 3}
+    data = {"queue": "1,,abc,-4", "skipped": "x" * 5000, "history": "9999:9,'; drop", "stars": 3}
     after = card(admin_site.post(f"/rate/{state['image']}", data, htmx=True))
     assert after["image"] is not None
 
@@ -149,7 +164,7 @@ def pair(response) -> dict:
     """Read a pair card: the two image ids and hidden fields."""
     html = response.get_data(as_text=True)
     assert response.status_code == 200, html
-    fields = dict(re.findall(r'name="(recent|history|upcoming)" value="([^"]*)"', html))
+    fields = dict(re.findall(r'name="(recent|history|upcoming|token)" value="([^"]*)"', html))
     match = re.search(r'action="/pairs/(\d+)/(\d+)"', html)
     fields["pair"] = (int(match.group(1)), int(match.group(2))) if match else None
     fields["picks"] = int(re.search(r'data-picks="(\d+)"', html).group(1))
@@ -162,8 +177,10 @@ def test_pairwise_picks_are_stored_as_comparisons(app, admin_site, client):
     for outcome in ("a", "b", "tie"):
         a, b = state["pair"]
         shown.append((a, b, outcome))
-        data = {k: state[k] for k in ("recent", "history", "upcoming")} | {"outcome": outcome}
-        next_state = pair(admin_site.post(f"/pairs/{a}/{b}", data, htmx=True))
+        data = {k: state[k] for k in ("recent", "history", "upcoming", "token")}
+        next_state = pair(
+            admin_site.post(f"/pairs/{a}/{b}", data | {"outcome": outcome}, htmx=True)
+        )
         assert next_state["pair"] == tuple(int(i) for i in state["upcoming"].split(","))
         state = next_state
     assert state["picks"] == 3
@@ -217,3 +234,16 @@ def test_images_need_a_signed_in_person(app, admin_site, client):
     with app.app_context():
         sha = db.session.get(Image, 1).sha256
     assert client.get(f"/img/{sha}.jpg").status_code == 302
+
+
+def test_a_pick_sent_twice_is_stored_once(app, admin_site, client):
+    state = pair(client.get("/pairs"))
+    a, b = state["pair"]
+    data = {k: state[k] for k in ("recent", "history", "upcoming", "token")} | {"outcome": "a"}
+    first = pair(admin_site.post(f"/pairs/{a}/{b}", data, htmx=True))
+    again = pair(admin_site.post(f"/pairs/{a}/{b}", data, htmx=True))  # the same request
+    assert first["picks"] == again["picks"] == 1
+    assert first["history"] == again["history"]  # the replay names the same comparison
+    assert first["token"] != state["token"]  # each new card gets a token of its own
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Comparison.id))) == 1

@@ -11,14 +11,16 @@ from PIL import Image
 
 from trainer import lora
 from trainer import sample as sm
-from trainer.base import DEMO, build_demo_pipeline, load_base
+from trainer.base import DEMO, load_base
+from trainer.demo_world import load_world
 from trainer.latents import encode_pixels, load_pixels
-from trainer.prompts import read_prompts
+from trainer.prompts import DEMO_PROMPTS_FILE, read_prompts
 from trainer.scorer import Scorer, ScorerConfig, TrainedScorer, predict, save_scorer
 
 TINY = ScorerConfig(channels=(8, 16, 32, 64))
 PROMPTS = ["a red apple on a table", "a lighthouse at dusk"]
 SEEDS = [0, 1]
+SIDE = 32  # the demo world's pictures
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,8 @@ def scorer_file(scorer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def taste_lora(tmp_path_factory):
-    """Return a LoRA checkpoint folder whose adapter visibly changes the demo UNet."""
-    pipe = build_demo_pipeline()
+    """Return a LoRA checkpoint folder whose adapter visibly changes the demo world's UNet."""
+    pipe = load_world()  # a copy of the demo world, so the shared `base` stays untouched
     pipe.unet.add_adapter(lora.lora_config(4, 8), adapter_name=lora.ADAPTER)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -79,8 +81,8 @@ def plain_run(pipeline, prompt: str, seed: int, output_type: str):
         prompt,
         num_inference_steps=2,
         guidance_scale=7.5,
-        height=64,
-        width=64,
+        height=SIDE,
+        width=SIDE,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,
     ).images
@@ -96,7 +98,7 @@ def test_refine_raises_the_score_within_the_step_count(base, scorer, picture):
     assert result.after_score > result.before_score + 1e-4
     assert result.steps == 5 and [step for step, _, _ in seen] == [1, 2, 3, 4, 5]
     assert 0 < result.change <= 0.2 + 1e-6
-    assert result.before.size == result.after.size == (64, 64)
+    assert result.before.size == result.after.size == (SIDE, SIDE)
     assert 1 <= result.reencoded_score <= 5
     before, after = np.asarray(result.before, float), np.asarray(result.after, float)
     assert np.abs(after - before).mean() > 0.5  # the edit reaches the pixels
@@ -104,7 +106,7 @@ def test_refine_raises_the_score_within_the_step_count(base, scorer, picture):
 
 def test_refine_starts_from_the_latents_training_would_use(base, scorer, picture, tmp_path):
     picture.save(tmp_path / "in.png")
-    latents = encode_pixels(load_pixels(tmp_path / "in.png", 64)[None], base.pipeline.vae)
+    latents = encode_pixels(load_pixels(tmp_path / "in.png", SIDE)[None], base.pipeline.vae)
     config = sm.RefineConfig(steps=0)
     result = sm.refine(base, scorer, picture, config=config)
     assert result.before_score == pytest.approx(float(predict(scorer, latents)[0]), abs=1e-5)
@@ -147,7 +149,7 @@ def test_grid_has_every_cell_and_the_composite_size(made_grid):
     first_row = made_grid.cells[:4]
     assert [c.strength for c in first_row] == list(sm.STRENGTHS)
     assert {(c.prompt, c.seed) for c in first_row} == {(PROMPTS[0], SEEDS[0])}
-    side = 128  # 64 px cells enlarged to MIN_CELL
+    side = 128  # 32 px cells enlarged to MIN_CELL
     rows = len(PROMPTS) * len(SEEDS)
     height = sm.LABEL_HEIGHT + rows * (sm.LABEL_HEIGHT + side)
     assert made_grid.image.size == (4 * side, height)
@@ -218,7 +220,7 @@ def test_refine_cli_writes_the_image_and_prints_json(scorer_file, picture, tmp_p
     assert summary["after_score"] > summary["before_score"]
     assert 0 < summary["change"] <= sm.RefineConfig.max_change
     with Image.open(out) as written:
-        assert written.size == (64, 64)
+        assert written.size == (SIDE, SIDE)
 
 
 def test_grid_cli_writes_the_grid_and_prints_scores(scorer_file, taste_lora, tmp_path, capsys):
@@ -231,7 +233,7 @@ def test_grid_cli_writes_the_grid_and_prints_scores(scorer_file, taste_lora, tmp
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["scores_by_strength"]) == {"0", "0.5", "1", "-1"}
     assert summary["cells"] == 8 and summary["seeds"] == [0, 1]
-    assert summary["prompts"] == read_prompts("eval")[:1]  # held out from training
+    assert summary["prompts"] == read_prompts("eval", DEMO_PROMPTS_FILE)[:1]  # held out
     with Image.open(out) as written:
         assert written.size == (512, sm.LABEL_HEIGHT + 2 * (sm.LABEL_HEIGHT + 128))
 
@@ -252,3 +254,66 @@ def test_cli_bad_scorer_path_is_a_clear_error(picture, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and reason in err and str(scorer_path) in err
         assert not (tmp_path / "out.png").exists()
+
+
+# ---- individual samples ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kohya_file(taste_lora, tmp_path_factory):
+    """Return the kohya .safetensors of the taste LoRA, as the download bundle ships it."""
+    from trainer.export import write_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    return write_bundle(taste_lora, out, name="taste", preview=None, info={})["kohya"]
+
+
+def test_images_cli_writes_a_png_per_prompt_and_seed_and_an_index(scorer_file, tmp_path, capsys):
+    out = tmp_path / "plain"
+    sm.main(
+        ["images", "--base", DEMO, "--prompt", "an orb", "--prompt", "a rings"]
+        + ["--seeds", "0-2", "--steps", "3", "--scorer", str(scorer_file), "--out", str(out)]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    index = json.loads((out / "index.json").read_text())
+    assert summary["count"] == 6 and summary["strength"] == 0.0 and summary["lora"] is None
+    assert [(e["prompt"], e["seed"]) for e in index["images"]] == [
+        (p, s) for p in ("an orb", "a rings") for s in (0, 1, 2)
+    ]
+    for entry in index["images"]:
+        with Image.open(out / entry["file"]) as written:
+            assert written.size == (32, 32)
+        assert isinstance(entry["score"], float)
+
+
+def test_kohya_file_and_checkpoint_folder_give_the_same_samples(
+    base, taste_lora, kohya_file, tmp_path
+):
+    plain = sm.images(base, ["an orb"], [0, 1], steps=3)
+    folder = sm.images(base, ["an orb"], [0, 1], lora=taste_lora, strength=1.0, steps=3)
+    kohya = sm.images(base, ["an orb"], [0, 1], lora=kohya_file, strength=1.0, steps=3)
+    anti = sm.images(base, ["an orb"], [0, 1], lora=kohya_file, strength=-1.0, steps=3)
+    for a, b in zip(folder, kohya, strict=True):
+        # the kohya file holds fp16 weights: equal to the trained ones within that rounding
+        torch.testing.assert_close(a.latents, b.latents, atol=2e-3, rtol=0)
+    assert not torch.allclose(plain[0].latents, kohya[0].latents, atol=1e-3)
+    assert not torch.allclose(anti[0].latents, kohya[0].latents, atol=1e-3)
+    again = sm.images(base, ["an orb"], [0, 1], steps=3)  # no adapter left behind
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(plain, again, strict=True))
+
+
+def test_images_cli_refuses_a_file_that_is_not_a_lora(tmp_path, capsys):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04junk")
+    with pytest.raises(SystemExit) as exited:
+        sm.main(
+            ["images", "--base", DEMO, "--prompt", "an orb", "--out", str(tmp_path / "o")]
+            + ["--lora", str(tmp_path / "junk.safetensors")]
+        )
+    assert exited.value.code == 2 and "error: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "seeds"), [("0-3", [0, 1, 2, 3]), ("5", [5]), ("0-1,9", [0, 1, 9])]
+)
+def test_seed_lists(text, seeds):
+    assert sm._seed_list(text) == seeds

@@ -210,8 +210,10 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
         archive.extractall(tmp_path)
     stem = "bundle/tastebud-ada-taste-v1"
     expected = {f"{stem}.safetensors", f"{stem}.json", f"{stem}.preview.png", "bundle/README.md"}
-    assert expected <= names
-    assert_kohya_file_loads(tmp_path / "bundle", "tastebud-ada-taste-v1.safetensors")
+    assert names == expected  # only files every loader reads: no diffusers-format trap
+    with site_app.app_context():
+        checkpoint = taste_jobs.version_folder(version) / version.lora_dir
+    assert_kohya_file_loads(tmp_path / "bundle", "tastebud-ada-taste-v1.safetensors", checkpoint)
     assert_other_downloads(ada, version, tmp_path)
 
     improve_an_image(site_app, ada)
@@ -224,16 +226,19 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     assert ada.client.get(f"/taste/versions/{version.id}").status_code == 404
 
 
-def assert_kohya_file_loads(folder: Path, kohya_name: str) -> None:
-    """Load the kohya file, and the diffusers file, into fresh demo pipelines: same adapter."""
+def assert_kohya_file_loads(folder: Path, kohya_name: str, checkpoint: Path) -> None:
+    """Load the kohya file, and the trained checkpoint, into fresh demo pipelines: same adapter."""
     from peft.utils import get_peft_model_state_dict
 
-    from trainer.base import build_demo_pipeline
+    from trainer.demo_world import load_world
 
     adapters = []
-    for weight_name in (kohya_name, "pytorch_lora_weights.safetensors"):
-        pipe = build_demo_pipeline()
-        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="taste")
+    for where, weight_name in (
+        (folder, kohya_name),
+        (checkpoint, "pytorch_lora_weights.safetensors"),
+    ):
+        pipe = load_world()
+        pipe.load_lora_weights(str(where), weight_name=weight_name, adapter_name="taste")
         assert pipe.get_list_adapters() == {"unet": ["taste"]}
         adapters.append(get_peft_model_state_dict(pipe.unet, adapter_name="taste"))
     kohya, diffusers = adapters

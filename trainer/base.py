@@ -1,8 +1,10 @@
 """Load a base Stable Diffusion pipeline: a hub id, a local folder, a single file, or the demo.
 
-The "demo" base is a tiny SD-1.x-shaped pipeline with random weights from a fixed seed and
-a tokenizer built here from a byte-level vocabulary, so the whole flow runs offline and in
-tests. It draws noise-like pictures; everything that shows it labels it "demo".
+The "demo" base is the demo world: a tiny SD-1.x-shaped pipeline trained by this project on
+its own demo-pack pictures (trainer/demo_world.py; weights shipped beside it), with a
+tokenizer built here from a byte-level vocabulary, so the whole flow runs offline. Tests
+build the same structure with random weights from config (`build_demo_pipeline`).
+Everything that shows the demo labels it "demo".
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from trainer.device import pick_device
+from trainer.prompts import DEMO_PROMPTS_FILE, PROMPTS_FILE
 
 DEMO = "demo"
 ENV_BASE_MODEL = "TASTEBUD_BASE_MODEL"
@@ -41,8 +44,9 @@ class BaseModelNotFound(RuntimeError):
 class DemoConfig:
     """Sizes of the demo pipeline: SD 1.x structure, shrunk so CPU tests take seconds."""
 
-    latent_size: int = 8  # latents are 4×8×8, so images are 64×64 (VAE downsamples by 8)
+    latent_size: int = 8  # 4×8×8 latents; the image side is this × the VAE's downsampling
     unet_channels: tuple[int, ...] = (32, 64)  # two levels: one plain, one cross-attention
+    unet_attention: tuple[bool, ...] = (False, True)  # cross-attention per level (text control)
     vae_channels: tuple[int, ...] = (16, 32, 32, 32)  # four levels like SD 1.x → factor 8
     vae_groups: int = 16  # GroupNorm groups; must divide every VAE channel count
     text_width: int = 32  # CLIP hidden size, also the UNet's cross-attention width
@@ -58,7 +62,8 @@ class BaseModel:
     pipeline: StableDiffusionPipeline
     name: str  # "demo", or the hub id / path it was loaded from
     is_demo: bool
-    resolution: int  # image side in pixels: 512 for SD 1.x, 64 for the demo
+    resolution: int  # image side in pixels: 512 for SD 1.x, 32 for the demo world
+    prompts_file: Path  # the prompt set LoRAs train and evaluate on unless told otherwise
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -97,8 +102,12 @@ def build_demo_pipeline(seed: int = 0, config: DemoConfig | None = None) -> Stab
             out_channels=4,
             block_out_channels=config.unet_channels,
             layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=tuple(
+                "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.unet_attention
+            ),
+            up_block_types=tuple(
+                "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.unet_attention)
+            ),
             cross_attention_dim=config.text_width,
             attention_head_dim=8,
             norm_num_groups=min(32, *config.unet_channels),
@@ -238,7 +247,12 @@ def load_base(
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     spec = spec.strip()
     if spec == DEMO:
-        pipeline = build_demo_pipeline()
+        from trainer.demo_world import DemoWorldError, load_world  # it builds on this module
+
+        try:
+            pipeline = load_world()
+        except DemoWorldError as error:
+            raise BaseModelNotFound(str(error)) from error
         if dtype != torch.float32:  # loaders get dtype directly; only the demo is cast
             pipeline = pipeline.to(dtype=dtype)
     elif spec.lower().endswith(SINGLE_FILE_SUFFIXES):
@@ -252,7 +266,9 @@ def load_base(
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    return BaseModel(pipeline=pipeline, name=spec, is_demo=spec == DEMO, resolution=resolution)
+    is_demo = spec == DEMO
+    prompts = DEMO_PROMPTS_FILE if is_demo else PROMPTS_FILE
+    return BaseModel(pipeline, spec, is_demo, resolution, prompts)
 
 
 def summarize(base: BaseModel) -> dict:
@@ -268,8 +284,15 @@ def summarize(base: BaseModel) -> dict:
         "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
         "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."),
-        "demo_config": asdict(DemoConfig()) if base.is_demo else None,
+        "prompts_file": str(base.prompts_file),
+        "demo_world": _world_record() if base.is_demo else None,
     }
+
+
+def _world_record() -> dict:
+    from trainer.demo_world import read_record
+
+    return read_record()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Taste-LoRA files for other tools: kohya format (A1111, ComfyUI), diffusers format, a bundle.
+"""Taste-LoRA files for other tools: the kohya-format file every loader reads, and a bundle.
 
 The kohya file is built with diffusers' own converters (`convert_unet_state_dict_to_peft`,
 then `convert_state_dict_to_kohya`), so its keys name diffusers modules in kohya style:
@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import unicodedata
 import zipfile
@@ -44,7 +43,7 @@ from PIL import Image
 
 from trainer.base import DEMO
 from trainer.lora import WEIGHTS_NAME, LoraFileError, read_state
-from trainer.tensorfiles import folder_written_whole, read_safetensors, write_atomic
+from trainer.tensorfiles import FILE_MODE, folder_written_whole, read_safetensors, write_atomic
 
 KOHYA_KEY = re.compile(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)")
 ARCHITECTURE = "stable-diffusion-v1/lora"  # SAI ModelSpec id; also what the demo base mimics
@@ -249,8 +248,7 @@ trigger word — the taste applies to every prompt.
 
 ## Files
 
-- `{stem}.safetensors` — kohya format, fp16: AUTOMATIC1111, Forge, ComfyUI, diffusers
-- `{WEIGHTS_NAME}` — diffusers format, fp32
+- `{stem}.safetensors` — kohya format, fp16: AUTOMATIC1111, Forge, ComfyUI, kohya, diffusers
 {preview_line * preview}- `{stem}.json` — the card settings A1111 reads
 
 ## Use it
@@ -265,7 +263,7 @@ trigger word — the taste applies to every prompt.
 
 ```python
 pipe.load_lora_weights(
-    "path/to/this/folder", weight_name="{WEIGHTS_NAME}", adapter_name="taste"
+    "path/to/this/folder", weight_name="{stem}.safetensors", adapter_name="taste"
 )
 pipe.set_adapters(["taste"], adapter_weights=[{info.preferred_weight!r}])
 ```
@@ -280,15 +278,17 @@ def write_bundle(
     preview: Image.Image | None,
     info: dict,
 ) -> dict[str, Path]:
-    """Write the download bundle to `out_dir`: kohya and diffusers files, preview, card."""
+    """Write the download bundle to `out_dir`: the kohya file, preview, sidecar and card."""
     export_info = _export_info(info)
     stem = sanitize_name(name)
     out_dir = Path(out_dir)
     # Everything goes into a temp folder renamed at the end: a failure leaves no half bundle.
     with folder_written_whole(out_dir) as temp:
         kohya = save_kohya(checkpoint_dir, temp / f"{stem}.safetensors", name=name, info=info)
-        files = {"kohya": kohya.name, "diffusers": WEIGHTS_NAME}
-        shutil.copyfile(Path(checkpoint_dir, WEIGHTS_NAME), temp / WEIGHTS_NAME)
+        # Only files every tool reads: a diffusers-format file beside it would be listed by
+        # A1111/Forge/ComfyUI (they scan models/Lora recursively) and load as nothing, or at
+        # the wrong strength. diffusers reads the kohya file itself.
+        files = {"kohya": kohya.name}
         if preview is not None:
             preview.save(temp / f"{stem}.preview.png", format="PNG")
             files["preview"] = f"{stem}.preview.png"
@@ -317,7 +317,11 @@ def zip_bundle(bundle_dir: str | Path, zip_path: str | Path) -> Path:
         with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(bundle_dir.iterdir()):
                 if path.is_file():
-                    archive.write(path, f"{bundle_dir.name}/{path.name}")
+                    info = zipfile.ZipInfo.from_file(path, f"{bundle_dir.name}/{path.name}")
+                    info.external_attr = (0o100000 | FILE_MODE) << 16  # a plain 0644 file
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    archive.writestr(info, path.read_bytes())
+        os.chmod(temp, FILE_MODE)
         os.replace(temp, zip_path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -148,6 +148,7 @@ class TasteLoraConfig(FromDict):
     # plain fp32 throughout (load the base in float32)
     max_grad_norm: float = 1.0  # clip: one odd batch can't throw the adapter far
     seed: int = 0  # same seed, same prompts and noise → the same LoRA
+    prompts_file: str = ""  # a prompt file ([train] and [eval]); "" = the base's own set
 
     def check(self) -> None:
         """Raise TasteLoraError for settings that can't work together."""
@@ -177,6 +178,11 @@ DEMO_PRESET = {
     "eval_every": 30,
     "eval_prompts": 4,
 }
+
+
+def preset_for(base: BaseModel) -> dict:
+    """The settings a base needs beyond the SD 1.x defaults; the site and the CLI share them."""
+    return dict(DEMO_PRESET) if base.is_demo else {}
 
 
 def _adamw(params, config: TasteLoraConfig):
@@ -570,8 +576,9 @@ def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) 
             " dtype=torch.float32"
         )
     scorer.to(device).requires_grad_(False)
-    train_prompts = read_prompts("train")
-    eval_prompts = read_prompts("eval")[: config.eval_prompts]
+    prompts_file = config.prompts_file or base.prompts_file
+    train_prompts = read_prompts("train", prompts_file)
+    eval_prompts = read_prompts("eval", prompts_file)[: config.eval_prompts]
     seeds = config.eval_seeds
     noise = torch.stack(
         [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
@@ -687,19 +694,21 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--base", default=os.environ.get(ENV_BASE_MODEL, DEMO))
     tr.add_argument("--scorer", required=True, help="a scorer .safetensors (trainer.scorer)")
     tr.add_argument("--out", required=True, help="folder for checkpoints and summary.json")
-    tr.add_argument("--steps", type=int, default=TasteLoraConfig.steps)
+    tr.add_argument("--steps", type=int, help="gradient steps (default: the base's preset)")
     tr.add_argument("--rank", type=int, default=TasteLoraConfig.rank)
+    tr.add_argument("--prompts", help="prompt file with [train] and [eval] (default: the base's)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     tr.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     tr.add_argument("--config", help="JSON object of further TasteLoraConfig settings")
     args = parser.parse_args(argv)
     try:
         settings = json.loads(args.config) if args.config else {}
-        settings.update(steps=args.steps, rank=args.rank)
+        flags = {"steps": args.steps, "rank": args.rank, "prompts_file": args.prompts}
+        settings.update({k: v for k, v in flags.items() if v is not None})
         settings.setdefault("alpha", float(args.rank))
-        config = TasteLoraConfig.from_dict(settings)
-        config.check()
+        TasteLoraConfig.from_dict(settings).check()  # a bad setting fails before the load
         base = load_base(args.base, device=args.device)
+        config = TasteLoraConfig.from_dict({**preset_for(base), **settings})
         summary = train(base, args.scorer, args.out, config, resume=args.resume)
     except (
         BaseModelNotFound,

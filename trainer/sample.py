@@ -1,10 +1,13 @@
-"""Show what a taste does: before/after grids over LoRA strengths, and score-guided refinement.
+"""Show what a taste does: samples, before/after grids over LoRA strengths, refinement.
 
-A grid renders prompts × seeds at several strengths of the taste LoRA (0 is the base model,
+`images` renders prompts × seeds, one PNG each, with or without a taste LoRA — a checkpoint
+folder, or the kohya/diffusers .safetensors from the download bundle, loaded the way a
+user's tool loads it. A grid renders the same at several strengths (0 is the base model,
 −1 the anti-taste), from the same noise in every column, and scores every picture with the
 user's scorer on the latents the pipeline produced. Refinement raises one image's score by
 gradient ascent on its latents, within a bound on how far they may move.
 
+    python -m trainer.sample images --base demo --prompt "an orb" --seeds 0-7 --out DIR
     python -m trainer.sample refine --base demo --scorer s.safetensors --image in.png --out out.png
     python -m trainer.sample grid --base demo --scorer s.safetensors --lora CHECKPOINT --out g.png
 """
@@ -149,6 +152,69 @@ def refine(
     )
 
 
+# ---- samples --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated picture, the latents it was decoded from, and its score if asked for."""
+
+    prompt: str
+    seed: int
+    image: Image.Image
+    latents: torch.Tensor  # [4,h,w] scaled, on the CPU
+    score: float | None
+
+
+def images(
+    base: BaseModel,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    lora: str | Path | None = None,
+    strength: float = 1.0,
+    scorer: Scorer | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    progress: Progress = no_progress,
+) -> list[Sample]:
+    """Render every (prompt, seed), with the taste LoRA at `strength` when one is given.
+
+    A seed gives the same starting noise whatever the LoRA, so samples with and without it
+    differ only by the LoRA. The pipeline is left with no taste adapter loaded.
+    """
+    pipeline = base.pipeline
+    out = []
+    try:
+        use_taste(pipeline, lora, strength)
+        for done, prompt in enumerate(prompts, start=1):
+            latents = render(pipeline, prompt, seeds, base.resolution, steps, guidance)
+            scores = predict(scorer, latents.float()).tolist() if scorer else [None] * len(seeds)
+            pictures = decode(pipeline, latents)
+            for seed, image, x, score in zip(seeds, pictures, latents, scores, strict=True):
+                out.append(Sample(prompt, seed, image, x.float().cpu(), score))
+            progress(done, len(prompts), f"prompt {done} of {len(prompts)}")
+    finally:
+        _remove_taste(pipeline)
+    return out
+
+
+def write_images(samples: Sequence[Sample], out_dir: str | Path, facts: dict) -> dict:
+    """Save one PNG per sample and an index.json listing them with `facts`; return the index."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = list(dict.fromkeys(sample.prompt for sample in samples))
+    entries = []
+    for sample in samples:
+        name = f"p{prompts.index(sample.prompt):02d}-s{sample.seed:04d}.png"
+        sample.image.save(out_dir / name)
+        score = None if sample.score is None else round(sample.score, 4)
+        entries.append({"file": name, "prompt": sample.prompt, "seed": sample.seed, "score": score})
+    index = {**facts, "images": entries}
+    (out_dir / "index.json").write_text(json.dumps(index, indent=2))
+    return index
+
+
 # ---- grids ----------------------------------------------------------------------------------
 
 
@@ -181,11 +247,26 @@ def column_label(strength: float) -> str:
     return f"{name} {strength:g}".replace(" -", " −")  # a minus sign, not a hyphen
 
 
-def _use_strength(pipeline: StableDiffusionPipeline, lora: str | Path, strength: float) -> None:
-    if strength == 0:
-        _remove_taste(pipeline)  # the base model itself, not an adapter weighted by zero
-    else:
+def use_taste(pipeline: StableDiffusionPipeline, lora: str | Path | None, strength: float) -> None:
+    """Load a taste LoRA at `strength`: a checkpoint folder, or a LoRA .safetensors file.
+
+    A file goes through diffusers' own `load_lora_weights`, which reads kohya (A1111, ComfyUI)
+    and diffusers key names alike: the file is checked the way a user's tool would use it.
+    Strength 0 or no LoRA is the base model itself, not an adapter weighted by zero.
+    """
+    _remove_taste(pipeline)
+    if lora is None or strength == 0:
+        return
+    if Path(lora).is_dir():
         apply_lora(pipeline, lora, strength)
+        return
+    if not Path(lora).is_file():
+        raise LoraFileError(f"no LoRA file or checkpoint folder at {lora}")
+    try:
+        pipeline.load_lora_weights(str(lora), adapter_name=ADAPTER)
+    except (ValueError, KeyError, OSError) as error:
+        raise LoraFileError(f"{lora} is not a LoRA this base model can load: {error}") from None
+    pipeline.set_adapters([ADAPTER], adapter_weights=[strength])
 
 
 def _remove_taste(pipeline: StableDiffusionPipeline) -> None:
@@ -193,7 +274,7 @@ def _remove_taste(pipeline: StableDiffusionPipeline) -> None:
         pipeline.delete_adapters(ADAPTER)
 
 
-def _render(
+def render(
     pipeline: StableDiffusionPipeline,
     prompt: str,
     seeds: Sequence[int],
@@ -248,9 +329,9 @@ def grid(
                 break
             progress(done, len(jobs), f"{column_label(strength)}: prompt {p + 1} of {len(prompts)}")
             if column != column_in_use:
-                _use_strength(pipeline, lora_folder, strength)
+                use_taste(pipeline, lora_folder, strength)
                 column_in_use = column
-            latents = _render(pipeline, prompt, seeds, base.resolution, steps, guidance)
+            latents = render(pipeline, prompt, seeds, base.resolution, steps, guidance)
             scores = predict(scorer, latents.float())
             for k, (seed, image) in enumerate(zip(seeds, decode(pipeline, latents), strict=True)):
                 found[p * len(seeds) + k, column] = Cell(
@@ -333,10 +414,67 @@ def _numbers(kind: type, text: str) -> list:
         raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
 
 
+def _seed_list(text: str) -> list[int]:
+    """Parse "0-7" or "0,3,5" (or a mix: "0-3,9") into seeds."""
+    seeds = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            seeds += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a seed list like 0-7 or 0,3: {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be non-negative integers: {text!r}")
+    return seeds
+
+
+def _images_command(args) -> dict:
+    base = load_base(args.base, device=args.device)
+    scorer = None
+    if args.scorer:
+        scorer, _ = load_scorer(args.scorer)
+        scorer.to(base.pipeline.device)
+    made = images(
+        base,
+        args.prompt,
+        args.seeds,
+        lora=args.lora,
+        strength=args.strength,
+        scorer=scorer,
+        steps=args.steps,
+        guidance=args.guidance,
+    )
+    facts = {
+        "base": base.name,
+        "lora": args.lora,
+        "strength": args.strength if args.lora else 0.0,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "resolution": base.resolution,
+    }
+    index = write_images(made, args.out, facts)
+    scores = [e["score"] for e in index["images"] if e["score"] is not None]
+    summary = {k: v for k, v in index.items() if k != "images"} | {"count": len(made)}
+    if scores:
+        summary["mean_score"] = round(sum(scores) / len(scores), 4)
+    return summary | {"out": args.out}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Refine an image or draw a before/after grid: `python -m trainer.sample refine|grid ...`."""
+    """Sample images, refine one, or draw a grid: `python -m trainer.sample images|refine|grid`."""
     parser = argparse.ArgumentParser(prog="python -m trainer.sample")
     commands = parser.add_subparsers(dest="command", required=True)
+    im = commands.add_parser("images", help="one PNG per prompt and seed, and index.json")
+    im.add_argument("--base", default=os.environ.get(ENV_BASE_MODEL, DEMO))
+    im.add_argument("--prompt", action="append", required=True, help="repeat for more prompts")
+    im.add_argument("--seeds", type=_seed_list, default=[0], help="e.g. 0-7 or 0,3,5")
+    im.add_argument("--lora", help="kohya or diffusers .safetensors, or a checkpoint folder")
+    im.add_argument("--strength", type=float, default=1.0, help="LoRA weight; -1 = anti-taste")
+    im.add_argument("--scorer", help="also score every image with this scorer")
+    im.add_argument("--steps", type=int, default=25)
+    im.add_argument("--guidance", type=float, default=7.5)
+    im.add_argument("--out", required=True, help="folder for the PNGs and index.json")
+    im.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--base", default=os.environ.get(ENV_BASE_MODEL, DEMO))
     common.add_argument("--scorer", required=True, help="scorer .safetensors (trainer.scorer)")
@@ -351,11 +489,20 @@ def main(argv: list[str] | None = None) -> None:
     gr = commands.add_parser("grid", parents=[common], help="before/after grid over strengths")
     gr.add_argument("--lora", required=True, help="a taste LoRA checkpoint folder")
     gr.add_argument("--prompts", type=int, default=4, help="how many held-out [eval] prompts")
+    gr.add_argument("--prompt-file", help="[eval] prompt file (default: the base's)")
     gr.add_argument("--seeds", type=lambda s: _numbers(int, s), default=[0, 1], help="e.g. 0,1")
     gr.add_argument("--strengths", type=lambda s: _numbers(float, s), default=list(STRENGTHS))
     gr.add_argument("--steps", type=int, default=25)
     gr.add_argument("--guidance", type=float, default=7.5)
     args = parser.parse_args(argv)
+    if args.command == "images":
+        try:
+            summary = _images_command(args)
+        except (BaseModelNotFound, ScorerFileError, LoraFileError, ValueError, OSError) as error:
+            parser.exit(2, f"error: {error}\n")
+        json.dump(summary, sys.stdout)
+        print()
+        return
     try:
         scorer, _ = load_scorer(args.scorer)
         if args.command == "grid":
@@ -380,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
                 "out": args.out,
             }
         else:
-            prompts = read_prompts("eval")[: args.prompts]  # held out: never trained on
+            prompt_file = args.prompt_file or base.prompts_file
+            prompts = read_prompts("eval", prompt_file)[: args.prompts]  # never trained on
             made = grid(
                 base,
                 scorer,

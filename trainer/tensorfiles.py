@@ -13,6 +13,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+# mkstemp and mkdtemp make owner-only files (0600) and folders (0700). What this project writes
+# is meant to be read by other programs — a LoRA by a ComfyUI or A1111 service running as
+# another user — so each gets the mode a plain write under the usual umask 022 would give.
+FILE_MODE, FOLDER_MODE = 0o644, 0o755
+
 
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Save tensors to `path` so readers see the old file or the whole new one, never a part."""
@@ -23,6 +28,7 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     os.close(handle)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
+        os.chmod(temp, FILE_MODE)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -38,6 +44,7 @@ def folder_written_whole(folder: Path) -> Iterator[Path]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
+        temp.chmod(FOLDER_MODE)
         yield temp
         if folder.exists():
             shutil.rmtree(folder)

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from rating.jobs import JobProgress, handler
 from rating.models import Job, Source, db
 from rating.pool import ImportTally, PoolImporter
-from rating.sources.demo_art import demo_image_style, render_demo_image
+from trainer.demo_art import demo_image_style, render_demo_image
 
 
 def next_demo_index() -> int:

@@ -8,6 +8,7 @@ single-channel fields; colouring, compositing and drawing happen in Pillow on 8-
 import colorsys
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -17,7 +18,7 @@ Palette = np.ndarray  # (n, 3) float RGB in [0, 1]
 Field = np.ndarray  # (h, w) float32
 DrawFn = Callable[[ImageDraw.ImageDraw, int], None]  # draws at the given scale factor
 
-_MOODS = ("analogous", "complementary", "triadic", "mono", "pastel", "garish", "muddy")
+DEMO_MOODS = ("analogous", "complementary", "triadic", "mono", "pastel", "garish", "muddy")
 _MOOD_P = (0.22, 0.15, 0.1, 0.11, 0.15, 0.15, 0.12)  # about a quarter are meant to be unpleasant
 _SIZES = ((512, 512), (512, 768), (768, 512))
 _SIZE_P = (0.6, 0.2, 0.2)
@@ -423,13 +424,30 @@ def demo_image_style(index: int, *, seed: int = 0) -> str:
     return DEMO_STYLES[int(order[pos])]
 
 
-def render_demo_image(index: int, *, seed: int = 0) -> Image.Image:
-    """Render demo image number `index` (RGB), the same pixels for the same (index, seed)."""
+@dataclass(frozen=True)
+class DemoPicture:
+    """A rendered demo image and what the generator drew: the facts its prompt is made of."""
+
+    image: Image.Image
+    style: str  # one of DEMO_STYLES
+    mood: str  # one of DEMO_MOODS: the palette's character
+    grain: float  # film-grain amplitude, 0 for none; 0.14 is the heavy, grating setting
+
+
+def render_demo_picture(index: int, *, seed: int = 0) -> DemoPicture:
+    """Render demo image number `index` with its style, mood and grain."""
     rng = _rng(index, seed)
     w, h = _size(rng)
-    mood = _MOODS[int(rng.choice(len(_MOODS), p=_MOOD_P))]
-    img = _STYLE_FNS[demo_image_style(index, seed=seed)](rng, w, h, _palette(rng, mood), mood)
+    mood = DEMO_MOODS[int(rng.choice(len(DEMO_MOODS), p=_MOOD_P))]
+    style = demo_image_style(index, seed=seed)
+    img = _STYLE_FNS[style](rng, w, h, _palette(rng, mood), mood)
+    grain = 0.0
     if rng.random() < 0.5:  # film grain on half the set; the heavy setting is meant to grate
-        amp = rng.choice([0.03, 0.05, 0.14])
-        img = _add_luma(img, (rng.random((h, w), np.float32) - 0.5) * amp)
-    return img.convert("RGB")
+        grain = float(rng.choice([0.03, 0.05, 0.14]))
+        img = _add_luma(img, (rng.random((h, w), np.float32) - 0.5) * grain)
+    return DemoPicture(img.convert("RGB"), style, mood, grain)
+
+
+def render_demo_image(index: int, *, seed: int = 0) -> Image.Image:
+    """Render demo image number `index` (RGB), the same pixels for the same (index, seed)."""
+    return render_demo_picture(index, seed=seed).image
