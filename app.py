@@ -13,7 +13,7 @@ from flask_migrate import Migrate, upgrade
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import event
 
-from rating import admin, auth, crowd, jobs, me, media, pool_admin, rate, taste, upload
+from rating import admin, auth, crowd, jobs, me, media, pool_admin, rate, sharing, taste, upload
 from rating.limits import limiter
 from rating.models import User, db, site_setting
 from rating.pool import size_text
@@ -57,7 +57,14 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     for module in (auth, rate, me, crowd, admin, pool_admin, upload, media, taste):
         app.register_blueprint(module.bp)
     register_error_pages(app)
-    app.jinja_env.globals.update(site_setting=site_setting, size_text=size_text)
+    app.jinja_env.globals.update(
+        site_setting=site_setting,
+        size_text=size_text,
+        downloads_for=sharing.downloads_for,
+        version_url=sharing.version_url,
+        share_url=sharing.share_url,
+        scorer_reveals=sharing.SCORER_REVEALS,
+    )
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":

@@ -250,6 +250,10 @@ class TasteVersion(db.Model):
     # scorer metrics, love/hate predictions, LoRA figures, the grid's cells, phase timings
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     public: Mapped[bool] = mapped_column(default=False)
+    # What sharing exposes is decided in rating/sharing.py: the share link's token, and
+    # whether the owner also shares the scorer (never the ratings).
+    public_token: Mapped[str | None] = mapped_column(String(32), unique=True)
+    share_scorer: Mapped[bool] = mapped_column(default=False)
 
     owner: Mapped[User] = relationship()
     job: Mapped[Job | None] = relationship()

@@ -19,7 +19,7 @@ from flask import (
 from flask_login import current_user, login_required
 from sqlalchemy import func, select
 
-from rating import jobs
+from rating import jobs, sharing
 from rating import taste_jobs as work  # also registers the train_taste and refine_image jobs
 from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
 from rating.rate import page_or_fragment, visible_image_or_404
@@ -49,19 +49,6 @@ def latest_job(user_id: int, kind: str, **params) -> Job | None:
         .limit(100)
     )
     return next((j for j in found if params.items() <= j.params.items()), None)
-
-
-def viewer_id() -> int | None:
-    """Return the signed-in person's id, or None for a visitor."""
-    return current_user.id if current_user.is_authenticated else None
-
-
-def viewable_version_or_404(version_id: int) -> TasteVersion:
-    """Load a version its owner asks for, or anyone asks for once it is public; else 404."""
-    version = db.session.get(TasteVersion, version_id)
-    if version is None or not (version.public or version.owner_id == viewer_id()):
-        abort(404)
-    return version
 
 
 def phase_states(job: Job) -> list[tuple[str, str, str]]:
@@ -188,11 +175,9 @@ def cancel(job_id: int):
     return job_widget(found)
 
 
-@bp.get("/versions/<int:version_id>")
-def version(version_id: int):
-    """Show one taste version: figures, the grid, downloads (its owner's, or a public one)."""
-    found = viewable_version_or_404(version_id)
-    mine = found.owner_id == viewer_id()
+def render_version(found: TasteVersion):
+    """The version page: to its owner everything, to anyone else what sharing allows."""
+    mine = sharing.viewer_owns(found)
     return render_template(
         "taste/version.html",
         version=found,
@@ -202,12 +187,26 @@ def version(version_id: int):
     )
 
 
+@bp.get("/versions/<int:version_id>")
+@login_required
+def version(version_id: int):
+    """Show my taste version: figures, the grid, downloads, sharing."""
+    return render_version(get_or_404(TasteVersion, version_id, owner=current_user))
+
+
+@bp.get("/shared/<token>")
+def shared_version(token: str):
+    """Show a public version through its share link."""
+    return render_version(sharing.shared_version_or_404(token))
+
+
 @bp.post("/versions/<int:version_id>/public")
 @login_required
 def set_public(version_id: int):
-    """Make my version public (anyone may see and download it) or private again."""
+    """Make my version public (a share link anyone may open) or private again."""
     found = get_or_404(TasteVersion, version_id, owner=current_user)
-    found.public = request.form.get("public") == "1"
+    form = request.form
+    sharing.publish(found, form.get("public") == "1", share_scorer=form.get("share_scorer") == "1")
     db.session.commit()
     if not request.headers.get("HX-Request"):
         return redirect(url_for("taste.version", version_id=found.id))
@@ -229,11 +228,9 @@ def delete(version_id: int):
     return redirect(url_for("taste.page"))
 
 
-@bp.get("/versions/<int:version_id>/download/<what>")
-def download(version_id: int, what: str):
-    """Download a version's LoRA bundle (zip), scorer or latents+scores file."""
-    found = viewable_version_or_404(version_id)
-    if what not in DOWNLOADS:
+def send_download(found: TasteVersion, what: str):
+    """Send one of a version's files, if sharing lets this viewer have it."""
+    if what not in sharing.downloads_for(found):
         abort(404)
     column, suffix, mimetype = DOWNLOADS[what]
     path = work.version_path(found, getattr(found, column))
@@ -243,15 +240,39 @@ def download(version_id: int, what: str):
     return send_file(path, mimetype=mimetype, as_attachment=True, download_name=name)
 
 
-@bp.get("/versions/<int:version_id>/grid/<int:index>.png")
-def grid_cell(version_id: int, index: int):
+@bp.get("/versions/<int:version_id>/download/<what>")
+@login_required
+def download(version_id: int, what: str):
+    """Download my version's LoRA bundle (zip), scorer or latents+scores file."""
+    return send_download(get_or_404(TasteVersion, version_id, owner=current_user), what)
+
+
+@bp.get("/shared/<token>/download/<what>")
+def shared_download(token: str, what: str):
+    """Download what a public version shares (the LoRA bundle; the scorer if shared)."""
+    return send_download(sharing.shared_version_or_404(token), what)
+
+
+def send_grid_cell(found: TasteVersion, index: int):
     """Send one image of a version's before/after grid."""
-    found = viewable_version_or_404(version_id)
     cells = (found.metrics.get("grid") or {}).get("cells", [])
     if not found.grid_file or not 0 <= index < len(cells):
         abort(404)
     path = work.version_path(found, cells[index]["file"])
     return send_file(path, mimetype="image/png", max_age=3600)
+
+
+@bp.get("/versions/<int:version_id>/grid/<int:index>.png")
+@login_required
+def grid_cell(version_id: int, index: int):
+    """Send one image of my version's grid."""
+    return send_grid_cell(get_or_404(TasteVersion, version_id, owner=current_user), index)
+
+
+@bp.get("/shared/<token>/grid/<int:index>.png")
+def shared_grid_cell(token: str, index: int):
+    """Send one image of a public version's grid."""
+    return send_grid_cell(sharing.shared_version_or_404(token), index)
 
 
 @bp.get("/images/<int:image_id>")

@@ -106,6 +106,7 @@ def site_app(tmp_path_factory):
         "STORAGE_ROOT": "",
         "BASE_MODEL": "demo",
         "SCORER_INIT": "",
+        "REGISTER_RATE_LIMIT": "1000 per minute",  # one address registers everyone here
         **TINY,
     }
     app = create_app(config, instance_path=str(instance))
@@ -298,13 +299,48 @@ def others_see_nothing_until_it_is_public(app, ada: Site, version: TasteVersion,
     assert "v1" not in bob.client.get("/taste/").get_data(as_text=True)
 
     shared = ada.post(f"{base}/public", {"public": "1"}, htmx=True).get_data(as_text=True)
-    assert "Make private" in shared
-    assert fetch(bob, f"{base}/download/lora").status_code == 200
-    assert "by ada" in bob.client.get(base).get_data(as_text=True)
+    assert "Make private" in shared and "never your ratings" in shared
+    link = re.search(r'value="http://localhost(/taste/shared/([\w-]+))"', shared)
+    assert link and len(link.group(2)) >= 20  # 128 random bits, not the sequential id
+    page = link.group(1)
+    client = app.test_client()  # signed out: a share link works for anyone
+
+    class Visitor:
+        """Fetch as a signed-out visitor, closing every response (files are streamed)."""
+
+        @staticmethod
+        def get(url: str):
+            response = client.get(url)
+            response.get_data()  # read it all, then let the file go
+            response.close()
+            return response
+
+    visitor = Visitor()
+    assert "by ada" in visitor.get(page).get_data(as_text=True)
+    assert visitor.get(f"{page}/grid/0.png").status_code == 200
+    lora = visitor.get(f"{page}/download/lora")
+    assert lora.status_code == 200 and lora.data.startswith(b"PK")
+    # Public is the LoRA, the grid and the figures, never the ratings nor the id-based pages.
+    for url in (f"{page}/download/latents", f"{page}/download/scorer", *private[:5]):
+        response = visitor.get(url)
+        assert response.status_code in (302, 404), url  # 302: the sign-in page
+        assert b"latents" not in response.data or response.status_code != 200
+    assert "latents + my stars" not in visitor.get(page).get_data(as_text=True)
     assert bob.post(f"{base}/delete").status_code == 404  # public is not theirs to delete
     assert bob.client.get(f"/taste/jobs/{job_id}").status_code == 404
+    ada.post(f"{base}/public", {"public": "1", "share_scorer": "1"})  # already public: same link
     ada.post(f"{base}/public", {"public": "0"})
-    assert bob.client.get(f"{base}/download/lora").status_code == 404
+    assert (
+        visitor.get(page).status_code == 404
+        and visitor.get(f"{page}/download/lora").status_code == 404
+    )
+    again = ada.post(f"{base}/public", {"public": "1", "share_scorer": "1"}, htmx=True)
+    new_page = re.search(
+        r'value="http://localhost(/taste/shared/[\w-]+)"', again.get_data(as_text=True)
+    )
+    assert new_page.group(1) != page  # a new link: the old one stays dead
+    assert visitor.get(f"{new_page.group(1)}/download/scorer").status_code == 200
+    assert visitor.get(f"{new_page.group(1)}/download/latents").status_code == 404
 
 
 # ---- cancel, failure, restart -------------------------------------------------------------
