@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from rating.media import image_store
-from rating.models import Image, Source, db
+from rating.models import Image, Setting, Source, db
 from rating.store import ImageRejected, open_image, perceptual_hash, pixel_sha256
 
 MAX_FAILURES_KEPT = 1000  # the report lists each failure; a runaway import must not bloat the row
@@ -62,11 +62,23 @@ class PhashIndex:
     def __init__(self, hashes: Iterable[str] = ()):
         self._hashes = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
         self._pending: list[int] = []  # appended one by one; folded into the array in chunks
+        self.seen_id = 0  # the newest pool image whose hash is in the index
 
     @classmethod
     def from_pool(cls) -> PhashIndex:
         """Load every image's hash, hidden ones included (they must not come back either)."""
-        return cls(db.session.scalars(select(Image.phash)))
+        index = cls()
+        index.catch_up()
+        return index
+
+    def catch_up(self) -> None:
+        """Add the hashes of images stored since the last look (by any import, anywhere)."""
+        rows = db.session.execute(
+            select(Image.id, Image.phash).where(Image.id > self.seen_id).order_by(Image.id)
+        ).all()
+        for image_id, phash in rows:
+            self.add(phash)
+            self.seen_id = image_id
 
     def nearest(self, phash: str) -> int:
         """Return the smallest Hamming distance from `phash` to the index (64 when empty)."""
@@ -82,6 +94,27 @@ class PhashIndex:
     def add(self, phash: str) -> None:
         """Add a hash to the index."""
         self._pending.append(int(phash, 16))
+
+
+POOL_LOCK = "pool.insert_lock"
+
+
+def lock_pool() -> None:
+    """Take the pool's insert lock for the rest of this transaction, on any database.
+
+    A write to one agreed row: PostgreSQL locks that row until commit, and SQLite takes its
+    database-wide write lock, so every importer, in any process, waits its turn here.
+    """
+    updated = db.session.execute(
+        update(Setting).where(Setting.key == POOL_LOCK).values(value=Setting.value)
+    ).rowcount
+    if not updated:  # the first import ever: make the row (a racing twin may make it first)
+        try:
+            with db.session.begin_nested():
+                db.session.add(Setting(key=POOL_LOCK, value=0))
+        except IntegrityError:
+            pass
+        lock_pool()
 
 
 class PoolImporter:
@@ -120,9 +153,15 @@ class PoolImporter:
             self.tally.duplicates += 1
             return "duplicate"
         phash = perceptual_hash(image)
-        if self.index is not None and self.index.nearest(phash) <= self.near_distance:
-            self.tally.near_duplicates += 1
-            return "near_duplicate"
+        if self.index is not None:
+            # Check and insert as one step: the pool lock is held until the commit below, so
+            # an import running beside this one can't add a near copy in between.
+            lock_pool()
+            self.index.catch_up()
+            if self.index.nearest(phash) <= self.near_distance:
+                db.session.rollback()  # releases the lock
+                self.tally.near_duplicates += 1
+                return "near_duplicate"
         # Files first: they are content-addressed, so a lost race below leaves nothing wrong.
         stored = self.store.add(image, original, ext, phash=phash, sha256=sha)
         db.session.add(
@@ -142,7 +181,5 @@ class PoolImporter:
             db.session.rollback()
             self.tally.duplicates += 1
             return "duplicate"
-        if self.index is not None:
-            self.index.add(phash)
         self.tally.added += 1
         return "added"

@@ -188,3 +188,41 @@ def test_two_imports_at_once_add_each_image_once(importing, fake_civitai):
         assert sum(j["duplicates"] + j["near_duplicates"] for j in results) == 4
     store = app.config["STORAGE_ROOT"]
     assert not list(Path(store).rglob(".tmp-*"))
+
+
+def test_two_imports_at_once_let_no_near_copy_in(importing):
+    """Each import loaded its index before the other added anything: the lock must decide."""
+    from rating.pool import ImportTally, PoolImporter
+    from tests.images import encode, picture
+
+    app, _ = importing
+    original = picture(7)
+    near = original.copy()
+    near.putpixel((0, 0), (0, 0, 0))  # other pixels (other sha256), the same perceptual hash
+    with app.app_context():
+        sources = [Source(kind="urls", label=f"list {n}", params={}) for n in (1, 2)]
+        db.session.add_all(sources)
+        db.session.commit()
+        ids = [s.id for s in sources]
+    ready, tallies, errors = threading.Barrier(2), [], []
+
+    def run(source_id, image):
+        try:
+            with app.app_context():
+                tally = ImportTally()
+                importer = PoolImporter(db.session.get(Source, source_id), tally)
+                ready.wait()  # both indexes are loaded now, and both are empty
+                importer.add_bytes(encode(image), f"item {source_id}")
+                tallies.append(tally)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=a) for a in zip(ids, (original, near))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert sorted((t.added, t.near_duplicates) for t in tallies) == [(0, 1), (1, 0)]
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Image.id))) == 1
