@@ -217,7 +217,9 @@ def test_two_imports_at_once_let_no_near_copy_in(importing):
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=a) for a in zip(ids, (original, near))]
+    threads = [
+        threading.Thread(target=run, args=a) for a in zip(ids, (original, near), strict=True)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
