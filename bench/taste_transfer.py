@@ -91,6 +91,7 @@ def run_rater(rater: Rater, pack: list[Path], work: Path, args) -> dict:
         "--out", str(work / "scorer.safetensors"), threads=t,
     )  # fmt: skip
     lora_args = ["--steps", str(args.lora_steps)] if args.lora_steps else []
+    lora_args += ["--config", args.lora_config] if getattr(args, "lora_config", None) else []
     lora, times["lora"] = cli(
         "trainer.lora", "train", "--scorer", str(work / "scorer.safetensors"),
         "--out", str(work / "lora"), *lora_args, threads=t,
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="100-107", help="sample seeds, unseen in training")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--lora-steps", type=int, help="override the demo preset's steps")
+    parser.add_argument("--lora-config", help="JSON of TasteLoraConfig settings over the preset")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", help="keep files here (default: a temp folder)")
     parser.add_argument("--json", action="store_true")

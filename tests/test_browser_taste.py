@@ -104,7 +104,9 @@ def test_train_my_taste_in_the_browser(page, problems, live_server, screenshots,
     page.locator("#latest-version").get_by_role("link", name="open").click()
     expect(page.locator("h1")).to_have_text("Taste version 1")
     page.get_by_role("button", name="Make public").click()
-    expect(page.locator("#share")).to_contain_text("Anyone with the link")
+    expect(page.locator("#share")).to_contain_text("Anyone with this link")
+    link = page.locator("#share input.share-link").input_value()
+    assert "/taste/shared/" in link and "/versions/" not in link
     page.evaluate("window.scrollTo(0, 0)")  # the sticky top bar would show mid-page
     shoot(page, screenshots, "23-taste-version")
 

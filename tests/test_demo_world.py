@@ -15,7 +15,7 @@ from trainer.prompts import DEMO_PROMPTS_FILE, read_prompts
 
 # A fixed-seed sample of the shipped weights, measured once after training: a changed weight
 # file, pipeline or scheduler moves these figures.
-SAMPLE_PROMPT, SAMPLE_MEAN, SAMPLE_STD = "a pastel mandala", None, None
+SAMPLE_PROMPT, SAMPLE_MEAN, SAMPLE_STD = "a pastel mandala", 0.74235, 0.10560
 
 TINY = dw.WorldConfig(
     vae_channels=(8, 16, 16),
