@@ -216,6 +216,23 @@ class Phase:
                 else:
                     self.ema[name].copy_(value)
 
+    def take_step(self, loss, total: int, config: WorldConfig, work: Path, progress) -> None:
+        """Backpropagate `loss` and step (lr schedule, clipping, EMA), then log and checkpoint."""
+        _set_lr(self.optimizer, self.step, total)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        self.step += 1
+        self.update_ema(config.ema_decay)
+        value = float(loss.detach())
+        if self.step % 50 == 0:
+            self.log.append({"step": self.step, "loss": round(value, 5)})
+        progress(self.step, total, f"{self.name} loss {value:.4f}")
+        if self.step % config.checkpoint_every == 0 or self.step == total:
+            self.save(work)
+
     def save(self, work: Path) -> None:
         """Write the phase's checkpoint: weights, EMA, optimiser state, RNG, step and log."""
         tensors = {f"model.{k}": v for k, v in self.parameters().items()}
@@ -287,18 +304,7 @@ def train_vae(pipe, data: WorldData, held: WorldData, config: WorldConfig, work:
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         loss = loss + config.kl_weight * posterior.kl().mean()
-        _set_lr(optimizer, phase.step, config.vae_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        phase.step += 1
-        phase.update_ema(config.ema_decay)
-        if phase.step % 50 == 0:
-            phase.log.append({"step": phase.step, "loss": round(float(loss.detach()), 5)})
-        progress(phase.step, config.vae_steps, f"vae loss {float(loss.detach()):.4f}")
-        if phase.step % config.checkpoint_every == 0 or phase.step == config.vae_steps:
-            phase.save(work)
+        phase.take_step(loss, config.vae_steps, config, work, progress)
     _load_ema(phase)
     return vae.eval(), {"vae_psnr_heldout": vae_psnr(vae, held), "vae_steps": phase.step}
 
@@ -369,18 +375,7 @@ def train_unet(pipe, latents, data: WorldData, config: WorldConfig, work: Path, 
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         prediction = unet(noisy, t, encoder_hidden_states=_embed(pipe, prompts)).sample
         loss = (weight[t] * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        _set_lr(optimizer, phase.step, config.unet_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text.parameters()], 1.0)
-        optimizer.step()
-        phase.step += 1
-        phase.update_ema(config.ema_decay)
-        if phase.step % 50 == 0:
-            phase.log.append({"step": phase.step, "loss": round(float(loss.detach()), 5)})
-        progress(phase.step, config.unet_steps, f"unet loss {float(loss.detach()):.4f}")
-        if phase.step % config.checkpoint_every == 0 or phase.step == config.unet_steps:
-            phase.save(work)
+        phase.take_step(loss, config.unet_steps, config, work, progress)
     _load_ema(phase)
     unet.eval(), text.eval()
     return {"unet_steps": phase.step, "unet_loss_log": phase.log[-10:]}
