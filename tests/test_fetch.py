@@ -75,6 +75,24 @@ def test_private_addresses_can_be_allowed_all_or_host_by_host():
         check_url("file:///etc/passwd", FetchPolicy(allow_private=True))
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:5099\\@127.0.0.1:5098/x.png",  # urllib3: :5099, urlsplit: :5098
+        "http://127.0.0.1:5099\\@93.184.216.34/",  # checked as public, connects to loopback
+        "http://user:pw@127.0.0.1:5098/x.png",
+        "http://127.0.0.1:5098@evil.example/",
+        "http://127.0.0.1:5098 /x.png",
+        "http://127.0.0.1:5098/\tx.png",
+    ],
+)
+def test_urls_two_parsers_could_read_differently_are_refused(url):
+    # Even with the host allowed: what is checked must be what requests connects to.
+    policy = FetchPolicy(allowed_hosts={"127.0.0.1:5098"})
+    with pytest.raises(FetchError, match="refused"):
+        check_url(url, policy)
+
+
 def test_fetches_an_image_and_says_who_is_asking(fake_civitai, http_session, sleeps):
     body = get_image_bytes(
         http_session,

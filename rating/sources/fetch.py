@@ -14,6 +14,8 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.exceptions import ChunkedEncodingError
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 RETRY_STATUSES = {429, 503}
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
@@ -55,18 +57,37 @@ class FetchPolicy:
         object.__setattr__(self, "allowed_hosts", frozenset(h.lower() for h in hosts))
 
 
-def check_url(url: str, policy: FetchPolicy) -> None:
-    """Refuse a URL that is not http(s) or whose host has any address that is not public."""
+def _connect_target(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) that requests will connect to, or FetchError.
+
+    The URL is read with urllib3's parser — the one requests itself connects with — and also
+    with urllib.parse; any URL the two read differently is refused, as are backslashes,
+    user:password@ parts, whitespace and control characters, which is where such parsers
+    disagree ("http://127.0.0.1:5099\\@allowed-host/" is one host to one, another to the other).
+    """
+    if any(c == "\\" or c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise FetchError(f"refused: {url!r} has a backslash, space or control character")
     try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
+        ours, theirs = urlsplit(url), parse_url(url)
+        port = theirs.port or (443 if theirs.scheme == "https" else 80)
+        split_port = ours.port or port
+    except (ValueError, LocationParseError):
         raise FetchError(f"refused: {url} is not a valid URL") from None
-    if parts.scheme not in ("http", "https"):
+    if (theirs.scheme or "").lower() not in ("http", "https"):
         raise FetchError(f"refused: {url} is not an http or https URL")
-    host = parts.hostname  # lowercased, IPv6 without brackets
+    if theirs.auth is not None or ours.username is not None or "@" in (ours.netloc or ""):
+        raise FetchError(f"refused: {url} carries a user name or password")
+    host = (theirs.host or "").strip("[]").lower()  # urllib3 keeps IPv6 brackets
     if not host:
         raise FetchError(f"refused: {url} has no host")
+    if (ours.hostname or "") != host or split_port != port:
+        raise FetchError(f"refused: {url} reads as two different addresses")
+    return theirs.scheme.lower(), host, port
+
+
+def check_url(url: str, policy: FetchPolicy) -> None:
+    """Refuse a URL that is not http(s) or whose host has any address that is not public."""
+    _, host, port = _connect_target(url)
     host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if policy.allow_private or {host, host_port} & policy.allowed_hosts:
         return
