@@ -56,6 +56,9 @@ DEFAULTS: dict[str, object] = {
     # Browser uploads (when an admin allows them): per file and per request.
     "UPLOAD_MAX_FILE_BYTES": 20 * 2**20,
     "UPLOAD_MAX_FILES": 50,
+    # Pixels one upload request may decode (header sizes, summed): 36 MP PNGs of 35 KB each
+    # took 2–3.6 s apiece to decode, so bytes alone don't bound the work.
+    "UPLOAD_MAX_PIXELS": 100_000_000,
     # Perceptual-hash distance (of 64 bits) at or under which an image counts as a near copy.
     "NEAR_DUPLICATE_DISTANCE": 6,
     # Rating pages: how many upcoming images to prefetch, how many ratings undo reaches back.

@@ -122,6 +122,19 @@ def test_upload_count_limit(app, site):
     assert response.status_code == 400 and "at most 2 files" in response.text
 
 
+def test_one_upload_decodes_only_so_many_pixels(app, site, monkeypatch):
+    import rating.pool
+
+    site.register("admin")
+    site.post("/admin/pool/settings", {"allow_uploads": "on"})
+    app.config["UPLOAD_MAX_PIXELS"] = 2 * 320 * 320 + 100  # room for two 320×320 pictures
+    decoded, real = [], rating.pool.open_image
+    monkeypatch.setattr(rating.pool, "open_image", lambda d, **k: decoded.append(1) or real(d, **k))
+    report = upload(site, [(f"{i}.png", encode(picture(i))) for i in range(3)]).text
+    assert "added <b>2</b>" in report and "megapixel budget" in report and "2.png" in report
+    assert len(decoded) == 2  # the third was refused from its header, never decoded
+
+
 def test_api_key_is_never_shown_back_in_full(app, site, client):
     site.register("admin")
     site.post("/admin/pool/settings", {"civitai_api_key": "secret-key-1234abcd"})
