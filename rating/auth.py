@@ -11,7 +11,7 @@ from flask_login import current_user, login_required, login_user, logout_user
 from flask_wtf import FlaskForm
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from werkzeug.security import check_password_hash
+from werkzeug.security import check_password_hash, generate_password_hash
 from wtforms import BooleanField, PasswordField, StringField
 from wtforms.validators import EqualTo, InputRequired, Length, Regexp, ValidationError
 
@@ -110,7 +110,7 @@ def login_limit() -> str:
 
 # A hash of a password nobody has: an unknown username costs the same hashing as a known one,
 # so the time of a failed sign-in doesn't tell whether the account exists.
-DUMMY_HASH = User.hash_of("not a real password")
+DUMMY_HASH = generate_password_hash("not a real password")
 
 
 @bp.route("/login", methods=["GET", "POST"])

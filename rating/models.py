@@ -77,14 +77,9 @@ class User(UserMixin, db.Model):
         """Start a new session generation: cookies naming the old token stop working."""
         self.session_token = secrets.token_hex(16)
 
-    @staticmethod
-    def hash_of(password: str) -> str:
-        """A salted hash of `password`."""
-        return generate_password_hash(password)
-
     def set_password(self, password: str) -> None:
         """Store a salted hash of `password`, never the password."""
-        self.password_hash = self.hash_of(password)
+        self.password_hash = generate_password_hash(password)
 
     def check_password(self, password: str) -> bool:
         """Return whether `password` matches the stored hash."""

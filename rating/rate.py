@@ -121,11 +121,13 @@ def undo():
         return render_card(sitting, notice="Nothing to undo.")
     image_id, stars = sitting.history.pop()
     undone = undo_rating(current_user.id, image_id, stars)
-    notice = "Undone — rate it again." if undone else "Already undone, or changed since."
     image = db.session.get(Image, image_id)
-    if image is None or image.hidden:  # taken out of the pool since: never shown again
-        return render_card(sitting, notice=notice.replace(" — rate it again", ""))
-    return render_card(sitting, focus=image_id, notice=notice)
+    shown = image is not None and not image.hidden  # taken out of the pool since: never again
+    if not undone:
+        notice = "Already undone, or changed since."
+    else:
+        notice = "Undone — rate it again." if shown else "Undone."
+    return render_card(sitting, focus=image_id if shown else None, notice=notice)
 
 
 def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):

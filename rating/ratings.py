@@ -54,8 +54,9 @@ def save_pick(user_id: int, a: int, b: int, outcome: str, token: str | None) -> 
     database's unique (user, token) constraint decides, so even two at once make one row.
     """
     token = (token or "")[:32] or None  # no token (an old page): every pick counts
-    comparison = Comparison(user_id=user_id, image_a_id=a, image_b_id=b, outcome=outcome)
-    comparison.token = token
+    comparison = Comparison(
+        user_id=user_id, image_a_id=a, image_b_id=b, outcome=outcome, token=token
+    )
     db.session.add(comparison)
     try:
         db.session.commit()

@@ -38,10 +38,11 @@ def viewer_owns(version: TasteVersion) -> bool:
 
 def publish(version: TasteVersion, public: bool, share_scorer: bool = False) -> None:
     """Make a version public with a fresh share link (or private, ending the link)."""
-    if public and not version.public:
+    if not public:
+        version.public_token = None
+    elif not version.public:
         version.public_token = secrets.token_urlsafe(16)
     version.public = public
-    version.public_token = version.public_token if public else None
     version.share_scorer = public and share_scorer
 
 

@@ -24,13 +24,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from PIL import Image, ImageOps
+from PIL import Image
 
 from trainer.base import DemoConfig, build_demo_pipeline
 from trainer.callbacks import Progress, no_progress
 from trainer.configs import FromDict
 from trainer.demo_art import DEMO_MOODS, DEMO_STYLES, render_demo_picture
-from trainer.tensorfiles import read_safetensors, write_atomic
+from trainer.latents import fit_image
+from trainer.tensorfiles import (
+    optimizer_state,
+    optimizer_tensors,
+    read_safetensors,
+    write_atomic,
+)
 
 WEIGHTS = Path(__file__).with_name("demo_world.safetensors")
 FORMAT = "tastebud.demo_world"
@@ -123,8 +129,8 @@ def training_prompt(style: str, mood: str, grain: float, rng: np.random.Generato
 
 
 def fit_picture(image: Image.Image, size: int) -> np.ndarray:
-    """Centre-crop and resize a picture as the site's encoder does; uint8 [size, size, 3]."""
-    return np.asarray(ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BICUBIC))
+    """A picture as the site's encoder crops and resizes it; uint8 [size, size, 3]."""
+    return np.asarray(fit_image(image, size))
 
 
 @dataclass
@@ -186,6 +192,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- checkpoints ----------------------------------------------------------------------------
 
 
+def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix`, named without it."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 @dataclass
 class Phase:
     """One training phase's modules, optimiser, EMA copy and random stream."""
@@ -203,6 +214,11 @@ class Phase:
         return {
             f"{m}.{k}": v for m, mod in self.modules.items() for k, v in mod.state_dict().items()
         }
+
+    def load_modules(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load "<module>.<param>" tensors (as `parameters` names them) into the modules."""
+        for name, module in self.modules.items():
+            module.load_state_dict(_part(tensors, f"{name}."))
 
     def update_ema(self, decay: float) -> None:
         """Move the EMA copy towards the current weights (bias-corrected early on)."""
@@ -237,9 +253,7 @@ class Phase:
         """Write the phase's checkpoint: weights, EMA, optimiser state, RNG, step and log."""
         tensors = {f"model.{k}": v for k, v in self.parameters().items()}
         tensors |= {f"ema.{k}": v for k, v in self.ema.items()}
-        for index, values in self.optimizer.state_dict()["state"].items():
-            for name, value in values.items():
-                tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().cpu()
+        tensors |= optimizer_tensors(self.optimizer, prefix="optim.")
         tensors["rng"] = self.generator.get_state()
         meta = {"step": str(self.step), "log": json.dumps(self.log)}
         write_atomic(work / f"{self.name}-checkpoint.safetensors", tensors, meta)
@@ -250,19 +264,11 @@ class Phase:
         if not path.is_file():
             return False
         tensors, meta = read_safetensors(path, DemoWorldError, what="checkpoint")
-        for module_name, module in self.modules.items():
-            prefix = f"model.{module_name}."
-            module.load_state_dict(
-                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            )
-        self.ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        state = self.optimizer.state_dict()
-        by_index: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                index, name = key[6:].split(".", 1)
-                by_index.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": by_index, "param_groups": state["param_groups"]})
+        self.load_modules(_part(tensors, "model."))
+        self.ema = _part(tensors, "ema.")
+        state = optimizer_state(tensors, prefix="optim.")
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.generator.set_state(tensors["rng"])
         self.step, self.log = int(meta["step"]), json.loads(meta["log"])
         return True
@@ -305,16 +311,8 @@ def train_vae(pipe, data: WorldData, held: WorldData, config: WorldConfig, work:
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         loss = loss + config.kl_weight * posterior.kl().mean()
         phase.take_step(loss, config.vae_steps, config, work, progress)
-    _load_ema(phase)
+    phase.load_modules(phase.ema)
     return vae.eval(), {"vae_psnr_heldout": vae_psnr(vae, held), "vae_steps": phase.step}
-
-
-def _load_ema(phase: Phase) -> None:
-    for module_name, module in phase.modules.items():
-        prefix = f"{module_name}."
-        module.load_state_dict(
-            {k[len(prefix) :]: v for k, v in phase.ema.items() if k.startswith(prefix)}
-        )
 
 
 @torch.no_grad()
@@ -376,7 +374,7 @@ def train_unet(pipe, latents, data: WorldData, config: WorldConfig, work: Path, 
         prediction = unet(noisy, t, encoder_hidden_states=_embed(pipe, prompts)).sample
         loss = (weight[t] * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         phase.take_step(loss, config.unet_steps, config, work, progress)
-    _load_ema(phase)
+    phase.load_modules(phase.ema)
     unet.eval(), text.eval()
     return {"unet_steps": phase.step, "unet_loss_log": phase.log[-10:]}
 
@@ -424,9 +422,8 @@ def load_world(path: str | Path = WEIGHTS) -> StableDiffusionPipeline:
     config = WorldConfig.from_dict(facts["config"])
     pipe = build_demo_pipeline(config.seed, config.demo_config(facts["scaling_factor"]))
     for name in ("unet", "vae", "text_encoder"):
-        prefix = f"{name}."
-        part = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-        getattr(pipe, name).load_state_dict(part)
+        weights = {k: v.float() for k, v in _part(tensors, f"{name}.").items()}
+        getattr(pipe, name).load_state_dict(weights)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.eval().requires_grad_(False)
     return pipe

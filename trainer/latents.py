@@ -93,16 +93,25 @@ def vae_identity(vae: torch.nn.Module) -> str:
     return f"{type(vae).__name__}-{digest.hexdigest()[:16]}"
 
 
+def fit_image(image: Image.Image, resolution: int) -> Image.Image:
+    """Upright RGB, resized and centre-cropped to R×R: what every encoder here sees."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    return ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def image_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """An open image as a [3,R,R] tensor in [-1,1], fitted as `fit_image` does."""
+    fitted = np.asarray(fit_image(image, resolution), dtype=np.float32)
+    return torch.from_numpy(fitted).permute(2, 0, 1) / 127.5 - 1.0
+
+
 def load_pixels(path: str | Path, resolution: int) -> torch.Tensor:
     """Load an image as a [3,R,R] tensor in [-1,1], resized and centre-cropped to R pixels."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            return image_pixels(image, resolution)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
-    image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
 
 
 @torch.inference_mode()

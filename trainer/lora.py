@@ -32,7 +32,13 @@ from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.configs import FromDict
 from trainer.prompts import read_prompts
 from trainer.scorer import ScorerFileError, load_scorer
-from trainer.tensorfiles import folder_written_whole, read_safetensors, write_atomic
+from trainer.tensorfiles import (
+    folder_written_whole,
+    optimizer_state,
+    optimizer_tensors,
+    read_safetensors,
+    write_atomic,
+)
 
 ADAPTER = "taste"  # the adapter's name on the UNet, and in every pipeline that loads it
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -412,13 +418,8 @@ def _checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 def _save(run: _Run, optimizer, out_dir: Path, step: int, history: list[dict]) -> Path:
     """Write checkpoint-<step> (weights, state, optimiser) and prune all but the last and best."""
-    tensors, groups = {}, []
-    state = optimizer.state_dict()
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            value = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    tensors = optimizer_tensors(optimizer)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     folder = out_dir / f"checkpoint-{step:06d}"
     extra = {
         "step": step,
@@ -455,10 +456,7 @@ def _restore(run: _Run, optimizer, folder: Path) -> dict:
     saved, _ = read_safetensors(folder / OPTIMIZER_NAME, LoraFileError, what="optimizer state")
     if saved:
         current = optimizer.state_dict()
-        by_index: dict[int, dict] = {}
-        for key, value in saved.items():
-            index, name = key.split(".", 1)
-            by_index.setdefault(int(index), {})[name] = value.to(run.device)
+        by_index = optimizer_state(saved, device=run.device)
         groups = [
             {**g, "params": c["params"]}
             for g, c in zip(state["optimizer_groups"], current["param_groups"], strict=True)

@@ -23,33 +23,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.configs import FromDict
-from trainer.latents import encode_pixels
+from trainer.latents import encode_pixels, image_pixels
 from trainer.lora import ADAPTER, LoraFileError, apply_lora, read_state
 from trainer.prompts import read_prompts
 from trainer.scorer import Scorer, ScorerFileError, load_scorer, predict
 
 STRENGTHS = (0.0, 0.5, 1.0, -1.0)  # base, half taste, full taste, anti-taste
-MIN_CELL = 128  # smaller pictures (the demo's 64 px) are enlarged to at least this in a grid
+MIN_CELL = 128  # smaller pictures (the demo world's 32 px) are enlarged to at least this
 LABEL_HEIGHT = 16  # pixels of each text band in a grid: column labels, row captions
 
 
 # ---- pictures -------------------------------------------------------------------------
-
-
-def _pixels(image: Image.Image, resolution: int) -> torch.Tensor:
-    """An open image as [3,R,R] in [-1,1]: the resize and crop of trainer.latents.load_pixels."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
 
 
 @torch.no_grad()
@@ -122,7 +113,7 @@ def refine(
     pipeline = base.pipeline
     scorer.eval()  # BatchNorm must use its running statistics, not this one picture's
     device = next(scorer.parameters()).device
-    x0 = encode_pixels(_pixels(image, base.resolution)[None], pipeline.vae).to(device)
+    x0 = encode_pixels(image_pixels(image, base.resolution)[None], pipeline.vae).to(device)
     radius = float(x0.norm())
     limit = config.max_change * radius
     before_score, gradient = _score_and_gradient(scorer, x0)
@@ -140,7 +131,7 @@ def refine(
             best, best_score = x, score
         progress(steps, config.steps, f"step {steps}: score {score:.3f}")
     after = decode(pipeline, best)[0]
-    reencoded = encode_pixels(_pixels(after, base.resolution)[None], pipeline.vae)
+    reencoded = encode_pixels(image_pixels(after, base.resolution)[None], pipeline.vae)
     return Refined(
         before=decode(pipeline, x0)[0],
         after=after,

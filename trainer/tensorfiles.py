@@ -54,6 +54,25 @@ def folder_written_whole(folder: Path) -> Iterator[Path]:
         raise
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "") -> dict:
+    """An optimiser's per-parameter state as flat tensors ("<prefix><index>.<name>")."""
+    tensors = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            tensors[f"{prefix}{index}.{name}"] = torch.as_tensor(value).detach().cpu()
+    return tensors
+
+
+def optimizer_state(tensors: dict, prefix: str = "", device=None) -> dict[int, dict]:
+    """The per-parameter state `optimizer_tensors` flattened, ready for `load_state_dict`."""
+    by_index: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, name = key[len(prefix) :].split(".", 1)
+            by_index.setdefault(int(index), {})[name] = value.to(device) if device else value
+    return by_index
+
+
 def read_safetensors(
     path: str | Path, error: type[ValueError], *, what: str = "file", hint: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -57,8 +57,8 @@ class FetchPolicy:
         object.__setattr__(self, "allowed_hosts", frozenset(h.lower() for h in hosts))
 
 
-def _connect_target(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) that requests will connect to, or FetchError.
+def _connect_target(url: str) -> tuple[str, int]:
+    """The (host, port) that requests will connect to, or FetchError.
 
     The URL is read with urllib3's parser — the one requests itself connects with — and also
     with urllib.parse; any URL the two read differently is refused, as are backslashes,
@@ -82,12 +82,12 @@ def _connect_target(url: str) -> tuple[str, str, int]:
         raise FetchError(f"refused: {url} has no host")
     if (ours.hostname or "") != host or split_port != port:
         raise FetchError(f"refused: {url} reads as two different addresses")
-    return theirs.scheme.lower(), host, port
+    return host, port
 
 
 def check_url(url: str, policy: FetchPolicy) -> None:
     """Refuse a URL that is not http(s) or whose host has any address that is not public."""
-    _, host, port = _connect_target(url)
+    host, port = _connect_target(url)
     host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if policy.allow_private or {host, host_port} & policy.allowed_hosts:
         return
