@@ -383,3 +383,57 @@ def test_every_response_is_closed(fake_civitai, sleeps):
                 pass
         assert len(session.responses) == 10
         assert all(response.raw.closed for response in session.responses)
+
+
+@pytest.fixture
+def resolver(monkeypatch):
+    """Answer lookups of names under .test from a script: a dict of name -> list of addresses,
+    one popped per lookup (the last one stays); every lookup is recorded."""
+    real, script, lookups = socket.getaddrinfo, {}, []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".test"):
+            lookups.append(host)
+            answers = script[host]
+            host = answers.pop(0) if len(answers) > 1 else answers[0]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return script, lookups
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_refused(
+    fake_civitai, http_session, resolver
+):
+    # DNS rebinding: public when checked, loopback when connected. The connection itself
+    # resolves, checks and connects to what it checked, so the server is never reached.
+    script, _lookups = resolver
+    script["rebind.test"] = ["93.184.216.34", "127.0.0.1"]
+    url = f"http://rebind.test:{fake_civitai.port}/img/a.png"
+    with pytest.raises(FetchError, match=r"rebind\.test resolves to 127\.0\.0\.1, which is a loop"):
+        get_image_bytes(http_session, url, policy=FetchPolicy(max_tries=1))
+    assert fake_civitai.requests == []
+
+
+def test_the_connection_goes_to_the_address_looked_up_once(fake_civitai, http_session, resolver):
+    # an allowed intranet name: looked up once, at connect time, and connected to that address
+    script, lookups = resolver
+    script["nas.test"] = ["127.0.0.1", "10.255.255.1"]
+    policy = FetchPolicy(allowed_hosts={f"nas.test:{fake_civitai.port}"}, max_tries=1, timeout=3)
+    body = get_image_bytes(
+        http_session, f"http://nas.test:{fake_civitai.port}/img/a.png", policy=policy
+    )
+    assert body == fake_civitai.images["/img/a.png"][1]
+    assert lookups == ["nas.test"]
+    assert fake_civitai.requests[-1].headers["host"] == f"nas.test:{fake_civitai.port}"
+
+
+def test_a_proxy_from_the_environment_is_not_used(fake_civitai, monkeypatch):
+    # a proxy would connect to a target the checks never saw
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    with requests.Session() as session:  # trusts the environment, as requests does by default
+        body = get_image_bytes(
+            session, f"{fake_civitai.url}/img/a.png", policy=fake_civitai.policy(max_tries=1)
+        )
+    assert body == fake_civitai.images["/img/a.png"][1]

@@ -13,7 +13,10 @@ from datetime import UTC, datetime
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 from requests.exceptions import ChunkedEncodingError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
@@ -88,10 +91,21 @@ def _connect_target(url: str) -> tuple[str, int]:
 def check_url(url: str, policy: FetchPolicy) -> None:
     """Refuse a URL that is not http(s) or whose host has any address that is not public."""
     host, port = _connect_target(url)
+    if not _allowed_anywhere(host, port, policy):
+        checked_addresses(host, port, policy)
+
+
+def _allowed_anywhere(host: str, port: int, policy: FetchPolicy) -> bool:
     host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if policy.allow_private or {host, host_port} & policy.allowed_hosts:
-        return
-    for address in _resolve(host, port):
+    return policy.allow_private or bool({host, host_port} & policy.allowed_hosts)
+
+
+def checked_addresses(host: str, port: int, policy: FetchPolicy) -> list[Address]:
+    """The addresses `host` resolves to now, or FetchError if the policy forbids any of them."""
+    addresses = _resolve(host, port)
+    if _allowed_anywhere(host, port, policy):
+        return addresses
+    for address in addresses:
         kind = next((k for k in NON_PUBLIC if getattr(address, f"is_{k}")), None)
         if kind is None and not address.is_global:
             kind = "non-public"  # e.g. 100.64.0.0/10, carrier-grade NAT
@@ -102,6 +116,66 @@ def check_url(url: str, policy: FetchPolicy) -> None:
                 f"refused: {subject} is {article} {kind.replace('_', '-')} address "
                 "(allow private addresses in settings to fetch it)"
             )
+    return addresses
+
+
+def _pinned(connection_class: type[HTTPConnection], policy: FetchPolicy) -> type:
+    """`connection_class`, connecting only to addresses it has just checked against `policy`.
+
+    The name is resolved once, at connect time; every address is checked and the socket is
+    opened to one of those very addresses, so a DNS answer that changes between the check and
+    the connection (DNS rebinding) can't reach a private address. TLS still verifies the
+    certificate against the host name.
+    """
+
+    class Pinned(connection_class):
+        def _new_conn(self):
+            name = self._dns_host  # what urllib3 would resolve; `host` stays for TLS and Host
+            failure: Exception | None = None
+            try:
+                for address in checked_addresses(
+                    name.strip("[]").rstrip(".").lower(), self.port, policy
+                ):
+                    self._dns_host = str(address)
+                    try:
+                        return super()._new_conn()
+                    except OSError as exc:  # urllib3's connect errors are OSErrors; try the next
+                        failure = exc
+            finally:
+                self._dns_host = name
+            raise failure
+
+    return Pinned
+
+
+class PinnedAdapter(HTTPAdapter):
+    """A requests transport whose every connection goes to an address `policy` allows."""
+
+    def __init__(self, policy: FetchPolicy):
+        self.policy = policy
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        pools = {"http": HTTPConnectionPool, "https": HTTPSConnectionPool}
+        connections = {"http": HTTPConnection, "https": HTTPSConnection}
+        self.poolmanager.pool_classes_by_scheme = {
+            scheme: type(
+                pool.__name__,
+                (pool,),
+                {"ConnectionCls": _pinned(connections[scheme], self.policy)},
+            )
+            for scheme, pool in pools.items()
+        }
+
+
+def _pin(session: requests.Session, policy: FetchPolicy) -> None:
+    """Make `session` connect only where `policy` allows, and not through an unchecked proxy."""
+    session.trust_env = False  # a proxy from the environment would connect where we can't see
+    for prefix in ("http://", "https://"):
+        adapter = session.get_adapter(prefix)
+        if not (isinstance(adapter, PinnedAdapter) and adapter.policy == policy):
+            session.mount(prefix, PinnedAdapter(policy))
 
 
 def _resolve(host: str, port: int) -> list[Address]:
@@ -180,6 +254,7 @@ def _read_body(response: requests.Response, policy: FetchPolicy) -> bytes:
 
 def _fetch(session, url, params, headers, policy, sleep, read):
     headers = {"User-Agent": policy.user_agent, **headers}
+    _pin(session, policy)
     attempt = 0
     while True:
         attempt += 1
