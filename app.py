@@ -13,7 +13,20 @@ from flask_migrate import Migrate, upgrade
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import event
 
-from rating import admin, auth, crowd, jobs, me, media, pool_admin, rate, sharing, taste, upload
+from rating import (
+    admin,
+    auth,
+    crowd,
+    jobs,
+    me,
+    media,
+    pool_admin,
+    rate,
+    server,
+    sharing,
+    taste,
+    upload,
+)
 from rating.limits import limiter
 from rating.models import User, db, site_setting
 from rating.pool import size_text
@@ -116,8 +129,6 @@ def register_error_pages(app: Flask) -> None:
 
 def main() -> None:
     """Serve the site with waitress and run the job worker in this process."""
-    import waitress
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app()
     consumer = None
@@ -133,7 +144,7 @@ def main() -> None:
         if db.session.scalar(db.select(db.func.count(User.id))) == 0:
             print("First start: open that address and create an account; it becomes the admin.")
     try:
-        waitress.serve(app, host=host, port=port, threads=int(app.config["SERVER_THREADS"]))
+        server.create_server(app, host, port).run()
     finally:
         if consumer is not None:
             consumer.stop()

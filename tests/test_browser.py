@@ -6,20 +6,18 @@ import logging
 import os
 import re
 import shutil
-import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import waitress
 from flask import Flask
 from sqlalchemy import func, select
-from waitress import wasyncore
 
 from app import create_app
 from rating import jobs
 from rating.models import Comparison, Image, Rating, User, db
+from tests.serving import serving
 
 try:
     from playwright.sync_api import Page, expect, sync_playwright
@@ -83,22 +81,8 @@ def live_server(request, tmp_path_factory):
         instance_path=str(instance),
     )
     consumer = jobs.start_embedded_worker(app)
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
-    stop = threading.Event()
-
-    def serve() -> None:
-        # Short polls until told to stop, then close the sockets here: closing them from the
-        # test thread while this loop sits in select() fails it with EBADF now and then.
-        while not stop.is_set():
-            wasyncore.loop(timeout=0.1, map=server._map, count=1)
-        wasyncore.close_all(server._map)  # the listener and open keep-alive channels
-
-    thread = threading.Thread(target=serve, name="waitress", daemon=True)
-    thread.start()
-    yield LiveServer(app, f"http://127.0.0.1:{server.effective_port}")
-    stop.set()
-    thread.join(timeout=10)
-    server.task_dispatcher.shutdown()
+    with serving(app) as url:
+        yield LiveServer(app, url)
     consumer.stop(graceful=True)
     with app.app_context():
         db.engine.dispose()
