@@ -115,7 +115,7 @@ def register_error_pages(app: Flask) -> None:
         if code >= 500:
             db.session.rollback()
         title, hint = hints.get(code, (getattr(error, "name", "Error"), "Go back and try again."))
-        detail = getattr(error, "description", "") if code in (400, 403) else ""
+        detail = getattr(error, "description", "") if code in (400, 403, 429) else ""
         context = dict(code=code, title=title, hint=hint, detail=detail)
         if not request.headers.get("HX-Request"):
             return render_template("error.html", **context), code

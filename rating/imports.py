@@ -1,7 +1,8 @@
-"""Import jobs: civitai queries, URL lists and folders, each feeding the pool with progress."""
+"""Import jobs: civitai queries, URL lists, folders and uploads, each feeding the pool."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +86,28 @@ def import_folder(job: Job, progress: JobProgress) -> dict:
         source.position = position + 1
         _report(job, tally, progress, position + 1, len(files))
     return tally.as_dict()
+
+
+@handler("import_upload")
+def import_upload(job: Job, progress: JobProgress) -> dict:
+    """Decode the files of a browser upload into the pool, deleting each once it is in."""
+    source = _source(job)
+    tally = ImportTally(**source.params["refused"])  # what the request refused from headers
+    names, folder = source.params["files"], staging_root() / str(source.id)
+    pool = PoolImporter(source, tally)
+    for position in range(source.position, len(names)):
+        staged = folder / f"{position:03d}"
+        pool.add_bytes(staged.read_bytes(), names[position], title=names[position])
+        staged.unlink()
+        source.position = position + 1
+        _report(job, tally, progress, position + 1, len(names))
+    shutil.rmtree(folder, ignore_errors=True)
+    return tally.as_dict()
+
+
+def staging_root() -> Path:
+    """Where uploaded files wait for their job: one folder per upload, named by its source."""
+    return Path(current_app.config["STORAGE_ROOT"]) / "uploads"
 
 
 @handler("import_civitai")

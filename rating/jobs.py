@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -33,6 +34,7 @@ SALVAGE: dict[str, Callable[[Job], None]] = {}
 GPU_LOCK = threading.Lock()
 LOG_CHARS = 4000  # how much of a job's log the row keeps (the tail)
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+WORKER_NICENESS = 10  # embedded job threads run this much nicer than the server (Linux)
 
 
 class JobCancelled(Exception):
@@ -292,11 +294,27 @@ class Workers:
             consumer.stop(graceful=graceful)
 
 
+def yield_to_requests() -> None:
+    """Lower the calling thread's CPU priority (Linux), so the server's threads come first.
+
+    Embedded workers share the machine with the threads that answer raters; decoding uploads
+    or training runs mostly outside the GIL, where the kernel's scheduler decides who runs.
+    """
+    if sys.platform.startswith("linux"):  # elsewhere the call would lower the whole process
+        thread = threading.get_native_id()
+        try:
+            nice = os.getpriority(os.PRIO_PROCESS, thread) + WORKER_NICENESS
+            os.setpriority(os.PRIO_PROCESS, thread, min(nice, 19))
+        except OSError:
+            log.warning("could not lower a job worker thread's priority", exc_info=True)
+
+
 def start_embedded_worker(app: Flask, workers: int | None = None, gpu: bool | None = None):
     """Run huey's consumers on threads inside this process (the embedded default).
 
     Light jobs get `workers` threads (LIGHT_WORKERS); GPU jobs get one thread of their own,
     unless EMBEDDED_GPU_WORKER is off because GPU machines run `flask jobs worker --gpu`.
+    Each worker thread runs at a lower priority than the server's (`yield_to_requests`).
     """
     workers = workers or int(app.config["LIGHT_WORKERS"])
     gpu = app.config["EMBEDDED_GPU_WORKER"] if gpu is None else gpu
@@ -306,6 +324,7 @@ def start_embedded_worker(app: Flask, workers: int | None = None, gpu: bool | No
     consumers = []
     for queue, threads in queues:
         # max_delay: an idle worker looks for new jobs at least every second, not every 10 s
+        app.extensions[queue].on_startup("yield_to_requests")(yield_to_requests)
         consumer = app.extensions[queue].create_consumer(
             workers=threads, worker_type="thread", max_delay=1.0
         )

@@ -59,6 +59,8 @@ DEFAULTS: dict[str, object] = {
     # Pixels one upload request may decode (header sizes, summed): 36 MP PNGs of 35 KB each
     # took 2–3.6 s apiece to decode, so bytes alone don't bound the work.
     "UPLOAD_MAX_PIXELS": 100_000_000,
+    # ...and one person may send per hour (uploads are decoded by the light job queue).
+    "UPLOAD_MAX_PIXELS_PER_HOUR": 1_000_000_000,
     # Perceptual-hash distance (of 64 bits) at or under which an image counts as a near copy.
     "NEAR_DUPLICATE_DISTANCE": 6,
     # Rating pages: how many upcoming images to prefetch, how many ratings undo reaches back.

@@ -170,13 +170,15 @@ def allow_uploads(page: Page) -> None:
 
 
 def upload_two(page: Page, screenshots: Path) -> None:
-    """Upload one new picture and one too small; the report says what happened to each."""
+    """Upload one new picture and one too small; the job's report says what happened to each."""
     go_to(page, "Upload", "/upload")
     form = page.locator("main form")
     form.locator("input[name=files]").set_input_files(UPLOADS)
     form.get_by_role("button", name="Upload").click()
-    report = page.locator("#upload-report .upload-report")
+    report = page.locator("#upload-report .job")
+    expect(report).to_have_attribute("data-status", "succeeded", timeout=e2e.JOB_TIMEOUT_MS)
     expect(report.locator(".tally b")).to_have_text(UPLOAD_TALLY)
+    report.locator("details.failures summary").click()
     expect(report.locator("tr td")).to_have_text(
         ["tiny.png", "too small: 64×64, the shorter side must be ≥ 256 px"]
     )

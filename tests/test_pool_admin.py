@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 from rating.models import Image, Job, Rating, Source, db, site_setting
 from rating.ratings import save_rating
@@ -131,8 +132,43 @@ def test_one_upload_decodes_only_so_many_pixels(app, site, monkeypatch):
     decoded, real = [], rating.pool.open_image
     monkeypatch.setattr(rating.pool, "open_image", lambda d, **k: decoded.append(1) or real(d, **k))
     report = upload(site, [(f"{i}.png", encode(picture(i))) for i in range(3)]).text
-    assert "added <b>2</b>" in report and "megapixel budget" in report and "2.png" in report
+    assert "added <b>2</b>" in report and "over this upload&#39;s" in report and "2.png" in report
     assert len(decoded) == 2  # the third was refused from its header, never decoded
+
+
+def test_uploads_are_decoded_by_a_job_not_the_request(app, site, monkeypatch):
+    import rating.pool
+    from rating import jobs
+
+    site.register("admin")
+    site.post("/admin/pool/settings", {"allow_uploads": "on"})
+    queued, decoded, real = [], [], rating.pool.open_image
+    monkeypatch.setitem(app.extensions, "run_job_task", queued.append)  # a queue nobody serves
+    monkeypatch.setattr(rating.pool, "open_image", lambda d, **k: decoded.append(1) or real(d, **k))
+    answer = upload(site, [("a.png", encode(picture(1))), ("b.png", encode(picture(2)))]).text
+    assert 'data-status="queued"' in answer and "Upload · job" in answer
+    assert decoded == [] and len(queued) == 1  # answered before any decoding
+    staged = Path(app.config["STORAGE_ROOT"]) / "uploads"
+    assert len(list(staged.rglob("*"))) == 3  # the upload's folder and its two files
+    with app.app_context():
+        jobs.run_job(queued[0])
+        job = db.session.get(Job, queued[0])
+        assert job.status == "succeeded" and job.result["added"] == 2
+    assert len(decoded) == 2 and list(staged.iterdir()) == []  # nothing left behind
+
+
+def test_one_person_may_upload_only_so_many_pixels_an_hour(app, site, second_site):
+    site.register("admin")
+    site.post("/admin/pool/settings", {"allow_uploads": "on"})
+    second_site.register("bob")
+    app.config["UPLOAD_MAX_PIXELS_PER_HOUR"] = 3 * 320 * 320
+    first = upload(second_site, [(f"{i}.png", encode(picture(i))) for i in range(2)]).text
+    assert "added <b>2</b>" in first
+    second = upload(second_site, [(f"{i}.png", encode(picture(i))) for i in range(2, 4)]).text
+    assert "added <b>1</b>" in second and "over this hour&#39;s" in second
+    refused = upload(second_site, [("4.png", encode(picture(4)))])
+    assert refused.status_code == 429 and "as much as one hour allows" in refused.text
+    assert "added <b>1</b>" in upload(site, [("5.png", encode(picture(5)))]).text  # not shared
 
 
 def test_api_key_is_never_shown_back_in_full(app, site, client):

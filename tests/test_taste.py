@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -580,3 +581,21 @@ def test_the_crowd_model_trains_on_all_ratings_and_personal_scorers_start_from_i
     gate.release.set()
     assert wait_until_done(fan, job_id)[1] == "cancelled"
     assert version_of(site_app, job_id).metrics["scorer"]["init"] == "the crowd model"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
+def test_embedded_job_threads_run_below_the_servers_priority(site_app):
+    @jobs.handler("report_priority")
+    def report_priority(job, progress):
+        return {"nice": os.getpriority(os.PRIO_PROCESS, threading.get_native_id())}
+
+    with site_app.app_context():
+        job_id = jobs.enqueue("report_priority", None).id
+        done = wait_for(
+            lambda: db.session.get(Job, job_id).done and db.session.get(Job, job_id), "it"
+        )
+        assert done.status == "succeeded"
+        server = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        assert done.result["nice"] == min(server + jobs.WORKER_NICENESS, 19)
+    # this thread, like the server's, is untouched
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == server
