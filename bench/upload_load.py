@@ -9,7 +9,7 @@ Runs `python app.py` on a throw-away instance twice over the same raters: first 
 one uploader posts such requests back to back; prints the raters' p50/p95/p99, the ratio, and
 what the uploader got (requests answered, pixels decoded, how long the answer took).
 
-    python bench/upload_load.py --seconds 20 --raters 8
+    python bench/upload_load.py --seconds 15 --raters 8 --images 600
 """
 
 from __future__ import annotations
@@ -94,10 +94,10 @@ class Uploader(threading.Thread):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--raters", type=int, default=8)
     parser.add_argument("--files", type=int, default=18, help="PNGs per upload request")
-    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--images", type=int, default=600)
     args = parser.parse_args()
     instance = Path(tempfile.mkdtemp(prefix="tastebud-bench-"))
     server = None

@@ -10,7 +10,7 @@ import requests
 from flask import current_app
 from sqlalchemy import func, select
 
-from rating.jobs import JobProgress, handler
+from rating.jobs import JobCancelled, JobProgress, handler
 from rating.models import Image, Job, Source, db, site_setting
 from rating.pool import ImportTally, PoolImporter, size_text
 from rating.sources.civitai import CivitaiImage, CivitaiQuery, fetch_page
@@ -95,12 +95,16 @@ def import_upload(job: Job, progress: JobProgress) -> dict:
     tally = ImportTally(**source.params["refused"])  # what the request refused from headers
     names, folder = source.params["files"], staging_root() / str(source.id)
     pool = PoolImporter(source, tally)
-    for position in range(source.position, len(names)):
-        staged = folder / f"{position:03d}"
-        pool.add_bytes(staged.read_bytes(), names[position], title=names[position])
-        staged.unlink()
-        source.position = position + 1
-        _report(job, tally, progress, position + 1, len(names))
+    try:
+        for position in range(source.position, len(names)):
+            staged = folder / f"{position:03d}"
+            pool.add_bytes(staged.read_bytes(), names[position], title=names[position])
+            staged.unlink()
+            source.position = position + 1
+            _report(job, tally, progress, position + 1, len(names))
+    except JobCancelled:  # the rest is dropped; a crash instead keeps it for Resume
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     return tally.as_dict()
 

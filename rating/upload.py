@@ -82,6 +82,10 @@ def upload():
         else:
             request_left, hour_left = request_left - pixels, hour_left - pixels
             kept.append((name, data, pixels))
+    if not kept:  # nothing to decode: say why now, and queue nothing
+        reasons = "; ".join(f"{f['item']}: {f['reason']}" for f in refused.failures[:5])
+        over_hour = any("this hour's" in f["reason"] for f in refused.failures)
+        abort(429 if over_hour else 400, description=f"Nothing was added. {reasons}")
     job = stage_upload(kept, refused)
     if request.headers.get("HX-Request"):
         return job_widget(job)
