@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -190,3 +191,45 @@ def test_few_ratings_get_more_epochs_to_reach_min_steps():
     result = sc.train(synthetic(40), config)  # 32 training rows: one step an epoch
     assert result.metrics["epochs"] == 24
     assert sc.train(synthetic(40), TINY).metrics["epochs"] <= TINY.epochs
+
+
+def test_latent_stats_have_one_width_for_any_latent_size():
+    for side in (8, 13, 64):
+        assert sc.latent_stats(torch.randn(3, 4, side, side)).shape == (3, sc.stats_width())
+    flat, busy = torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 16, 16)
+    busy[..., ::2, :] = 1  # stripes: the same mean, more detail
+    gap = sc.latent_stats(busy) - sc.latent_stats(flat)
+    assert gap.abs().max() > 0.4 and torch.isfinite(sc.latent_stats(flat)).all()
+
+
+def test_the_statistics_head_learns_a_global_taste_the_cnn_alone_misses():
+    # stars follow each image's overall channel-0 contrast: one statistic, no local pattern
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(240, 4, 8, 8, generator=g) * torch.rand(240, 1, 1, 1, generator=g).mul(2)
+    contrast = latents[:, 0].std((1, 2))
+    stars = (1 + 4 * (contrast - contrast.min()) / (contrast.max() - contrast.min())).round()
+    data = LatentsFile(latents=latents, scores=stars, flipped=None, sha256s=None, metadata={})
+    results = {}
+    for stats in (False, True):
+        trained = sc.train(data, replace(TINY, stats=stats))
+        results[stats] = trained.metrics["srcc"]
+    assert results[True] > 0.8 and results[True] > results[False] + 0.05, results
+
+
+def test_a_scorer_file_from_before_the_statistics_head_still_loads(trained, tmp_path):
+    old = sc.TrainedScorer(**{**trained.__dict__, "config": replace(TINY, stats=False)})
+    old.model = sc.Scorer(old.config)
+    path = tmp_path / "old.safetensors"
+    sc.save_scorer(path, old)
+    tensors = sc.scorer_tensors(old.model)
+    assert not any(k.startswith("stats_") for k in tensors)
+    config = json.loads(sc.load_scorer(path)[1]["config"])
+    del config["stats"]  # as version-1 files were written
+    from trainer.tensorfiles import read_safetensors, write_atomic
+
+    _, metadata = read_safetensors(path, sc.ScorerFileError)
+    write_atomic(path, tensors, {**metadata, "config": json.dumps(config)})
+    loaded, _ = sc.load_scorer(path)
+    assert loaded.stats_head is None
+    x = synthetic(4, seed=2).latents
+    assert torch.equal(sc.predict(loaded, x), sc.predict(old.model, x))

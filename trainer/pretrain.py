@@ -422,8 +422,7 @@ def save_trunk(path: str | Path, trained: PretrainedTrunk) -> None:
         "tasks": json.dumps(trained.tasks),
         "steps": str(trained.steps),
     }
-    tensors = {k: v.detach().cpu() for k, v in trained.model.net.state_dict().items()}
-    write_atomic(Path(path), tensors, metadata)
+    write_atomic(Path(path), sc.scorer_tensors(trained.model), metadata)
 
 
 # ---- command line ---------------------------------------------------------------------------

@@ -70,10 +70,53 @@ class ScorerConfig(FromDict):
     pick_batch: int = 32  # explicit picks drawn per step, when there are any
     max_shift: int = 2  # translation augmentation, in latent pixels (8 image pixels each)
     flip: bool = True  # mirror augmentation: a mirrored picture is rated the same
+    # A linear head on fixed multi-scale statistics of the latents (per-channel levels, spread,
+    # detail, layout), beside the CNN: global tastes (colour, contrast, smoothness, where the
+    # weight of a picture sits) are one linear step away instead of something the CNN must find.
+    stats: bool = True
+
+
+def latent_stats(x: torch.Tensor) -> torch.Tensor:
+    """[N,4,H,W] latents → [N,K] statistics a taste may weigh, whatever the latent size.
+
+    Per channel: the mean on 1×1, 2×2, 3×3 and 4×4 grids (colour, and where it sits: centre,
+    border, top, thirds); the root mean square on 3×3 and 6×6 grids (where the energy sits);
+    the spread on 1×1 and 2×2 (contrast); first-difference and Laplacian energy on 1×1 and 2×2
+    (detail against smoothness); and, between channels, the covariances and the gaps between
+    their means (balance).
+    """
+    x = x.float()
+    parts = [F.adaptive_avg_pool2d(x, grid).flatten(1) for grid in (1, 2, 3, 4)]
+    parts += [F.adaptive_avg_pool2d(x.square(), grid).sqrt().flatten(1) for grid in (3, 6)]
+    for grid in (1, 2):
+        mean = F.adaptive_avg_pool2d(x, grid)
+        square = F.adaptive_avg_pool2d(x.square(), grid)
+        parts.append((square - mean.square()).clamp_min(0).add(1e-6).sqrt().flatten(1))
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs()
+    lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1]
+    lap = (lap - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).abs()
+    for energy in (dx, dy, lap):
+        parts += [F.adaptive_avg_pool2d(energy, grid).flatten(1) for grid in (1, 2)]
+    flat = x.flatten(2) - x.flatten(2).mean(-1, keepdim=True)
+    covariance = flat @ flat.transpose(1, 2) / flat.shape[-1]
+    i, j = torch.triu_indices(x.shape[1], x.shape[1], offset=1)
+    means = x.mean((2, 3))
+    parts += [covariance[:, i, j], (means[:, i] - means[:, j]).abs()]
+    return torch.cat(parts, 1)
+
+
+def stats_width(channels: int = 4) -> int:
+    """How many statistics `latent_stats` gives for latents of `channels` channels."""
+    return latent_stats(torch.zeros(1, channels, 8, 8)).shape[1]
 
 
 class Scorer(nn.Module):
-    """A timm ResNet with five star-bin logits; `forward` returns the mean star, in [1, 5]."""
+    """A timm ResNet with five star-bin logits; `forward` returns the mean star, in [1, 5].
+
+    With `config.stats`, a linear head on the standardised `latent_stats` adds its logits to
+    the CNN's. Its standardisation (`stats_mean`, `stats_std`) is set from the training data.
+    """
 
     def __init__(self, config: ScorerConfig):
         super().__init__()
@@ -84,22 +127,58 @@ class Scorer(nn.Module):
         if not hasattr(self.net, "layer4"):
             raise ValueError(f"{config.arch!r} is not a timm ResNet (it has no layer4)")
         self.register_buffer("stars", torch.arange(1.0, STARS + 1), persistent=False)
+        self.stats_head: nn.Linear | None = None
+        if config.stats:
+            width = stats_width()
+            self.stats_head = nn.Linear(width, STARS)
+            nn.init.zeros_(self.stats_head.weight)  # starts as the CNN alone
+            nn.init.zeros_(self.stats_head.bias)
+            self.register_buffer("stats_mean", torch.zeros(width))
+            self.register_buffer("stats_std", torch.ones(width))
+
+    def fit_stats(self, latents: torch.Tensor) -> None:
+        """Standardise the statistics head's inputs on these latents (all of them: no labels)."""
+        if self.stats_head is not None:
+            found = torch.cat([latent_stats(part) for part in latents.split(256)])
+            self.stats_mean.copy_(found.mean(0))
+            self.stats_std.copy_(found.std(0).clamp_min(1e-4) if len(found) > 1 else 1)
+
+    def _stats_logits(self, stats: torch.Tensor) -> torch.Tensor:
+        return self.stats_head((stats - self.stats_mean) / self.stats_std)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Five star-bin logits for raw latents."""
+        out = self.net(x)
+        return out if self.stats_head is None else out + self._stats_logits(latent_stats(x))
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything before the last stage: the part frozen and cached when finetuning."""
-        net = self.net
-        x = net.maxpool(net.act1(net.bn1(net.conv1(x))))
-        return net.layer3(net.layer2(net.layer1(x)))
+        """Everything before the last stage: the part frozen and cached when finetuning.
 
-    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """The last stage, pooling and the five-logit head, from trunk features."""
-        return self.net.forward_head(self.net.layer4(features))
+        Returned packed, one flat row per input: the stage-3 features, then the statistics.
+        """
+        net = self.net
+        features = net.maxpool(net.act1(net.bn1(net.conv1(x))))
+        features = net.layer3(net.layer2(net.layer1(features)))
+        self._feature_shape = features.shape[1:]
+        packed = [features.flatten(1)]
+        if self.stats_head is not None:
+            packed.append(latent_stats(x))
+        return torch.cat(packed, 1)
+
+    def head_logits(self, packed: torch.Tensor) -> torch.Tensor:
+        """The last stage, pooling and the five-logit head, from `trunk`'s packed rows."""
+        size = math.prod(self._feature_shape)
+        features = packed[:, :size].view(len(packed), *self._feature_shape)
+        out = self.net.forward_head(self.net.layer4(features))
+        if self.stats_head is not None:
+            out = out + self._stats_logits(packed[:, size:])
+        return out
 
     def to_score(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits.softmax(-1) * self.stars).sum(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_score(self.net(x))
+        return self.to_score(self.logits(x))
 
 
 @dataclass
@@ -211,7 +290,7 @@ def _augment(
     """Mirror half the batch, then shift each latent by up to max_shift pixels (edge-padded)."""
     if config.flip:
         flip = torch.rand(len(x), generator=generator) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), mirrored, x)
+        x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)).to(x.device), mirrored, x)
     s = config.max_shift
     if s == 0 or x.ndim != 4 or x.shape[-1] <= 2 * s:
         return x
@@ -263,7 +342,7 @@ def _loss(
 def _logits(
     model: Scorer, x: torch.Tensor, cached: bool, device: torch.device, batch: int = 256
 ) -> torch.Tensor:
-    forward = model.head_logits if cached else model.net
+    forward = model.head_logits if cached else model.logits
     return torch.cat([forward(part.to(device)).cpu() for part in x.split(batch)])
 
 
@@ -275,8 +354,9 @@ def predict(model: Scorer, latents: torch.Tensor, batch_size: int = 256) -> torc
     return model.to_score(_logits(model, latents, False, device, batch_size).to(device)).cpu()
 
 
-def _load_trunk(model: Scorer, path: str | Path) -> None:
-    """Copy every weight the file has for this net (all but a differently shaped head)."""
+def _load_trunk(model: Scorer, path: str | Path) -> bool:
+    """Copy every weight the file has for this net (all but a differently shaped head);
+    return whether it also had a trained statistics head for this one (it is loaded too)."""
     tensors, _ = read_safetensors(path, ScorerFileError)
     own = model.net.state_dict()
     usable = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
@@ -286,6 +366,7 @@ def _load_trunk(model: Scorer, path: str | Path) -> None:
             f"{path} does not fit this {model.net.__class__.__name__}: {missing[:3]}"
         )
     model.net.load_state_dict(usable, strict=False)
+    return _load_stats(model, tensors) and bool(tensors["stats_head_weight"].any())
 
 
 def train(
@@ -312,8 +393,8 @@ def train(
     with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's stream
         torch.manual_seed(config.seed)
         model = Scorer(config)
-    if init is not None:
-        _load_trunk(model, init)
+    if init is None or not _load_trunk(model, init):  # a trunk's head keeps its own scaling
+        model.fit_stats(data.latents)
     model.to(device)
     latents, scores = data.latents, data.scores
     mirrored = data.flipped if data.flipped is not None else latents.flip(-1)
@@ -330,9 +411,10 @@ def train(
         mirrored = _features(model, mirrored, device)
         for name, param in model.net.named_parameters():
             param.requires_grad = name.startswith(("layer4.", "fc."))
+        # the statistics head (outside .net) always trains
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    forward = model.head_logits if cached else model.net
+    forward = model.head_logits if cached else model.logits
     augment = replace(config, max_shift=0) if cached else config  # features can't shift
     pick_tensor = torch.tensor(train_picks, dtype=torch.float32).view(-1, 3)
 
@@ -481,8 +563,34 @@ def save_scorer(path: str | Path, trained: TrainedScorer) -> None:
         "pairs": str(trained.pairs),
         "init": trained.init,
     }
-    tensors = {k: v.detach().cpu() for k, v in trained.model.net.state_dict().items()}
-    write_atomic(Path(path), tensors, metadata)
+    write_atomic(Path(path), scorer_tensors(trained.model), metadata)
+
+
+def scorer_tensors(model: Scorer) -> dict[str, torch.Tensor]:
+    """The timm net's weights under their own names (a trunk file any timm ResNet reads),
+    plus the statistics head's under `stats_*` names, which no timm weight has."""
+    tensors = dict(model.net.state_dict())
+    if model.stats_head is not None:
+        tensors.update(
+            stats_head_weight=model.stats_head.weight,
+            stats_head_bias=model.stats_head.bias,
+            stats_mean=model.stats_mean,
+            stats_std=model.stats_std,
+        )
+    return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def _load_stats(model: Scorer, tensors: dict[str, torch.Tensor]) -> bool:
+    """Load the statistics head from a file's tensors, if both have one of the same width."""
+    head = model.stats_head
+    if head is None or tensors.get("stats_head_weight", torch.empty(0)).shape != head.weight.shape:
+        return False
+    with torch.no_grad():
+        head.weight.copy_(tensors["stats_head_weight"])
+        head.bias.copy_(tensors["stats_head_bias"])
+        model.stats_mean.copy_(tensors["stats_mean"])
+        model.stats_std.copy_(tensors["stats_std"])
+    return True
 
 
 def load_scorer(path: str | Path) -> tuple[Scorer, dict]:
@@ -492,8 +600,12 @@ def load_scorer(path: str | Path) -> tuple[Scorer, dict]:
         raise ScorerFileError(
             f"{path} is not a tastebud scorer (format {metadata.get('format')!r})"
         )
-    model = Scorer(ScorerConfig.from_dict(json.loads(metadata["config"])))
-    model.net.load_state_dict(tensors)
+    settings = json.loads(metadata["config"])
+    settings.setdefault("stats", False)  # written before the statistics head existed
+    model = Scorer(ScorerConfig.from_dict(settings))
+    model.net.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("stats_")})
+    if model.stats_head is not None and not _load_stats(model, tensors):
+        raise ScorerFileError(f"{path} lacks the statistics head its settings name")
     return model.eval(), metadata
 
 
