@@ -73,7 +73,11 @@ class ScorerConfig(FromDict):
     # A linear head on fixed multi-scale statistics of the latents (per-channel levels, spread,
     # detail, layout), beside the CNN: global tastes (colour, contrast, smoothness, where the
     # weight of a picture sits) are one linear step away instead of something the CNN must find.
+    # It starts as a ridge regression fitted in closed form on the training ratings, and from
+    # scratch the CNN's last layer starts at zero: training begins at that baseline, and the
+    # held-out check before the first epoch keeps it if the CNN never does better.
     stats: bool = True
+    stats_lr_scale: float = 1.0  # the statistics head's rate, times `lr` (it starts fitted)
 
 
 def latent_stats(x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +183,56 @@ class Scorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_score(self.logits(x))
+
+
+RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+FEW_FOR_CV = 20  # under this many rated training rows, no cross-validation: the largest alpha
+
+
+def ridge(z: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression of y on standardised z: (weights, intercept), in closed form."""
+    z, y = z.double(), y.double()
+    mean = y.mean()
+    gram = z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype)
+    weights = torch.linalg.solve(gram, z.T @ (y - mean))
+    return weights.float(), mean.float()
+
+
+def ridge_alpha(z: torch.Tensor, y: torch.Tensor, folds: int = 5) -> float:
+    """The ridge penalty with the best cross-validated rank correlation."""
+    if len(y) < FEW_FOR_CV:
+        return RIDGE_ALPHAS[-1]
+    fold = torch.arange(len(y)) % folds
+    found = {}
+    for alpha in RIDGE_ALPHAS:
+        right = torch.zeros(len(y))
+        for k in range(folds):
+            w, b = ridge(z[fold != k], y[fold != k], alpha)
+            right[fold == k] = z[fold == k] @ w + b
+        found[alpha] = _pearson(torch.from_numpy(rankdata(right)), torch.from_numpy(rankdata(y)))
+    return max(found, key=found.get)
+
+
+def fit_stats_head(
+    model: Scorer, latents: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """Set the statistics head to a ridge regression of the stars on the statistics.
+
+    Logit k gets ½·(k−3)·(r−3) for a ridge prediction r (in stars): the softmax mean over the
+    bins then rises with r and stays near it (≈ 3 + (r−3) for moderate r), so training starts
+    from the baseline's ranking.
+    """
+    rows = rows[torch.isfinite(scores[rows])]
+    if len(rows) < 2:
+        return
+    with torch.no_grad():
+        found = torch.cat([latent_stats(part) for part in latents[rows].split(256)])
+        z = (found - model.stats_mean) / model.stats_std
+        y = scores[rows].float()
+        weights, intercept = ridge(z, y, ridge_alpha(z, y))
+        bins = 0.5 * (model.stars - 3)
+        model.stats_head.weight.copy_(bins[:, None] * weights[None, :])
+        model.stats_head.bias.copy_(bins * (intercept - 3))
 
 
 @dataclass
@@ -354,9 +408,11 @@ def predict(model: Scorer, latents: torch.Tensor, batch_size: int = 256) -> torc
     return model.to_score(_logits(model, latents, False, device, batch_size).to(device)).cpu()
 
 
-def _load_trunk(model: Scorer, path: str | Path) -> bool:
-    """Copy every weight the file has for this net (all but a differently shaped head);
-    return whether it also had a trained statistics head for this one (it is loaded too)."""
+def _load_trunk(model: Scorer, path: str | Path) -> None:
+    """Copy every weight the file has for this net (all but a differently shaped head).
+
+    A statistics head in the file is not taken: the personal one is fitted to the person.
+    """
     tensors, _ = read_safetensors(path, ScorerFileError)
     own = model.net.state_dict()
     usable = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
@@ -366,7 +422,6 @@ def _load_trunk(model: Scorer, path: str | Path) -> bool:
             f"{path} does not fit this {model.net.__class__.__name__}: {missing[:3]}"
         )
     model.net.load_state_dict(usable, strict=False)
-    return _load_stats(model, tensors) and bool(tensors["stats_head_weight"].any())
 
 
 def train(
@@ -393,15 +448,21 @@ def train(
     with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's stream
         torch.manual_seed(config.seed)
         model = Scorer(config)
-    if init is None or not _load_trunk(model, init):  # a trunk's head keeps its own scaling
-        model.fit_stats(data.latents)
-    model.to(device)
+    if init is not None:
+        _load_trunk(model, init)
     latents, scores = data.latents, data.scores
     mirrored = data.flipped if data.flipped is not None else latents.flip(-1)
     train_rows, val_rows = split_by_image(
         len(latents), config.val_fraction, generator, data.sha256s
     )
     train_picks, val_picks = _split_picks(picks, train_rows, val_rows)
+    if model.stats_head is not None:
+        model.fit_stats(latents)
+        fit_stats_head(model, latents, scores, train_rows)
+        if init is None:  # from scratch the CNN adds to the fitted head, from nothing
+            nn.init.zeros_(model.net.fc.weight)
+            nn.init.zeros_(model.net.fc.bias)
+    model.to(device)
 
     cached = init is not None
     if cached:  # frozen trunk: features once, for the latents and their mirror images
@@ -412,8 +473,10 @@ def train(
         for name, param in model.net.named_parameters():
             param.requires_grad = name.startswith(("layer4.", "fc."))
         # the statistics head (outside .net) always trains
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    head = list(model.stats_head.parameters()) if model.stats_head is not None else []
+    rest = [p for p in model.net.parameters() if p.requires_grad]
+    groups = [{"params": rest, "scale": 1.0}, {"params": head, "scale": config.stats_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     forward = model.head_logits if cached else model.logits
     augment = replace(config, max_shift=0) if cached else config  # features can't shift
     pick_tensor = torch.tensor(train_picks, dtype=torch.float32).view(-1, 3)
@@ -423,6 +486,10 @@ def train(
     patience = math.ceil(config.patience * epochs / config.epochs)
     total = steps_per_epoch * epochs
     best, best_state, best_epoch, stale, step, epochs_run = None, None, 0, 0, 0, 0
+    if len(val_rows) and model.stats_head is not None:  # the fitted head alone, as a baseline
+        model.eval()
+        best = _evaluate(model, latents[val_rows], scores[val_rows], val_picks, cached, device)
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for epoch in range(epochs):
         if should_stop():
             break
@@ -433,7 +500,7 @@ def train(
             model.net.layer4.train()
         for rows in _batches(train_rows, config.batch_size, generator):
             for group in optimizer.param_groups:
-                group["lr"] = _lr(step, total, config)
+                group["lr"] = _lr(step, total, config) * group["scale"]
             x = _augment(latents[rows], mirrored[rows], augment, generator)
             target = scores[rows].to(device)
             if len(pick_tensor):
