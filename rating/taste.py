@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from rating import jobs, sharing
 from rating import taste_jobs as work  # also registers the train_taste and refine_image jobs
-from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
+from rating.models import Comparison, Image, Job, Rating, TasteVersion, db, get_or_404
 from rating.rate import page_or_fragment, visible_image_or_404
 
 bp = Blueprint("taste", __name__, url_prefix="/taste")
@@ -35,9 +35,11 @@ DOWNLOADS = {
 JOB_TEMPLATES = {"train_taste": "taste/_train_job.html", "refine_image": "taste/_refine_job.html"}
 
 
-def rating_count(user_id: int) -> int:
-    """Count a person's star ratings."""
-    return db.session.scalar(select(func.count(Rating.id)).where(Rating.user_id == user_id))
+def judgement_count(user_id: int) -> int:
+    """Count a person's star ratings and pairwise picks: each teaches their scorer."""
+    stars = select(func.count(Rating.id)).where(Rating.user_id == user_id)
+    picks = select(func.count(Comparison.id)).where(Comparison.user_id == user_id)
+    return db.session.scalar(stars) + db.session.scalar(picks)
 
 
 def latest_job(user_id: int, kind: str, **params) -> Job | None:
@@ -113,7 +115,7 @@ def taste_context(user_id: int) -> dict:
     shown = next((v for v in versions if v.complete), None)
     shown = shown or next((v for v in versions if v.scorer_file), None)
     return dict(
-        count=rating_count(user_id),
+        count=judgement_count(user_id),
         needed=current_app.config["TASTE_MIN_RATINGS"],
         base_model=current_app.config["BASE_MODEL"],
         versions=versions,
@@ -136,9 +138,13 @@ def page():
 @login_required
 def train():
     """Start training my taste, or show the training of mine already queued or running."""
-    count, needed = rating_count(current_user.id), current_app.config["TASTE_MIN_RATINGS"]
+    count, needed = judgement_count(current_user.id), current_app.config["TASTE_MIN_RATINGS"]
     if count < needed:
-        abort(400, description=f"Rate at least {needed} images first; you have rated {count}.")
+        abort(
+            400,
+            description=f"Rate or compare at least {needed} images first; you have {count}"
+            " ratings and picks.",
+        )
     job = jobs.enqueue_once("train_taste", current_user.id, lock_key=f"taste:{current_user.id}")
     if not request.headers.get("HX-Request"):
         return redirect(url_for("taste.page"))

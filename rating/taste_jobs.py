@@ -133,6 +133,7 @@ class TasteRun:
         self.picks: list[tuple[int, int, float]] = []
         self.unrated_ids: list[int] = []
         self.unrated_latents = None
+        self.judged = None  # what the scorer learns from; set by encode()
 
     def record(self, **metrics) -> None:
         """Add figures to the version's metrics and commit, so the page shows them now."""
@@ -148,9 +149,12 @@ class TasteRun:
         self.record(resolution=self.base.resolution, device=str(self.base.pipeline.device))
 
     def encode(self) -> None:
-        """Encode my rated images (new ones only; the rest come from the cache) and a sample
-        of unrated ones; write my latents+scores file."""
-        from trainer.latents import LatentsConfig, encode_images, save_latents_file
+        """Encode my rated images, the images of my picks I never rated, and a sample of
+        unrated ones (new ones only; the rest come from the cache); write my latents+scores
+        file (the rated ones: it carries my stars)."""
+        import torch
+
+        from trainer.latents import LatentsConfig, LatentsFile, encode_images, save_latents_file
 
         owner = self.job.owner_id
         rated = db.session.execute(
@@ -159,14 +163,22 @@ class TasteRun:
             .where(Rating.user_id == owner)
             .order_by(Image.id)
         ).all()
+        comparisons = db.session.execute(
+            select(Comparison.image_a_id, Comparison.image_b_id, Comparison.outcome).where(
+                Comparison.user_id == owner
+            )
+        ).all()
+        rated_ids = {image.id for image, _ in rated}
+        picked_ids = {i for a, b, _ in comparisons for i in (a, b)} - rated_ids
+        picked = db.session.scalars(select(Image).where(Image.id.in_(picked_ids))).all()
         mine = select(Rating.image_id).where(Rating.user_id == owner)
         unrated = db.session.scalars(
             select(Image)
-            .where(Image.hidden.is_(False), Image.id.not_in(mine))
+            .where(Image.hidden.is_(False), Image.id.not_in(mine), Image.id.not_in(picked_ids))
             .order_by(func.random())
             .limit(int(self.config["TASTE_PREDICT_POOL"]))
         ).all()
-        images = [image for image, _ in rated] + list(unrated)
+        images = [image for image, _ in rated] + list(picked) + list(unrated)
         store = image_store()
         paths = [store.original_path(image.sha256, image.original_ext) for image in images]
         settings = {"cache_dir": str(storage_root() / "latents-cache")}
@@ -178,33 +190,46 @@ class TasteRun:
             config=config,
             progress=self.progress,
         )
-        n = len(rated)
-        flipped = encoded.flipped[:n] if encoded.flipped is not None else None
-        save_latents_file(
-            self.folder / LATENTS,
-            encoded.latents[:n],
-            [float(stars) for _, stars in rated],
-            [image.sha256 for image, _ in rated],
-            flipped=flipped,
-            metadata={"base_model": self.version.base_model, "owner": self.version.owner.username},
+        n, known = len(rated), len(rated) + len(picked)
+        if rated:
+            flipped = encoded.flipped[:n] if encoded.flipped is not None else None
+            save_latents_file(
+                self.folder / LATENTS,
+                encoded.latents[:n],
+                [float(stars) for _, stars in rated],
+                [image.sha256 for image, _ in rated],
+                flipped=flipped,
+                metadata={
+                    "base_model": self.version.base_model,
+                    "owner": self.version.owner.username,
+                },
+            )
+            self.version.latents_file = LATENTS
+        self.judged = LatentsFile(
+            latents=encoded.latents[:known],
+            scores=torch.tensor([float(stars) for _, stars in rated] + [math.nan] * len(picked)),
+            flipped=encoded.flipped[:known] if encoded.flipped is not None else None,
+            sha256s=[image.sha256 for image in images[:known]],
+            metadata={},
         )
         self.unrated_ids = [image.id for image in unrated]
-        self.unrated_latents = encoded.latents[n:]
-        self.picks = self.my_picks({image.id: row for row, (image, _) in enumerate(rated)})
-        self.version.latents_file = LATENTS
+        self.unrated_latents = encoded.latents[known:]
+        rows = {image.id: row for row, image in enumerate(images[:known])}
+        self.picks = [(rows[a], rows[b], OUTCOMES[o]) for a, b, o in comparisons]
         self.version.ratings_count, self.version.picks_count = n, len(self.picks)
         cached = len(set(encoded.sha256s)) - encoded.encoded
-        self.progress.log(f"encoded {encoded.encoded} new images; {cached} came from the cache")
-        self.record(encoded={"new": encoded.encoded, "cached": cached, "unrated": len(unrated)})
-
-    def my_picks(self, rows: dict[int, int]) -> list[tuple[int, int, float]]:
-        """Return my pairwise picks between images I also rated, as (row, row, outcome)."""
-        found = db.session.execute(
-            select(Comparison.image_a_id, Comparison.image_b_id, Comparison.outcome).where(
-                Comparison.user_id == self.job.owner_id
-            )
-        ).all()
-        return [(rows[a], rows[b], OUTCOMES[o]) for a, b, o in found if a in rows and b in rows]
+        self.progress.log(
+            f"encoded {encoded.encoded} new images ({len(picked)} only in my picks); "
+            f"{cached} came from the cache"
+        )
+        self.record(
+            encoded={
+                "new": encoded.encoded,
+                "cached": cached,
+                "picked_only": len(picked),
+                "unrated": len(unrated),
+            }
+        )
 
     def scorer_init(self, shape: list[int]) -> tuple[str | None, str]:
         """Pick the trunk to start from: the configured file, else a fitting crowd model.
@@ -225,9 +250,8 @@ class TasteRun:
     def finetune_scorer(self) -> None:
         """Train my scorer on my latents file; record its held-out figures and its guesses."""
         from trainer import scorer
-        from trainer.latents import load_latents_file
 
-        data = load_latents_file(self.folder / LATENTS)
+        data = self.judged  # my stars, and my picks' images I never rated (score NaN)
         init, start = self.scorer_init(list(data.latents.shape[1:]))
         trained = scorer.train(
             data,

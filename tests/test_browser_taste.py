@@ -73,7 +73,7 @@ def test_train_my_taste_in_the_browser(page, problems, live_server, screenshots,
     button = page.get_by_role("button", name="Train my taste")
     expect(button).to_be_disabled()
     expect(page.locator("#train-reason")).to_contain_text(
-        "Rate at least 30 images first — you have rated 0."
+        "Rate or compare at least 30 images first — you have 0 ratings and picks."
     )
     shoot(page, screenshots, "20-taste-disabled")
 

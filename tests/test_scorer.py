@@ -233,3 +233,21 @@ def test_a_scorer_file_from_before_the_statistics_head_still_loads(trained, tmp_
     assert loaded.stats_head is None
     x = synthetic(4, seed=2).latents
     assert torch.equal(sc.predict(loaded, x), sc.predict(old.model, x))
+
+
+def test_someone_who_only_compares_gets_a_scorer_that_ranks():
+    data = synthetic(200, seed=4)
+    g = torch.Generator().manual_seed(1)
+    pairs = torch.randint(200, (600, 2), generator=g).tolist()
+    picks = [(i, j, float(data.scores[i] > data.scores[j])) for i, j in pairs if i != j]
+    no_stars = LatentsFile(
+        latents=data.latents,
+        scores=torch.full_like(data.scores, float("nan")),
+        flipped=None,
+        sha256s=None,
+        metadata={},
+    )
+    result = sc.train(no_stars, replace(TINY, epochs=12), picks=picks)
+    assert result.ratings == 0 and result.metrics["srcc"] is None
+    assert result.metrics["pick_accuracy"] > 0.75, result.metrics
+    assert sc.metrics(sc.predict(result.model, data.latents), data.scores)["srcc"] > 0.6

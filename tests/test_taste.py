@@ -176,9 +176,13 @@ def gate(monkeypatch):
 
 def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     ada = person(site_app, "ada")
+    with site_app.app_context():  # four picks between images she never rated: they count too
+        ids = db.session.scalars(select(Image.id).order_by(Image.id).offset(RATED).limit(8)).all()
+    for a, b in zip(ids[::2], ids[1::2], strict=True):
+        assert ada.post(f"/pairs/{a}/{b}", {"outcome": "a"}).status_code == 200
     page = ada.client.get("/taste/").get_data(as_text=True)
     assert re.search(r'<button class="primary big" id="train-button"\s*>', page)  # enabled
-    assert "demo model" in page and f"Uses your {RATED} ratings" in page
+    assert "demo model" in page and f"Uses your {RATED + 4} ratings and picks" in page
 
     job_id = click_train(ada)
     assert click_train(ada) == job_id  # a second click shows the same job
@@ -191,6 +195,7 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     assert html.count('data-state="done"') == 4 and "Held-out SRCC" in html
     version = version_of(site_app, job_id)
     assert version.complete and version.ratings_count == RATED and version.is_demo
+    assert version.picks_count == 4 and version.metrics["encoded"]["picked_only"] == 8
     assert set(version.metrics["seconds"]) == {"encode", "scorer", "lora", "results"}
 
     # The results: a grid of base vs LoRA at 0.5, 1 and −1, each image with its score.
@@ -528,10 +533,13 @@ def test_the_button_is_disabled_below_the_minimum_with_the_reason(app, site):
     site.register("newcomer")
     page = site.client.get("/taste/").get_data(as_text=True)
     assert re.search(r'id="train-button" disabled', page)
-    assert "Rate at least 30 images first — you have rated 0." in page
+    assert "Rate or compare at least 30 images first — you have 0 ratings and picks." in page
     response = site.post("/taste/train", htmx=True)
     assert response.status_code == 400
-    assert "Rate at least 30 images first; you have rated 0." in response.get_data(as_text=True)
+    assert (
+        "Rate or compare at least 30 images first; you have 0 ratings and picks."
+        in response.get_data(as_text=True)
+    )
     with app.app_context():
         assert db.session.scalar(select(func.count(Job.id))) == 0
 

@@ -524,7 +524,7 @@ def train(
             continue
         model.eval()
         found = _evaluate(model, latents[val_rows], scores[val_rows], val_picks, cached, device)
-        if best is None or found["srcc"] > best["srcc"]:
+        if best is None or _quality(found) > _quality(best):
             best, best_epoch, stale = found, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
@@ -599,10 +599,19 @@ def _evaluate(
     logits = _logits(model, x, cached, device)
     pred = model.to_score(logits.to(device)).cpu()
     rated = torch.isfinite(target)
-    found = metrics(pred[rated], target[rated])
+    found = metrics(pred[rated], target[rated]) if rated.sum() > 1 else {"srcc": None}
     if picks:
         found["pick_accuracy"] = pick_accuracy(pred, picks)
     return found
+
+
+def _quality(found: dict) -> float:
+    """What early stopping maximises: held-out SRCC, or pick accuracy when no stars are held
+    out (someone who only compares)."""
+    for key in ("srcc", "pick_accuracy"):
+        if found.get(key) is not None:
+            return found[key]
+    return -1.0
 
 
 # ---- files ----------------------------------------------------------------------------------
