@@ -214,13 +214,19 @@ def ridge_alpha(z: torch.Tensor, y: torch.Tensor, folds: int = 5) -> float:
 
 
 def fit_stats_head(
-    model: Scorer, latents: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor
+    model: Scorer,
+    latents: torch.Tensor,
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    on_top: bool = False,
 ) -> None:
     """Set the statistics head to a ridge regression of the stars on the statistics.
 
     Logit k gets ½·(k−3)·(r−3) for a ridge prediction r (in stars): the softmax mean over the
     bins then rises with r and stays near it (≈ 3 + (r−3) for moderate r), so training starts
-    from the baseline's ranking.
+    from the baseline's ranking. With `on_top` (a crowd model's head is loaded) the ridge fits
+    what the whole model's scores leave unexplained and is added to that head: with few
+    ratings the penalty keeps it near the crowd, with many it moves to the person.
     """
     rows = rows[torch.isfinite(scores[rows])]
     if len(rows) < 2:
@@ -229,10 +235,16 @@ def fit_stats_head(
         found = torch.cat([latent_stats(part) for part in latents[rows].split(256)])
         z = (found - model.stats_mean) / model.stats_std
         y = scores[rows].float()
-        weights, intercept = ridge(z, y, ridge_alpha(z, y))
+        start = 3.0
+        if on_top:
+            model.eval()
+            start = torch.cat([model(part) for part in latents[rows].split(256)])
+        weights, intercept = ridge(z, y - start, ridge_alpha(z, y - start))
         bins = 0.5 * (model.stars - 3)
-        model.stats_head.weight.copy_(bins[:, None] * weights[None, :])
-        model.stats_head.bias.copy_(bins * (intercept - 3))
+        head = model.stats_head
+        keep = 1.0 if on_top else 0.0
+        head.weight.copy_(keep * head.weight + bins[:, None] * weights[None, :])
+        head.bias.copy_(keep * head.bias + bins * intercept)
 
 
 @dataclass
@@ -408,11 +420,10 @@ def predict(model: Scorer, latents: torch.Tensor, batch_size: int = 256) -> torc
     return model.to_score(_logits(model, latents, False, device, batch_size).to(device)).cpu()
 
 
-def _load_trunk(model: Scorer, path: str | Path) -> None:
-    """Copy every weight the file has for this net (all but a differently shaped head).
-
-    A statistics head in the file is not taken: the personal one is fitted to the person.
-    """
+def _load_trunk(model: Scorer, path: str | Path) -> bool:
+    """Copy every weight the file has for this net (all but a differently shaped head);
+    return whether it also had a trained statistics head for this one (it is loaded too:
+    the personal head is then fitted to what the crowd's leaves unexplained)."""
     tensors, _ = read_safetensors(path, ScorerFileError)
     own = model.net.state_dict()
     usable = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
@@ -422,6 +433,7 @@ def _load_trunk(model: Scorer, path: str | Path) -> None:
             f"{path} does not fit this {model.net.__class__.__name__}: {missing[:3]}"
         )
     model.net.load_state_dict(usable, strict=False)
+    return _load_stats(model, tensors) and bool(tensors["stats_head_weight"].any())
 
 
 def train(
@@ -448,8 +460,7 @@ def train(
     with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's stream
         torch.manual_seed(config.seed)
         model = Scorer(config)
-    if init is not None:
-        _load_trunk(model, init)
+    crowd_head = init is not None and _load_trunk(model, init)
     latents, scores = data.latents, data.scores
     mirrored = data.flipped if data.flipped is not None else latents.flip(-1)
     train_rows, val_rows = split_by_image(
@@ -457,8 +468,9 @@ def train(
     )
     train_picks, val_picks = _split_picks(picks, train_rows, val_rows)
     if model.stats_head is not None:
-        model.fit_stats(latents)
-        fit_stats_head(model, latents, scores, train_rows)
+        if not crowd_head:  # the crowd's head keeps its own standardisation
+            model.fit_stats(latents)
+        fit_stats_head(model, latents, scores, train_rows, on_top=crowd_head)
         if init is None:  # from scratch the CNN adds to the fitted head, from nothing
             nn.init.zeros_(model.net.fc.weight)
             nn.init.zeros_(model.net.fc.bias)
