@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
+from flask import current_app
 from sqlalchemy import bindparam, func, select
 
-from rating.models import Comparison, Image, Rating, Source, db
+from rating.models import Comparison, Image, Rating, Source, TasteVersion, db
 
 
 def parse_ids(text: str | None, limit: int) -> list[int]:
@@ -42,12 +43,47 @@ def _unrated(user_id: int, exclude: list[int]):
 
 
 def next_image_ids(user_id: int, exclude: list[int], count: int) -> list[int]:
-    """Pick up to `count` images the person has not rated, alternating fresh and least-rated.
+    """Pick up to `count` images the person has not rated: some their scorer asks for, the
+    rest alternating fresh and least-rated.
 
+    Once the person has a scorer, a share (ACTIVE_SHARE) of each batch is what it is least
+    sure of and what lies at the edge of their top (`active_ids`); the rest explores.
     "Fresh" comes from the newest import, so new images reach people quickly; "least-rated"
     has the fewest ratings from the crowd, so every image gathers ratings. Both break ties at
     random, so two people rating at once see different images.
     """
+    wanted = round(count * float(current_app.config["ACTIVE_SHARE"]))
+    asked = still_unrated(user_id, [i for i in active_ids(user_id) if i not in exclude])[:wanted]
+    explored = explore_ids(user_id, exclude + asked, count - len(asked))
+    chosen = []
+    step = max(1, count // max(len(asked), 1))  # spread the asked-for ones through the batch
+    for position in range(count):
+        source = asked if asked and position % step == 0 else explored or asked
+        if source:
+            chosen.append(source.pop(0))
+    return chosen
+
+
+def active_ids(user_id: int) -> list[int]:
+    """The images the person's newest scorer asked to see rated, least sure and edge of top
+    taken in turn (empty before their first scorer)."""
+    metrics = db.session.scalar(
+        select(TasteVersion.metrics)
+        .where(TasteVersion.owner_id == user_id, TasteVersion.scorer_file.is_not(None))
+        .order_by(TasteVersion.id.desc())
+        .limit(1)
+    )
+    active = (metrics or {}).get("active") or {}
+    unsure, edge = active.get("unsure", []), active.get("edge_of_top", [])
+    merged = [i for pair in zip(unsure, edge, strict=False) for i in pair]
+    merged += unsure[len(edge) :] + edge[len(unsure) :]
+    return list(dict.fromkeys(merged))
+
+
+def explore_ids(user_id: int, exclude: list[int], count: int) -> list[int]:
+    """Up to `count` unrated images, alternating fresh and least-rated (see next_image_ids)."""
+    if count <= 0:
+        return []
     candidates = _unrated(user_id, exclude)
     newest_source = select(func.max(Source.id)).join(Image).where(Image.hidden.is_(False))
     fresh = db.session.scalars(

@@ -79,13 +79,18 @@ def grid_rows(version: TasteVersion) -> list[dict]:
     return list(rows.values())
 
 
-def guesses(version: TasteVersion | None) -> dict[str, list[tuple[Image, float]]]:
-    """Return the unrated images the version's scorer predicts I'd love and hate."""
+def guesses(version: TasteVersion | None) -> dict[str, list[tuple[Image, float, float | None]]]:
+    """Return the unrated images the version's scorer predicts I'd love and hate, each with
+    its predicted score and how unsure of it the scorer is (± stars; None for older ones)."""
     picks = {key: (version.metrics.get(key) or []) if version else [] for key in ("love", "hate")}
     ids = [pick["image_id"] for found in picks.values() for pick in found]
     images = {i.id: i for i in db.session.scalars(select(Image).where(Image.id.in_(ids)))}
     return {
-        key: [(images[p["image_id"]], p["score"]) for p in found if p["image_id"] in images]
+        key: [
+            (images[p["image_id"]], p["score"], p.get("spread"))
+            for p in found
+            if p["image_id"] in images
+        ]
         for key, found in picks.items()
     }
 

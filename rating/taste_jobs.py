@@ -36,6 +36,7 @@ PHASES = {
 }
 STRENGTHS = (0.0, 0.5, 1.0, -1.0)  # base, half, full, and "anti-taste"
 LOVE_HATE = 8  # unrated images shown as the scorer's best and worst guesses
+ACTIVE_KEPT = 50  # unrated images kept per list for the rating page to mix in
 # A version folder's entries (see version_folder); LORA holds checkpoint-NNNNNN folders.
 LATENTS = "latents.safetensors"
 SCORER = "scorer.safetensors"
@@ -119,6 +120,23 @@ def new_version(job: Job) -> TasteVersion:
     job.params = {**job.params, "version_id": version.id}
     db.session.commit()
     return version
+
+
+def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> dict:
+    """The unrated images most worth rating next, by id: those the scorer is least sure of,
+    and those whose predicted score sits nearest the edge of the person's top fifth (where a
+    rating best separates what they love from what they merely like), least sure first."""
+    import torch
+
+    rated = stars[torch.isfinite(stars)]
+    edge = float(rated.quantile(0.8)) if len(rated) else 4.0
+    unsure = sorted(guesses, key=lambda g: -g["spread"])
+    near_top = sorted(guesses, key=lambda g: abs(g["score"] - edge) - 0.5 * g["spread"])
+    return {
+        "unsure": [g["image_id"] for g in unsure[:keep]],
+        "edge_of_top": [g["image_id"] for g in near_top[:keep]],
+        "top_edge_stars": round(edge, 2),
+    }
 
 
 class TasteRun:
@@ -265,14 +283,18 @@ class TasteRun:
             raise JobCancelled()
         scorer.save_scorer(self.folder / SCORER, trained)
         self.version.scorer_file = SCORER
-        love, hate = [], []
+        love, hate, active = [], [], {}
         if self.unrated_ids:
             guesses = scorer.predict(trained.model, self.unrated_latents).tolist()
-            ranked = sorted(zip(guesses, self.unrated_ids, strict=True), reverse=True)
-            pairs = [{"image_id": i, "score": round(s, 2)} for s, i in ranked]
+            spreads = scorer.uncertainty(trained.model, self.unrated_latents).tolist()
+            ranked = sorted(zip(guesses, spreads, self.unrated_ids, strict=True), reverse=True)
+            pairs = [
+                {"image_id": i, "score": round(g, 2), "spread": round(u, 2)} for g, u, i in ranked
+            ]
             shown = min(LOVE_HATE, len(pairs) // 2)  # no image is both loved and hated
             love, hate = pairs[:shown], pairs[::-1][:shown]
-        self.record(scorer={**trained.metrics, "init": start}, love=love, hate=hate)
+            active = active_candidates(pairs, data.scores)
+        self.record(scorer={**trained.metrics, "init": start}, love=love, hate=hate, active=active)
 
     @property
     def prompts_file(self) -> Path:

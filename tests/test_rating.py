@@ -247,3 +247,30 @@ def test_a_pick_sent_twice_is_stored_once(app, admin_site, client):
     assert first["token"] != state["token"]  # each new card gets a token of its own
     with app.app_context():
         assert db.session.scalar(db.select(db.func.count(Comparison.id))) == 1
+
+
+def test_a_share_of_each_batch_is_what_my_scorer_asks_for(app, admin_site):
+    from rating.models import TasteVersion
+    from rating.picking import next_image_ids
+
+    with app.app_context():
+        ids = db.session.scalars(db.select(Image.id).order_by(Image.id)).all()
+        asked = ids[-4:]  # the scorer's "least sure" and "edge of my top" lists
+        db.session.add(
+            TasteVersion(
+                owner_id=1,
+                number=1,
+                base_model="demo",
+                scorer_file="scorer.safetensors",
+                metrics={"active": {"unsure": asked[:2], "edge_of_top": asked[2:]}},
+            )
+        )
+        db.session.commit()
+        batch = next_image_ids(1, [], 8)
+        assert len(batch) == 8 and len(set(batch)) == 8
+        assert round(8 * app.config["ACTIVE_SHARE"]) == 2  # two asked for, spread out:
+        assert batch[0] == asked[0] and batch[4] == asked[2]  # least sure, edge of top
+        db.session.add(Rating(user_id=1, image_id=asked[0], stars=4))
+        db.session.commit()
+        again = next_image_ids(1, [], 8)  # rated: never asked for again; the next one is
+        assert asked[0] not in again and again[0] == asked[2]

@@ -251,3 +251,14 @@ def test_someone_who_only_compares_gets_a_scorer_that_ranks():
     assert result.ratings == 0 and result.metrics["srcc"] is None
     assert result.metrics["pick_accuracy"] > 0.75, result.metrics
     assert sc.metrics(sc.predict(result.model, data.latents), data.scores)["srcc"] > 0.6
+
+
+def test_the_scorer_is_less_sure_of_images_unlike_those_it_learnt_from(trained, tmp_path):
+    seen = synthetic(40, seed=11).latents
+    strange = seen * 6 + 4  # far outside what it was trained on
+    familiar, far = sc.uncertainty(trained.model, seen), sc.uncertainty(trained.model, strange)
+    assert familiar.shape == (40,) and (familiar >= 0).all()
+    assert far.mean() > 3 * familiar.mean()
+    path = tmp_path / "scorer.safetensors"
+    sc.save_scorer(path, trained)
+    assert torch.allclose(sc.uncertainty(sc.load_scorer(path)[0], seen), familiar)

@@ -176,13 +176,13 @@ def gate(monkeypatch):
 
 def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     ada = person(site_app, "ada")
-    with site_app.app_context():  # four picks between images she never rated: they count too
-        ids = db.session.scalars(select(Image.id).order_by(Image.id).offset(RATED).limit(8)).all()
+    with site_app.app_context():  # two picks between images she never rated: they count too
+        ids = db.session.scalars(select(Image.id).order_by(Image.id).offset(RATED).limit(4)).all()
     for a, b in zip(ids[::2], ids[1::2], strict=True):
         assert ada.post(f"/pairs/{a}/{b}", {"outcome": "a"}).status_code == 200
     page = ada.client.get("/taste/").get_data(as_text=True)
     assert re.search(r'<button class="primary big" id="train-button"\s*>', page)  # enabled
-    assert "demo model" in page and f"Uses your {RATED + 4} ratings and picks" in page
+    assert "demo model" in page and f"Uses your {RATED + 2} ratings and picks" in page
 
     job_id = click_train(ada)
     assert click_train(ada) == job_id  # a second click shows the same job
@@ -195,7 +195,10 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     assert html.count('data-state="done"') == 4 and "Held-out SRCC" in html
     version = version_of(site_app, job_id)
     assert version.complete and version.ratings_count == RATED and version.is_demo
-    assert version.picks_count == 4 and version.metrics["encoded"]["picked_only"] == 8
+    assert version.picks_count == 2 and version.metrics["encoded"]["picked_only"] == 4
+    assert version.metrics["love"][0]["spread"] >= 0  # how sure, with each guess
+    active = version.metrics["active"]
+    assert active["unsure"] and active["edge_of_top"] and 1 <= active["top_edge_stars"] <= 5
     assert set(version.metrics["seconds"]) == {"encode", "scorer", "lora", "results"}
 
     # The results: a grid of base vs LoRA at 0.5, 1 and −1, each image with its score.
@@ -204,6 +207,7 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     assert page.count('<figure class="cell">') == cells
     assert len(re.findall(r"score <b>\d\.\d\d</b> · demo", page)) == cells
     assert "anti-taste −1" in page and "held-out score gain" in page and "drift" in page
+    assert '<small class="muted"> ±' in page  # the guesses say how sure they are
     cell = fetch(ada, f"/taste/versions/{version.id}/grid/0.png")
     assert cell.status_code == 200 and cell.data.startswith(b"\x89PNG")
 

@@ -39,6 +39,7 @@ from trainer.tensorfiles import read_safetensors, write_atomic
 FORMAT = "tastebud.scorer"
 FORMAT_VERSION = "1"
 STARS = 5
+BOOTSTRAP = 8  # resampled ridge fits a scorer keeps for its uncertainty
 Pick = tuple[int, int, float]  # (row i, row j, outcome): 1 = i wins, 0 = j wins, 0.5 = tie
 
 
@@ -139,6 +140,9 @@ class Scorer(nn.Module):
             nn.init.zeros_(self.stats_head.bias)
             self.register_buffer("stats_mean", torch.zeros(width))
             self.register_buffer("stats_std", torch.ones(width))
+            # ridge fits on bootstrap resamples of the ratings ([weights, intercept] rows):
+            # how far they disagree on an image is how unsure the scorer is of it
+            self.register_buffer("stats_bootstrap", torch.zeros(BOOTSTRAP, width + 1))
 
     def fit_stats(self, latents: torch.Tensor) -> None:
         """Standardise the statistics head's inputs on these latents (all of them: no labels)."""
@@ -239,7 +243,13 @@ def fit_stats_head(
         if on_top:
             model.eval()
             start = torch.cat([model(part) for part in latents[rows].split(256)])
-        weights, intercept = ridge(z, y - start, ridge_alpha(z, y - start))
+        alpha = ridge_alpha(z, y - start)
+        weights, intercept = ridge(z, y - start, alpha)
+        generator = torch.Generator().manual_seed(len(rows))
+        for b in range(BOOTSTRAP):
+            drawn = torch.randint(len(rows), (len(rows),), generator=generator)
+            w, c = ridge(z[drawn], (y - start)[drawn], alpha)
+            model.stats_bootstrap[b] = torch.cat([w, c.view(1)])
         bins = 0.5 * (model.stars - 3)
         head = model.stats_head
         keep = 1.0 if on_top else 0.0
@@ -418,6 +428,19 @@ def predict(model: Scorer, latents: torch.Tensor, batch_size: int = 256) -> torc
     model.eval()
     device = next(model.parameters()).device
     return model.to_score(_logits(model, latents, False, device, batch_size).to(device)).cpu()
+
+
+@torch.no_grad()
+def uncertainty(model: Scorer, latents: torch.Tensor) -> torch.Tensor:
+    """How unsure the scorer is of each image, in stars: the spread of its bootstrap ridge
+    fits' predictions (zeros for a scorer without a statistics head)."""
+    if model.stats_head is None:
+        return torch.zeros(len(latents))
+    found = torch.cat([latent_stats(part) for part in latents.cpu().split(256)])
+    z = (found - model.stats_mean.cpu()) / model.stats_std.cpu()
+    fits = model.stats_bootstrap.cpu()
+    guesses = z @ fits[:, :-1].T + fits[:, -1]  # [N, BOOTSTRAP]
+    return guesses.std(1)
 
 
 def _load_trunk(model: Scorer, path: str | Path) -> bool:
@@ -664,6 +687,7 @@ def scorer_tensors(model: Scorer) -> dict[str, torch.Tensor]:
             stats_head_bias=model.stats_head.bias,
             stats_mean=model.stats_mean,
             stats_std=model.stats_std,
+            stats_bootstrap=model.stats_bootstrap,
         )
     return {k: v.detach().cpu() for k, v in tensors.items()}
 
@@ -678,6 +702,8 @@ def _load_stats(model: Scorer, tensors: dict[str, torch.Tensor]) -> bool:
         head.bias.copy_(tensors["stats_head_bias"])
         model.stats_mean.copy_(tensors["stats_mean"])
         model.stats_std.copy_(tensors["stats_std"])
+        if tensors.get("stats_bootstrap", torch.empty(0)).shape == model.stats_bootstrap.shape:
+            model.stats_bootstrap.copy_(tensors["stats_bootstrap"])
     return True
 
 
