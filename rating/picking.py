@@ -64,16 +64,21 @@ def next_image_ids(user_id: int, exclude: list[int], count: int) -> list[int]:
     return chosen
 
 
-def active_ids(user_id: int) -> list[int]:
-    """The images the person's newest scorer asked to see rated, least sure and edge of top
-    taken in turn (empty before their first scorer)."""
+def _active(user_id: int) -> dict:
+    """What the person's newest scorer asked for (taste_jobs.active_candidates), or {}."""
     metrics = db.session.scalar(
         select(TasteVersion.metrics)
         .where(TasteVersion.owner_id == user_id, TasteVersion.scorer_file.is_not(None))
         .order_by(TasteVersion.id.desc())
         .limit(1)
     )
-    active = (metrics or {}).get("active") or {}
+    return (metrics or {}).get("active") or {}
+
+
+def active_ids(user_id: int) -> list[int]:
+    """The images the person's newest scorer asked to see rated, least sure and edge of top
+    taken in turn (empty before their first scorer)."""
+    active = _active(user_id)
     unsure, edge = active.get("unsure", []), active.get("edge_of_top", [])
     merged = [i for pair in zip(unsure, edge, strict=False) for i in pair]
     merged += unsure[len(edge) :] + edge[len(unsure) :]
@@ -117,7 +122,15 @@ def still_unrated(user_id: int, ids: list[int]) -> list[int]:
 
 
 def next_pair(user_id: int, recent: list[int], tries: int = 8) -> tuple[int, int] | None:
-    """Pick two different visible images the person has not compared yet, avoiding recent ones."""
+    """Pick two different visible images the person has not compared yet, avoiding recent ones.
+
+    Once the person has a scorer, ACTIVE_SHARE of the pairs are those whose outcome it finds
+    closest to a coin flip; the rest are drawn at random, so every image can come up.
+    """
+    if random.random() < float(current_app.config["ACTIVE_SHARE"]):
+        asked = coin_flip_pair(user_id, recent)
+        if asked is not None:
+            return asked
     pool = select(Image.id).where(Image.hidden.is_(False))
     candidates = db.session.scalars(
         pool.where(Image.id.not_in(recent)).order_by(func.random()).limit(2 * tries)
@@ -132,6 +145,22 @@ def next_pair(user_id: int, recent: list[int], tries: int = 8) -> tuple[int, int
             return a, b
     a, b = random.sample(candidates, 2)  # every candidate pair was compared: repeat one
     return a, b
+
+
+def coin_flip_pair(user_id: int, recent: list[int]) -> tuple[int, int] | None:
+    """The first pair the person's scorer finds a coin flip that they have not compared,
+    with both images visible and neither shown just now (None when there is none)."""
+    pairs = [(a, b) for a, b in _active(user_id).get("coin_flips", []) if not {a, b} & set(recent)]
+    if not pairs:
+        return None
+    ids = list({i for pair in pairs for i in pair})
+    visible = set(
+        db.session.scalars(select(Image.id).where(Image.id.in_(ids), Image.hidden.is_(False)))
+    )
+    done = compared_pairs(user_id, ids)
+    return next(
+        ((a, b) for a, b in pairs if {a, b} <= visible and frozenset((a, b)) not in done), None
+    )
 
 
 def compared_pairs(user_id: int, ids: list[int]) -> set[frozenset[int]]:

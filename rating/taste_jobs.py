@@ -125,17 +125,26 @@ def new_version(job: Job) -> TasteVersion:
 def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> dict:
     """The unrated images most worth rating next, by id: those the scorer is least sure of,
     and those whose predicted score sits nearest the edge of the person's top fifth (where a
-    rating best separates what they love from what they merely like), least sure first."""
+    rating best separates what they love from what they merely like), least sure first; and
+    the pairs whose outcome the scorer finds closest to a coin flip (nearly equal predicted
+    scores, least sure first), for the compare page."""
     import torch
 
     rated = stars[torch.isfinite(stars)]
     edge = float(rated.quantile(0.8)) if len(rated) else 4.0
     unsure = sorted(guesses, key=lambda g: -g["spread"])
     near_top = sorted(guesses, key=lambda g: abs(g["score"] - edge) - 0.5 * g["spread"])
+    by_score = sorted(guesses, key=lambda g: g["score"])
+    neighbours = list(zip(by_score, by_score[1:], strict=False))
+    close = sorted(
+        neighbours,
+        key=lambda p: p[1]["score"] - p[0]["score"] - 0.25 * (p[0]["spread"] + p[1]["spread"]),
+    )
     return {
         "unsure": [g["image_id"] for g in unsure[:keep]],
         "edge_of_top": [g["image_id"] for g in near_top[:keep]],
         "top_edge_stars": round(edge, 2),
+        "coin_flips": [[a["image_id"], b["image_id"]] for a, b in close[: keep // 2]],
     }
 
 

@@ -274,3 +274,29 @@ def test_a_share_of_each_batch_is_what_my_scorer_asks_for(app, admin_site):
         db.session.commit()
         again = next_image_ids(1, [], 8)  # rated: never asked for again; the next one is
         assert asked[0] not in again and again[0] == asked[2]
+
+
+def test_the_compare_page_asks_for_the_pairs_my_scorer_finds_a_coin_flip(app, admin_site):
+    from rating.models import TasteVersion
+    from rating.picking import next_pair
+
+    with app.app_context():
+        a, b, c, d = db.session.scalars(db.select(Image.id).order_by(Image.id).limit(4)).all()
+        db.session.add(
+            TasteVersion(
+                owner_id=1,
+                number=1,
+                base_model="demo",
+                scorer_file="scorer.safetensors",
+                metrics={"active": {"coin_flips": [[a, b], [c, d]]}},
+            )
+        )
+        db.session.commit()
+        app.config["ACTIVE_SHARE"] = 1.0
+        assert next_pair(1, []) == (a, b)
+        db.session.add(Comparison(user_id=1, image_a_id=a, image_b_id=b, outcome="a"))
+        db.session.commit()
+        assert next_pair(1, []) == (c, d)  # that one is decided: the next coin flip
+        assert next_pair(1, [d]) not in {(c, d), (a, b)}  # just shown: a random pair instead
+        app.config["ACTIVE_SHARE"] = 0.0
+        assert len({next_pair(1, []) for _ in range(12)}) > 1  # exploring, not asking
