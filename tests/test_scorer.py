@@ -136,7 +136,8 @@ def test_finetune_from_a_trunk_trains_only_the_last_stage(trained, tmp_path):
     assert tuned.config.channels == TINY.channels and tuned.init == str(trunk)
     before, after = trained.model.net.state_dict(), tuned.model.net.state_dict()
     assert torch.equal(before["layer3.0.conv1.weight"], after["layer3.0.conv1.weight"])
-    assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
+    net = tuned.model.net  # only the last stage (and the heads) were given to the optimiser
+    assert net.layer4[0].conv1.weight.requires_grad and not net.layer3[0].conv1.weight.requires_grad
     assert tuned.metrics["srcc"] > 0.5, tuned.metrics
 
 
@@ -262,3 +263,16 @@ def test_the_scorer_is_less_sure_of_images_unlike_those_it_learnt_from(trained, 
     path = tmp_path / "scorer.safetensors"
     sc.save_scorer(path, trained)
     assert torch.allclose(sc.uncertainty(sc.load_scorer(path)[0], seen), familiar)
+
+
+def test_a_crowd_of_the_opposite_taste_does_no_harm_with_enough_ratings(trained, tmp_path):
+    crowd = tmp_path / "crowd.safetensors"
+    sc.save_scorer(crowd, trained)  # learnt 3 + 2·tanh(pattern): this person likes the reverse
+    mine = synthetic(80, seed=21)
+    mine = LatentsFile(mine.latents, 6 - mine.scores, None, None, {})
+    test = synthetic(200, seed=22)
+    results = {}
+    for start in (None, crowd):
+        model = sc.train(mine, TINY, init=start).model
+        results[start] = sc.metrics(sc.predict(model, test.latents), 6 - test.scores)["srcc"]
+    assert results[crowd] > 0.5 and results[crowd] >= results[None] - 0.05, results

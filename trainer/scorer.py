@@ -16,6 +16,7 @@ head train: that is what makes a personal scorer from 1,000 ratings quick on a C
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -527,6 +528,15 @@ def train(
         model.eval()
         best = _evaluate(model, latents[val_rows], scores[val_rows], val_picks, cached, device)
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if crowd_head:  # is the crowd still worth its place? Try the person's own fit alone
+            own = _own_fit(model, data, train_rows)
+            found = _evaluate(own, latents[val_rows], scores[val_rows], val_picks, cached, device)
+            if _quality(found) > _quality(best):
+                model.load_state_dict(own.state_dict())
+                best, best_state = (
+                    found,
+                    {k: v.detach().clone() for k, v in own.state_dict().items()},
+                )
     for epoch in range(epochs):
         if should_stop():
             break
@@ -597,6 +607,19 @@ def train(
         pairs=len(picks),
         init=str(init) if init is not None else "scratch",
     )
+
+
+def _own_fit(model: Scorer, data: LatentsFile, rows: torch.Tensor) -> Scorer:
+    """A copy of a crowd-started scorer without the crowd's say: its last layer at zero and
+    its statistics head fitted to the person's ratings alone (what scratch starts from)."""
+    own = copy.deepcopy(model).cpu()
+    with torch.no_grad():
+        own.net.fc.weight.zero_()
+        own.net.fc.bias.zero_()
+        own.stats_head.weight.zero_()
+        own.stats_head.bias.zero_()
+    fit_stats_head(own, data.latents, data.scores, rows)
+    return own.to(next(model.parameters()).device)
 
 
 def _split_picks(

@@ -1,0 +1,114 @@
+"""Active selection bench: held-out SRCC after N ratings, when the rating page mixes in what
+the scorer asks for, against a page that only explores. SYNTHETIC (the battery's raters).
+
+A simulated sitting: the person rates `--start` images drawn at random and trains their taste;
+from then on each batch of 8 images (the page's PICK_AHEAD) holds the share of images the
+scorer asks for (`rating.taste_jobs.active_candidates` on `--guess-pool` unrated images, as
+the taste job computes them, taken in turn as `rating.picking.active_ids` does), the rest drawn
+at random; they retrain at each checkpoint. The scorer is the product's (`trainer.scorer`,
+default settings); SRCC is against the rater's stars on held-out images.
+
+    .venv/bin/python bench/active_selection.py        # --raters ..., --checkpoints 30 50 100 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from scorer_battery import Rater, data_file, fields, srcc, tastes
+
+from rating.taste_jobs import active_candidates
+from trainer import scorer as sc
+
+BATCH = 8  # images the rating page picks ahead at a time
+
+
+def asked_for(model, pool, stars, rated: list[int], guess_pool: int, g) -> list[int]:
+    """The pool rows the scorer asks for, in the order the rating page would show them."""
+    unrated = [i for i in range(len(pool)) if i not in set(rated)]
+    sample = [unrated[k] for k in torch.randperm(len(unrated), generator=g)[:guess_pool]]
+    scores = sc.predict(model, pool[sample]).tolist()
+    spreads = sc.uncertainty(model, pool[sample]).tolist()
+    guesses = [
+        {"image_id": row, "score": s, "spread": u}
+        for row, s, u in zip(sample, scores, spreads, strict=True)
+    ]
+    active = active_candidates(guesses, stars[rated])
+    merged = [
+        i for pair in zip(active["unsure"], active["edge_of_top"], strict=False) for i in pair
+    ]
+    return list(dict.fromkeys(merged))
+
+
+def sitting(stars, pool, test, test_stars, share: float, args, seed: int) -> dict:
+    """Rate up to the last checkpoint (`stars`: what the rater gives each pool image);
+    return SRCC at each checkpoint."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(pool), generator=g).tolist()
+    rated = order[: args.start]
+    explore = [i for i in order if i not in set(rated)]
+    found, model = {}, None
+    for checkpoint in args.checkpoints:
+        while len(rated) < checkpoint:
+            batch = []
+            wanted = round(BATCH * share) if model is not None else 0
+            if wanted:
+                asked = asked_for(model, pool, stars, rated, args.guess_pool, g)
+                batch = [i for i in asked if i not in set(rated)][:wanted]
+            batch += [i for i in explore if i not in set(rated) and i not in batch][
+                : BATCH - len(batch)
+            ]
+            rated += batch[: checkpoint - len(rated)]
+        trained = sc.train(data_file(pool[rated], stars[rated]))
+        model = trained.model
+        found[checkpoint] = srcc(sc.predict(model, test), test_stars)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", type=int, default=32)
+    parser.add_argument("--pool", type=int, default=2000)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--start", type=int, default=30, help="random ratings before a scorer")
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=[30, 50, 100, 200])
+    parser.add_argument("--guess-pool", type=int, default=200, help="TASTE_PREDICT_POOL")
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 1.0])
+    parser.add_argument("--raters", nargs="+", help="names from the battery (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(args.seed)
+    battery = tastes(args.side)
+    reference = fields(2000, args.side, g)
+    raters = [Rater(name, fn, reference, g) for name, fn in battery.items()]
+    raters = [r for r in raters if not args.raters or r.name in args.raters]
+    pool, test = fields(args.pool, args.side, g), fields(args.test, args.side, g)
+    began = time.perf_counter()
+    table: dict[float, dict[int, list[float]]] = {
+        s: {n: [] for n in args.checkpoints} for s in args.shares
+    }
+    for k, rater in enumerate(raters):
+        stars, test_stars = rater.stars(pool), rater.stars(test)
+        for share in args.shares:
+            found = sitting(stars, pool, test, test_stars, share, args, seed=args.seed + k)
+            for n, value in found.items():
+                table[share][n].append(value)
+            cells = "  ".join(f"N={n}: {v:.3f}" for n, v in found.items())
+            print(f"  {rater.name:22s} share {share:.2f}  {cells}", flush=True)
+    print(
+        f"\nSYNTHETIC: {len(raters)} battery raters, 4×{args.side}×{args.side} latents, "
+        f"{args.test} held-out images; mean SRCC against held-out stars "
+        f"({time.perf_counter() - began:.0f} s)"
+    )
+    print("| ratings | " + " | ".join(f"share {s:g}" for s in args.shares) + " |")
+    print("|---:" * (1 + len(args.shares)) + "|")
+    for n in args.checkpoints:
+        cells = " | ".join(f"{statistics.fmean(table[s][n]):.3f}" for s in args.shares)
+        print(f"| {n} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
