@@ -32,13 +32,14 @@ def asked_for(model, pool, stars, rated: list[int], guess_pool: int, g) -> list[
     sample = [unrated[k] for k in torch.randperm(len(unrated), generator=g)[:guess_pool]]
     scores = sc.predict(model, pool[sample]).tolist()
     spreads = sc.uncertainty(model, pool[sample]).tolist()
+    values = sc.rating_value(model, pool[rated], stars[rated], pool[sample]).tolist()
     guesses = [
-        {"image_id": row, "score": s, "spread": u}
-        for row, s, u in zip(sample, scores, spreads, strict=True)
+        {"image_id": row, "score": s, "spread": u, "value": v}
+        for row, s, u, v in zip(sample, scores, spreads, values, strict=True)
     ]
     active = active_candidates(guesses, stars[rated])
     merged = [
-        i for pair in zip(active["unsure"], active["edge_of_top"], strict=False) for i in pair
+        i for pair in zip(active["informative"], active["edge_of_top"], strict=False) for i in pair
     ]
     return list(dict.fromkeys(merged))
 

@@ -76,12 +76,12 @@ def _active(user_id: int) -> dict:
 
 
 def active_ids(user_id: int) -> list[int]:
-    """The images the person's newest scorer asked to see rated, least sure and edge of top
-    taken in turn (empty before their first scorer)."""
+    """The images the person's newest scorer asked to see rated, most informative and edge
+    of top taken in turn (empty before their first scorer)."""
     active = _active(user_id)
-    unsure, edge = active.get("unsure", []), active.get("edge_of_top", [])
-    merged = [i for pair in zip(unsure, edge, strict=False) for i in pair]
-    merged += unsure[len(edge) :] + edge[len(unsure) :]
+    informative, edge = active.get("informative", []), active.get("edge_of_top", [])
+    merged = [i for pair in zip(informative, edge, strict=False) for i in pair]
+    merged += informative[len(edge) :] + edge[len(informative) :]
     return list(dict.fromkeys(merged))
 
 

@@ -123,16 +123,17 @@ def new_version(job: Job) -> TasteVersion:
 
 
 def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> dict:
-    """The unrated images most worth rating next, by id: those the scorer is least sure of,
-    and those whose predicted score sits nearest the edge of the person's top fifth (where a
-    rating best separates what they love from what they merely like), least sure first; and
-    the pairs whose outcome the scorer finds closest to a coin flip (nearly equal predicted
-    scores, least sure first), for the compare page."""
+    """The unrated images most worth rating next, by id: those whose rating would teach the
+    scorer most (`value`, see trainer.scorer.rating_value), and those whose predicted score
+    sits nearest the edge of the person's top fifth (where a rating best separates what they
+    love from what they merely like), least sure first; and the pairs whose outcome the scorer
+    finds closest to a coin flip (nearly equal predicted scores, least sure first), for the
+    compare page."""
     import torch
 
     rated = stars[torch.isfinite(stars)]
     edge = float(rated.quantile(0.8)) if len(rated) else 4.0
-    unsure = sorted(guesses, key=lambda g: -g["spread"])
+    informative = sorted(guesses, key=lambda g: -g["value"])
     near_top = sorted(guesses, key=lambda g: abs(g["score"] - edge) - 0.5 * g["spread"])
     by_score = sorted(guesses, key=lambda g: g["score"])
     neighbours = list(zip(by_score, by_score[1:], strict=False))
@@ -141,7 +142,7 @@ def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> di
         key=lambda p: p[1]["score"] - p[0]["score"] - 0.25 * (p[0]["spread"] + p[1]["spread"]),
     )
     return {
-        "unsure": [g["image_id"] for g in unsure[:keep]],
+        "informative": [g["image_id"] for g in informative[:keep]],
         "edge_of_top": [g["image_id"] for g in near_top[:keep]],
         "top_edge_stars": round(edge, 2),
         "coin_flips": [[a["image_id"], b["image_id"]] for a, b in close[: keep // 2]],
@@ -294,15 +295,19 @@ class TasteRun:
         self.version.scorer_file = SCORER
         love, hate, active = [], [], {}
         if self.unrated_ids:
-            guesses = scorer.predict(trained.model, self.unrated_latents).tolist()
-            spreads = scorer.uncertainty(trained.model, self.unrated_latents).tolist()
+            unrated = self.unrated_latents
+            guesses = scorer.predict(trained.model, unrated).tolist()
+            spreads = scorer.uncertainty(trained.model, unrated).tolist()
+            values = scorer.rating_value(trained.model, data.latents, data.scores, unrated)
             ranked = sorted(zip(guesses, spreads, self.unrated_ids, strict=True), reverse=True)
             pairs = [
                 {"image_id": i, "score": round(g, 2), "spread": round(u, 2)} for g, u, i in ranked
             ]
             shown = min(LOVE_HATE, len(pairs) // 2)  # no image is both loved and hated
             love, hate = pairs[:shown], pairs[::-1][:shown]
-            active = active_candidates(pairs, data.scores)
+            value_of = dict(zip(self.unrated_ids, values.tolist(), strict=True))
+            candidates = [{**pair, "value": value_of[pair["image_id"]]} for pair in pairs]
+            active = active_candidates(candidates, data.scores)
         self.record(scorer={**trained.metrics, "init": start}, love=love, hate=hate, active=active)
 
     @property

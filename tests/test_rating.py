@@ -262,14 +262,14 @@ def test_a_share_of_each_batch_is_what_my_scorer_asks_for(app, admin_site):
                 number=1,
                 base_model="demo",
                 scorer_file="scorer.safetensors",
-                metrics={"active": {"unsure": asked[:2], "edge_of_top": asked[2:]}},
+                metrics={"active": {"informative": asked[:2], "edge_of_top": asked[2:]}},
             )
         )
         db.session.commit()
         batch = next_image_ids(1, [], 8)
         assert len(batch) == 8 and len(set(batch)) == 8
         assert round(8 * app.config["ACTIVE_SHARE"]) == 2  # two asked for, spread out:
-        assert batch[0] == asked[0] and batch[4] == asked[2]  # least sure, edge of top
+        assert batch[0] == asked[0] and batch[4] == asked[2]  # most informative, edge of top
         db.session.add(Rating(user_id=1, image_id=asked[0], stars=4))
         db.session.commit()
         again = next_image_ids(1, [], 8)  # rated: never asked for again; the next one is

@@ -293,9 +293,11 @@ def test_kohya_file_and_checkpoint_folder_give_the_same_samples(
     folder = sm.images(base, ["an orb"], [0, 1], lora=taste_lora, strength=1.0, steps=3)
     kohya = sm.images(base, ["an orb"], [0, 1], lora=kohya_file, strength=1.0, steps=3)
     anti = sm.images(base, ["an orb"], [0, 1], lora=kohya_file, strength=-1.0, steps=3)
-    for a, b in zip(folder, kohya, strict=True):
-        # the kohya file holds fp16 weights: equal to the trained ones within that rounding
-        torch.testing.assert_close(a.latents, b.latents, atol=2e-3, rtol=0)
+    for a, b, c in zip(folder, kohya, plain, strict=True):
+        # the kohya file holds fp16 weights: equal to the trained ones within that rounding,
+        # which is a small part of what the LoRA changes
+        rounding, effect = (a.latents - b.latents).abs().max(), (a.latents - c.latents).abs().max()
+        assert rounding < 0.05 * effect, (float(rounding), float(effect))
     assert not torch.allclose(plain[0].latents, kohya[0].latents, atol=1e-3)
     assert not torch.allclose(anti[0].latents, kohya[0].latents, atol=1e-3)
     again = sm.images(base, ["an orb"], [0, 1], steps=3)  # no adapter left behind

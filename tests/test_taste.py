@@ -198,7 +198,7 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     assert version.picks_count == 2 and version.metrics["encoded"]["picked_only"] == 4
     assert version.metrics["love"][0]["spread"] >= 0  # how sure, with each guess
     active = version.metrics["active"]
-    assert active["unsure"] and active["edge_of_top"] and 1 <= active["top_edge_stars"] <= 5
+    assert active["informative"] and active["edge_of_top"] and 1 <= active["top_edge_stars"] <= 5
     assert active["coin_flips"] and all(len(pair) == 2 for pair in active["coin_flips"])
     assert set(version.metrics["seconds"]) == {"encode", "scorer", "lora", "results"}
 

@@ -446,6 +446,29 @@ def uncertainty(model: Scorer, latents: torch.Tensor) -> torch.Tensor:
     return guesses.std(1)
 
 
+@torch.no_grad()
+def rating_value(
+    model: Scorer, rated: torch.Tensor, stars: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    """How much rating each candidate would teach the scorer: the drop in the statistics
+    head's predictive variance over the candidates that one more rating of it would bring
+    (expected variance reduction for a ridge fit; zeros without a statistics head)."""
+    if model.stats_head is None or not len(candidates):
+        return torch.zeros(len(candidates))
+
+    def standardised(latents: torch.Tensor) -> torch.Tensor:
+        found = torch.cat([latent_stats(part) for part in latents.cpu().split(256)])
+        return ((found - model.stats_mean.cpu()) / model.stats_std.cpu()).double()
+
+    known = torch.isfinite(stars)
+    zr, zc = standardised(rated[known]), standardised(candidates)
+    alpha = ridge_alpha(zr.float(), stars[known].float()) if known.sum() > 1 else RIDGE_ALPHAS[-1]
+    inverse = torch.linalg.inv(zr.T @ zr + alpha * torch.eye(zr.shape[1], dtype=zr.dtype))
+    spread = zc.T @ zc / len(zc)  # the candidates stand for the images to be scored
+    ax = zc @ inverse  # A⁻¹x for each candidate
+    return (((ax @ spread) * ax).sum(1) / (1 + (ax * zc).sum(1))).float()
+
+
 def _load_trunk(model: Scorer, path: str | Path) -> bool:
     """Copy every weight the file has for this net (all but a differently shaped head);
     return whether it also had a trained statistics head for this one (it is loaded too:
