@@ -29,6 +29,7 @@ from pathlib import Path
 
 import requests
 from rating_load import PASSWORD, TOKEN, Rater, prepare, start_server, wait_until_up
+from taste_flow import wait_for
 
 STATUS = re.compile(r'id="job-(\d+)" data-status="(\w+)" data-phase="(\w*)"')
 
@@ -119,15 +120,6 @@ def job_state(http: requests.Session, base: str, job_id: int) -> tuple[str, str,
     html = http.get(f"{base}/taste/jobs/{job_id}", headers={"HX-Request": "true"}, timeout=60).text
     _, status, phase = STATUS.search(html).groups()
     return status, phase, html
-
-
-def wait_for(check, what: str, limit: float):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.5)
-    raise SystemExit(f"timed out after {limit:g} s waiting for {what}")
 
 
 def kill_mid_training(instance: Path) -> dict:

@@ -249,23 +249,24 @@ def test_a_pick_sent_twice_is_stored_once(app, admin_site, client):
         assert db.session.scalar(db.select(db.func.count(Comparison.id))) == 1
 
 
-def test_a_share_of_each_batch_is_what_my_scorer_asks_for(app, admin_site):
+def scorer_asks(**active) -> None:
+    """Give the first account a taste version whose scorer asks for `active` (ids)."""
     from rating.models import TasteVersion
+
+    version = TasteVersion(
+        owner_id=1, number=1, base_model="demo", scorer_file="s", metrics={"active": active}
+    )
+    db.session.add(version)
+    db.session.commit()
+
+
+def test_a_share_of_each_batch_is_what_my_scorer_asks_for(app, admin_site):
     from rating.picking import next_image_ids
 
     with app.app_context():
         ids = db.session.scalars(db.select(Image.id).order_by(Image.id)).all()
-        asked = ids[-4:]  # the scorer's "least sure" and "edge of my top" lists
-        db.session.add(
-            TasteVersion(
-                owner_id=1,
-                number=1,
-                base_model="demo",
-                scorer_file="scorer.safetensors",
-                metrics={"active": {"informative": asked[:2], "edge_of_top": asked[2:]}},
-            )
-        )
-        db.session.commit()
+        asked = ids[-4:]  # the scorer's "informative" and "edge of my top" lists
+        scorer_asks(informative=asked[:2], edge_of_top=asked[2:])
         batch = next_image_ids(1, [], 8)
         assert len(batch) == 8 and len(set(batch)) == 8
         assert round(8 * app.config["ACTIVE_SHARE"]) == 2  # two asked for, spread out:
@@ -277,21 +278,11 @@ def test_a_share_of_each_batch_is_what_my_scorer_asks_for(app, admin_site):
 
 
 def test_the_compare_page_asks_for_the_pairs_my_scorer_finds_a_coin_flip(app, admin_site):
-    from rating.models import TasteVersion
     from rating.picking import next_pair
 
     with app.app_context():
         a, b, c, d = db.session.scalars(db.select(Image.id).order_by(Image.id).limit(4)).all()
-        db.session.add(
-            TasteVersion(
-                owner_id=1,
-                number=1,
-                base_model="demo",
-                scorer_file="scorer.safetensors",
-                metrics={"active": {"coin_flips": [[a, b], [c, d]]}},
-            )
-        )
-        db.session.commit()
+        scorer_asks(coin_flips=[[a, b], [c, d]])
         app.config["ACTIVE_SHARE"] = 1.0
         assert next_pair(1, []) == (a, b)
         db.session.add(Comparison(user_id=1, image_a_id=a, image_b_id=b, outcome="a"))
