@@ -80,7 +80,6 @@ class ScorerConfig(FromDict):
     # held-out check before the first epoch keeps it if the CNN never does better.
     stats: bool = True
     baseline_margin: float = 0.01  # held-out SRCC a trained epoch must add to replace it
-    stats_lr_scale: float = 1.0  # the statistics head's rate, times `lr` (it starts fitted)
 
 
 def latent_stats(x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +111,11 @@ def latent_stats(x: torch.Tensor) -> torch.Tensor:
     a, b = torch.triu_indices(x.shape[1], x.shape[1])  # pairs with repeats: squares too
     parts += [covariance[:, i, j], (means[:, i] - means[:, j]).abs(), means[:, a] * means[:, b]]
     return torch.cat(parts, 1)
+
+
+def stats_of(latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """`latent_stats` of many latents, a batch at a time, on the CPU."""
+    return torch.cat([latent_stats(part) for part in latents.cpu().split(batch)])
 
 
 def stats_width(channels: int = 4) -> int:
@@ -150,9 +154,13 @@ class Scorer(nn.Module):
     def fit_stats(self, latents: torch.Tensor) -> None:
         """Standardise the statistics head's inputs on these latents (all of them: no labels)."""
         if self.stats_head is not None:
-            found = torch.cat([latent_stats(part) for part in latents.split(256)])
+            found = stats_of(latents)
             self.stats_mean.copy_(found.mean(0))
             self.stats_std.copy_(found.std(0).clamp_min(1e-4) if len(found) > 1 else 1)
+
+    def standardised_stats(self, latents: torch.Tensor) -> torch.Tensor:
+        """The statistics head's inputs for raw latents, on the CPU."""
+        return (stats_of(latents) - self.stats_mean.cpu()) / self.stats_std.cpu()
 
     def _stats_logits(self, stats: torch.Tensor) -> torch.Tensor:
         return self.stats_head((stats - self.stats_mean) / self.stats_std)
@@ -239,9 +247,7 @@ def fit_stats_head(
     if len(rows) < 2:
         return
     with torch.no_grad():
-        found = torch.cat([latent_stats(part) for part in latents[rows].split(256)])
-        z = (found - model.stats_mean) / model.stats_std
-        y = scores[rows].float()
+        z, y = model.standardised_stats(latents[rows]), scores[rows].float()
         start = 3.0
         if on_top:
             model.eval()
@@ -255,9 +261,11 @@ def fit_stats_head(
             model.stats_bootstrap[b] = torch.cat([w, c.view(1)])
         bins = 0.5 * (model.stars - 3)
         head = model.stats_head
-        keep = 1.0 if on_top else 0.0
-        head.weight.copy_(keep * head.weight + bins[:, None] * weights[None, :])
-        head.bias.copy_(keep * head.bias + bins * intercept)
+        if not on_top:
+            head.weight.zero_()
+            head.bias.zero_()
+        head.weight += bins[:, None] * weights[None, :]
+        head.bias += bins * intercept
 
 
 @dataclass
@@ -439,9 +447,7 @@ def uncertainty(model: Scorer, latents: torch.Tensor) -> torch.Tensor:
     fits' predictions (zeros for a scorer without a statistics head)."""
     if model.stats_head is None:
         return torch.zeros(len(latents))
-    found = torch.cat([latent_stats(part) for part in latents.cpu().split(256)])
-    z = (found - model.stats_mean.cpu()) / model.stats_std.cpu()
-    fits = model.stats_bootstrap.cpu()
+    z, fits = model.standardised_stats(latents), model.stats_bootstrap.cpu()
     guesses = z @ fits[:, :-1].T + fits[:, -1]  # [N, BOOTSTRAP]
     return guesses.std(1)
 
@@ -455,13 +461,9 @@ def rating_value(
     (expected variance reduction for a ridge fit; zeros without a statistics head)."""
     if model.stats_head is None or not len(candidates):
         return torch.zeros(len(candidates))
-
-    def standardised(latents: torch.Tensor) -> torch.Tensor:
-        found = torch.cat([latent_stats(part) for part in latents.cpu().split(256)])
-        return ((found - model.stats_mean.cpu()) / model.stats_std.cpu()).double()
-
     known = torch.isfinite(stars)
-    zr, zc = standardised(rated[known]), standardised(candidates)
+    zr = model.standardised_stats(rated[known]).double()
+    zc = model.standardised_stats(candidates).double()
     alpha = ridge_alpha(zr.float(), stars[known].float()) if known.sum() > 1 else RIDGE_ALPHAS[-1]
     inverse = torch.linalg.inv(zr.T @ zr + alpha * torch.eye(zr.shape[1], dtype=zr.dtype))
     spread = zc.T @ zc / len(zc)  # the candidates stand for the images to be scored
@@ -533,11 +535,8 @@ def train(
         mirrored = _features(model, mirrored, device)
         for name, param in model.net.named_parameters():
             param.requires_grad = name.startswith(("layer4.", "fc."))
-        # the statistics head (outside .net) always trains
-    head = list(model.stats_head.parameters()) if model.stats_head is not None else []
-    rest = [p for p in model.net.parameters() if p.requires_grad]
-    groups = [{"params": rest, "scale": 1.0}, {"params": head, "scale": config.stats_lr_scale}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the statistics head too
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     forward = model.head_logits if cached else model.logits
     augment = replace(config, max_shift=0) if cached else config  # features can't shift
     pick_tensor = torch.tensor(train_picks, dtype=torch.float32).view(-1, 3)
@@ -570,7 +569,7 @@ def train(
             model.net.layer4.train()
         for rows in _batches(train_rows, config.batch_size, generator):
             for group in optimizer.param_groups:
-                group["lr"] = _lr(step, total, config) * group["scale"]
+                group["lr"] = _lr(step, total, config)
             x = _augment(latents[rows], mirrored[rows], augment, generator)
             target = scores[rows].to(device)
             if len(pick_tensor):
