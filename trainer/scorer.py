@@ -38,7 +38,7 @@ from trainer.latents import LatentsFile, LatentsFileError, load_latents_file
 from trainer.tensorfiles import read_safetensors, write_atomic
 
 FORMAT = "tastebud.scorer"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the statistics head (stats_* tensors); 1 files still load
 STARS = 5
 BOOTSTRAP = 8  # resampled ridge fits a scorer keeps for its uncertainty
 Pick = tuple[int, int, float]  # (row i, row j, outcome): 1 = i wins, 0 = j wins, 0.5 = tie
