@@ -93,7 +93,7 @@ def latent_stats(x: torch.Tensor) -> torch.Tensor:
     """
     x = x.float()
     parts = [F.adaptive_avg_pool2d(x, grid).flatten(1) for grid in (1, 2, 3, 4)]
-    parts += [F.adaptive_avg_pool2d(x.square(), grid).sqrt().flatten(1) for grid in (3, 5, 6)]
+    parts += [F.adaptive_avg_pool2d(x.square(), grid).sqrt().flatten(1) for grid in (3, 5, 6, 9)]
     for grid in (1, 2):
         mean = F.adaptive_avg_pool2d(x, grid)
         square = F.adaptive_avg_pool2d(x.square(), grid)
