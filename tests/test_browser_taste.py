@@ -49,17 +49,24 @@ def rate_in_database(app, username: str, count: int) -> None:
         db.session.commit()
 
 
+READ_WIDGET = """() => {
+  const job = document.querySelector("#taste-job .taste-job");
+  const bar = document.querySelector(".phase-running progress");
+  return [job && job.dataset.status, job && job.dataset.phase, bar && bar.getAttribute("value")];
+}"""
+
+
 def watch_progress(page, timeout_s: float) -> set[tuple[str, str]]:
     """Read the running phase's bar each time htmx swaps the widget, until the job ends."""
     seen: set[tuple[str, str]] = set()
-    job = page.locator("#taste-job .taste-job")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if job.get_attribute("data-status") in ("succeeded", "failed", "cancelled"):
+        # one read of the page, in the page: htmx may swap the widget between two locator calls
+        status, phase, value = page.evaluate(READ_WIDGET)
+        if status in ("succeeded", "failed", "cancelled"):
             return seen
-        bar = page.locator(".phase-running progress")
-        if bar.count():
-            seen.add((job.get_attribute("data-phase"), bar.first.get_attribute("value")))
+        if value is not None:
+            seen.add((phase, value))
         page.wait_for_timeout(200)  # between reads of the page; the page polls on its own
     pytest.fail("the training did not end in time")
 
