@@ -25,6 +25,7 @@ from rating.ratings import save_pick, save_rating, undo_rating
 bp = Blueprint("rate", __name__)
 
 RATED_COUNT = select(func.count(Rating.id)).where(Rating.user_id == bindparam("user_id"))
+PICKS_COUNT = select(func.count(Comparison.id)).where(Comparison.user_id == bindparam("user_id"))
 
 
 @dataclass
@@ -151,6 +152,9 @@ def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
             select(Rating.stars).where(Rating.user_id == user_id, Rating.image_id == image.id)
         )
     rated = db.session.scalar(RATED_COUNT, {"user_id": user_id})
+    to_train = config["TASTE_MIN_RATINGS"] - rated
+    if to_train > 0:  # picks count toward training too; only asked while it matters
+        to_train -= db.session.scalar(PICKS_COUNT, {"user_id": user_id})
     return page_or_fragment(
         "rate.html",
         "_rate_card.html",
@@ -161,6 +165,7 @@ def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
         join_ids=join_ids,
         join_history=join_history,
         rated=rated,
+        to_train=max(to_train, 0),
         notice=notice,
     )
 

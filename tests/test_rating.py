@@ -291,3 +291,18 @@ def test_the_compare_page_asks_for_the_pairs_my_scorer_finds_a_coin_flip(app, ad
         assert next_pair(1, [d]) not in {(c, d), (a, b)}  # just shown: a random pair instead
         app.config["ACTIVE_SHARE"] = 0.0
         assert len({next_pair(1, []) for _ in range(12)}) > 1  # exploring, not asking
+
+
+def test_the_rating_card_says_how_far_training_is(app, admin_site, client):
+    app.config["TASTE_MIN_RATINGS"] = 3
+    page = client.get("/rate").get_data(as_text=True)
+    assert "0 rated" in page and "3 more until you can" in page and 'href="/taste/"' in page
+    with app.app_context():
+        a, b, c = db.session.scalars(db.select(Image.id).order_by(Image.id).limit(3)).all()
+    admin_site.post(f"/rate/{a}", {"stars": "4"})
+    admin_site.post(f"/pairs/{b}/{c}", {"outcome": "a"})  # a pick counts too
+    page = client.get("/rate").get_data(as_text=True)
+    assert "1 more until you can" in page
+    admin_site.post(f"/rate/{b}", {"stars": "2"})
+    page = client.get("/rate").get_data(as_text=True)
+    assert "more until" not in page and ">Train your taste</a>" in page
