@@ -37,3 +37,13 @@ document.addEventListener("submit", (event) => {
   const question = event.target.dataset?.confirm;
   if (question && !window.confirm(question)) event.preventDefault();
 });
+// My taste: while a training job runs, its button says so and can't be pressed; when the job
+// ends it is "Train my taste" again (if the person has enough ratings: data-ready).
+document.addEventListener("htmx:afterSettle", () => {
+  const button = document.getElementById("train-button");
+  const job = document.querySelector("#taste-job .taste-job");
+  if (!button || !job) return;
+  const running = !["succeeded", "failed", "cancelled"].includes(job.dataset.status);
+  button.disabled = running || button.dataset.ready !== "true";
+  button.textContent = running ? "Training…" : "Train my taste";
+});

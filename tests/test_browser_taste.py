@@ -90,6 +90,9 @@ def test_train_my_taste_in_the_browser(page, problems, live_server, screenshots,
     expect(page.locator(".badge.demo").first).to_have_text("demo model")
     button.click()
     job = page.locator("#taste-job .taste-job")
+    training = page.locator("#train-button")  # says it is busy, and can't start a second run
+    expect(training).to_have_text("Training…")
+    expect(training).to_be_disabled()
     expect(job.locator(".phase-running progress")).to_be_visible(timeout=JOB_TIMEOUT_MS)
     expect(job.locator(".phase-running .steps")).to_be_visible(timeout=JOB_TIMEOUT_MS)
     page.screenshot(path=str(screenshots / "21-taste-training.png"), full_page=True)
@@ -98,6 +101,8 @@ def test_train_my_taste_in_the_browser(page, problems, live_server, screenshots,
     assert len(seen) >= 2, f"the bar never moved: {seen}"
     expect(job).to_have_attribute("data-status", "succeeded")
     expect(job.locator('[data-state="done"]')).to_have_count(4)
+    expect(training).to_have_text("Train my taste")
+    expect(training).to_be_enabled()
 
     # The page refreshed its results when the job ended: the grid, every image with a score.
     grid = page.locator("#taste-results .taste-grid")

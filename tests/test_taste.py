@@ -181,7 +181,7 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     for a, b in zip(ids[::2], ids[1::2], strict=True):
         assert ada.post(f"/pairs/{a}/{b}", {"outcome": "a"}).status_code == 200
     page = ada.client.get("/taste/").get_data(as_text=True)
-    assert re.search(r'<button class="primary big" id="train-button"\s*>', page)  # enabled
+    assert re.search(r'id="train-button" data-ready="true"\s*>Train my taste<', page)  # enabled
     assert "demo model" in page and f"Uses your {RATED + 2} ratings and picks" in page
 
     job_id = click_train(ada)
@@ -534,10 +534,22 @@ def test_a_remote_workers_job_is_left_alone_until_it_goes_silent(app):
 # ---- the button ---------------------------------------------------------------------------
 
 
+def test_while_a_training_runs_the_button_says_so_and_links_to_it(app, site):
+    site.register("ada")
+    with app.app_context():
+        job = Job(kind="train_taste", owner_id=1, status="running", lock_key="taste:1")
+        db.session.add(job)
+        db.session.commit()
+        job_id = job.id
+    page = site.client.get("/taste/").get_data(as_text=True)
+    assert re.search(r'id="train-button" data-ready="false"\s*disabled[^>]*>Training…<', page)
+    assert f'href="/taste/jobs/{job_id}"' in page and "Your taste is training now" in page
+
+
 def test_the_button_is_disabled_below_the_minimum_with_the_reason(app, site):
     site.register("newcomer")
     page = site.client.get("/taste/").get_data(as_text=True)
-    assert re.search(r'id="train-button" disabled', page)
+    assert re.search(r'id="train-button" data-ready="false"\s*disabled', page)
     assert "Rate or compare at least 30 images first — you have 0 ratings and picks." in page
     response = site.post("/taste/train", htmx=True)
     assert response.status_code == 400
