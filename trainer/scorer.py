@@ -202,6 +202,7 @@ class Scorer(nn.Module):
 
 RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 FEW_FOR_CV = 20  # under this many rated training rows, no cross-validation: the largest alpha
+OWN_FIT_MIN_HELD_OUT = 40  # held-out images needed before a crowd start may drop the crowd
 
 
 def ridge(z: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,14 +547,18 @@ def train(
     patience = math.ceil(config.patience * epochs / config.epochs)
     total = steps_per_epoch * epochs
     best, best_state, best_epoch, stale, step, epochs_run = None, None, 0, 0, 0, 0
+    dropped_crowd = False  # whether a crowd start did better as the person's own fit alone
     if len(val_rows) and model.stats_head is not None:  # the fitted head alone, as a baseline
         model.eval()
         best = _evaluate(model, latents[val_rows], scores[val_rows], val_picks, cached, device)
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if crowd_head:  # is the crowd still worth its place? Try the person's own fit alone
+        if crowd_head and len(val_rows) >= OWN_FIT_MIN_HELD_OUT:
+            # is the crowd still worth its place? Try the person's own fit alone (with few
+            # held-out images that comparison is noise, and the crowd's prior is the safer bet)
             own = _own_fit(model, data, train_rows)
             found = _evaluate(own, latents[val_rows], scores[val_rows], val_picks, cached, device)
             if _quality(found) > _quality(best):
+                dropped_crowd = True
                 model.load_state_dict(own.state_dict())
                 best, best_state = (
                     found,
@@ -617,6 +622,7 @@ def train(
         train_size=len(train_rows),
         val_size=len(val_rows),
         seconds=round(time.perf_counter() - started, 2),
+        dropped_crowd=dropped_crowd,
     )
     progress(total, total, f"done: held-out SRCC {result.get('srcc')}")
     rated = int(torch.isfinite(data.scores).sum())
