@@ -327,7 +327,8 @@ def others_see_nothing_until_it_is_public(app, ada: Site, version: TasteVersion,
             return response
 
     visitor = Visitor()
-    assert "by ada" in visitor.get(page).get_data(as_text=True)
+    seen = visitor.get(page).get_data(as_text=True)
+    assert "by ada" in seen and "its owner&#39;s scorer" in seen and "my scorer" not in seen
     assert visitor.get(f"{page}/grid/0.png").status_code == 200
     lora = visitor.get(f"{page}/download/lora")
     assert lora.status_code == 200 and lora.data.startswith(b"PK")
