@@ -20,6 +20,7 @@ import time
 import torch
 from scorer_battery import Rater, data_file, fields, srcc, tastes
 
+from rating.picking import in_turn
 from rating.taste_jobs import active_candidates
 from trainer import scorer as sc
 
@@ -38,10 +39,7 @@ def asked_for(model, pool, stars, rated: list[int], guess_pool: int, g) -> list[
         for row, s, u, v in zip(sample, scores, spreads, values, strict=True)
     ]
     active = active_candidates(guesses, stars[rated])
-    merged = [
-        i for pair in zip(active["informative"], active["edge_of_top"], strict=False) for i in pair
-    ]
-    return list(dict.fromkeys(merged))
+    return in_turn(active["informative"], active["edge_of_top"])  # as the rating page does
 
 
 def sitting(stars, pool, test, test_stars, share: float, args, seed: int) -> dict:

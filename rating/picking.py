@@ -46,8 +46,8 @@ def next_image_ids(user_id: int, exclude: list[int], count: int) -> list[int]:
     """Pick up to `count` images the person has not rated: some their scorer asks for, the
     rest alternating fresh and least-rated.
 
-    Once the person has a scorer, a share (ACTIVE_SHARE) of each batch is what it is least
-    sure of and what lies at the edge of their top (`active_ids`); the rest explores.
+    Once the person has a scorer, a share (ACTIVE_SHARE) of each batch is what would teach it
+    most and what lies at the edge of their top (`active_ids`); the rest explores.
     "Fresh" comes from the newest import, so new images reach people quickly; "least-rated"
     has the fewest ratings from the crowd, so every image gathers ratings. Both break ties at
     random, so two people rating at once see different images.
@@ -79,9 +79,13 @@ def active_ids(user_id: int) -> list[int]:
     """The images the person's newest scorer asked to see rated, most informative and edge
     of top taken in turn (empty before their first scorer)."""
     active = _active(user_id)
-    informative, edge = active.get("informative", []), active.get("edge_of_top", [])
-    merged = [i for pair in zip(informative, edge, strict=False) for i in pair]
-    merged += informative[len(edge) :] + edge[len(informative) :]
+    return in_turn(active.get("informative", []), active.get("edge_of_top", []))
+
+
+def in_turn(first: list[int], second: list[int]) -> list[int]:
+    """Take from two lists in turn (the longer one's rest at the end), each id once."""
+    merged = [i for pair in zip(first, second, strict=False) for i in pair]
+    merged += first[len(second) :] + second[len(first) :]
     return list(dict.fromkeys(merged))
 
 

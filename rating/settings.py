@@ -67,8 +67,8 @@ DEFAULTS: dict[str, object] = {
     "PREFETCH": 2,
     # Images chosen ahead for a sitting (choosing is the costly query of rate-and-next).
     "PICK_AHEAD": 8,
-    # Share of each batch of images to rate that the person's scorer asks for (the images it
-    # is least sure of, and those at the edge of their top); the rest keeps exploring.
+    # Share of each batch of images to rate that the person's scorer asks for (the images whose
+    # rating would teach it most, and those at the edge of their top); the rest keeps exploring.
     "ACTIVE_SHARE": 0.25,
     "UNDO_DEPTH": 50,
     "RATINGS_PER_PAGE": 60,

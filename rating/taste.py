@@ -17,12 +17,12 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from rating import jobs, sharing
 from rating import taste_jobs as work  # also registers the train_taste and refine_image jobs
-from rating.models import Comparison, Image, Job, Rating, TasteVersion, db, get_or_404
-from rating.rate import page_or_fragment, visible_image_or_404
+from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
+from rating.rate import PICKS_COUNT, RATED_COUNT, page_or_fragment, visible_image_or_404
 
 bp = Blueprint("taste", __name__, url_prefix="/taste")
 
@@ -37,9 +37,8 @@ JOB_TEMPLATES = {"train_taste": "taste/_train_job.html", "refine_image": "taste/
 
 def judgement_count(user_id: int) -> int:
     """Count a person's star ratings and pairwise picks: each teaches their scorer."""
-    stars = select(func.count(Rating.id)).where(Rating.user_id == user_id)
-    picks = select(func.count(Comparison.id)).where(Comparison.user_id == user_id)
-    return db.session.scalar(stars) + db.session.scalar(picks)
+    who = {"user_id": user_id}
+    return db.session.scalar(RATED_COUNT, who) + db.session.scalar(PICKS_COUNT, who)
 
 
 def latest_job(user_id: int, kind: str, **params) -> Job | None:

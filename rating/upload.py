@@ -65,15 +65,15 @@ def upload():
     if hour_left <= 0:
         abort(429, description="You have uploaded as much as one hour allows; try again later.")
     request_left, limit = config["UPLOAD_MAX_PIXELS"], config["UPLOAD_MAX_FILE_BYTES"]
-    kept, refused = [], ImportTally()
+    kept, refused, over_hour = [], ImportTally(), False
     for upload_file in files:
         name, data = upload_file.filename[:200], upload_file.read(limit + 1)
-        pixels = declared_pixels(data)
+        pixels, left = declared_pixels(data), min(request_left, hour_left)
         if len(data) > limit:
             refused.fail_unread(name, f"larger than the {size_text(limit)} limit")
-        elif pixels > min(request_left, hour_left):
+        elif pixels > left:
+            over_hour = over_hour or hour_left < request_left
             budget = "this upload's" if request_left <= hour_left else "this hour's"
-            left = min(request_left, hour_left)
             refused.fail_unread(
                 name,
                 f"{pixels / 1e6:.1f} megapixels, over {budget} {left / 1e6:g} megapixels left;"
@@ -84,7 +84,6 @@ def upload():
             kept.append((name, data, pixels))
     if not kept:  # nothing to decode: say why now, and queue nothing
         reasons = "; ".join(f"{f['item']}: {f['reason']}" for f in refused.failures[:5])
-        over_hour = any("this hour's" in f["reason"] for f in refused.failures)
         abort(429 if over_hour else 400, description=f"Nothing was added. {reasons}")
     job = stage_upload(kept, refused)
     if request.headers.get("HX-Request"):
