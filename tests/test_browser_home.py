@@ -29,4 +29,5 @@ def test_the_start_page_stops_saying_empty_once_the_demo_pack_is_in(
     expect(panel).to_contain_text("6 images in the pool; you have rated 0.", timeout=60_000)
     expect(panel).not_to_contain_text("The image pool is empty.")
     expect(panel.get_by_role("link", name="Rate images")).to_be_visible()
+    e2e.shoot(page, e2e.SCREENSHOTS, "09-home-after-demo-pack")
     assert problems == []
