@@ -16,6 +16,7 @@ from sqlalchemy import event
 from rating import (
     admin,
     auth,
+    blind,
     crowd,
     jobs,
     me,
@@ -67,7 +68,7 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     limiter.init_app(app)
     init_security(app)
     jobs.init_app(app)
-    for module in (auth, rate, me, crowd, admin, pool_admin, upload, media, taste):
+    for module in (auth, rate, me, crowd, admin, pool_admin, upload, media, taste, blind):
         app.register_blueprint(module.bp)
     register_error_pages(app)
     app.jinja_env.globals.update(

@@ -3,7 +3,9 @@
 A fresh instance with the demo base model, the real job queue and its workers; one admin loads
 the demo pack, one person rates images through the site (stars follow how saturated each image
 is: a simple, visible taste), presses "Train my taste", and the page is polled until the job
-ends. Prints each phase's seconds, the scorer's and the LoRA's figures, and the bundle's size.
+ends; then the same rater takes the version's blind check by its own eyes (saturation of
+the two pictures as served). Prints each phase's seconds, the scorer's and the LoRA's figures,
+the bundle's size and the blind win rate.
 
     .venv/bin/python bench/taste_flow.py            # --ratings 40 --pool 300 --threads N --json
 """
@@ -11,7 +13,6 @@ ends. Prints each phase's seconds, the scorer's and the LoRA's figures, and the 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import sys
@@ -19,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from app import create_app
@@ -28,7 +27,9 @@ from rating import jobs
 from rating.models import Image, Job, TasteVersion, db
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' Site helper
+from tests.blind_rater import take_blind_check  # noqa: E402
 from tests.conftest import Site  # noqa: E402
+from tests.images import saturation, saturation_stars  # noqa: E402
 
 FINAL = ("succeeded", "failed", "cancelled")
 STATUS = re.compile(r'id="job-(\d+)" data-status="(\w+)"')
@@ -42,13 +43,6 @@ def wait_for(check, what: str, timeout: float):
             return found
         time.sleep(0.2)
     raise SystemExit(f"timed out after {timeout} s waiting for {what}")
-
-
-def saturation_stars(site: Site, sha256: str) -> int:
-    """Stars from the thumbnail's mean saturation: this rater likes vivid pictures."""
-    data = site.client.get(f"/img/{sha256}.jpg").get_data()
-    hsv = np.asarray(PILImage.open(io.BytesIO(data)).convert("HSV"), dtype=float)
-    return int(np.clip(1 + hsv[..., 1].mean() / 255 * 6, 1, 5))
 
 
 def main() -> None:
@@ -77,7 +71,8 @@ def main() -> None:
         person = Site(app.test_client())
         person.register("rater")
         for image_id, sha256 in images:
-            person.post(f"/rate/{image_id}", {"stars": saturation_stars(person, sha256)})
+            stars = saturation_stars(person.client.get(f"/img/{sha256}.jpg").get_data())
+            person.post(f"/rate/{image_id}", {"stars": stars})
         started = time.monotonic()
         answer = person.post("/taste/train", htmx=True).get_data(as_text=True)
         job_id = int(STATUS.search(answer).group(1))
@@ -94,6 +89,7 @@ def main() -> None:
             if job.status != "succeeded":
                 raise SystemExit(f"the job {job.status}: {job.error or job.message}")
             metrics, version_id = version.metrics, version.id
+        blind = take_blind_check(person, version_id, saturation)
         bundle = person.client.get(f"/taste/versions/{version_id}/download/lora")
         lora = metrics.get("lora", {})
         report = {
@@ -113,6 +109,7 @@ def main() -> None:
                 )
             },
             "bundle_bytes": len(bundle.get_data()) if bundle.status_code == 200 else None,
+            "blind_check": blind,
         }
     finally:
         workers.stop(graceful=True)
@@ -125,6 +122,7 @@ def main() -> None:
     print(f"  scorer: {report['scorer']}")
     print(f"  lora:   {report['lora']}")
     print(f"  bundle: {report['bundle_bytes']} bytes")
+    print(f"  blind check (the rater's own eyes): {report['blind_check']}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,17 @@ from sqlalchemy import func, select
 
 from rating import jobs
 from rating.auth import admin_required
-from rating.models import Image, Job, Rating, Source, User, db, get_or_404, site_setting
+from rating.models import (
+    GENERATED,
+    Image,
+    Job,
+    Rating,
+    Source,
+    User,
+    db,
+    get_or_404,
+    site_setting,
+)
 from rating.rate import page_or_fragment
 from rating.sources import demo  # noqa: F401 - registers the demo_pack job
 from rating.sources.civitai import LEVELS, PERIODS, SORTS
@@ -36,6 +46,7 @@ def index():
     sources = db.session.execute(
         select(Source, func.count(Image.id), func.sum(Image.hidden.cast(db.Integer)))
         .outerjoin(Image)
+        .where(Source.kind != GENERATED)  # people's blind-check pictures are theirs alone
         .group_by(Source.id)
         .order_by(Source.id.desc())
     ).all()

@@ -81,6 +81,10 @@ class JobProgress:
         `stop=False` only records: for trainer loops that end themselves on should_stop()
         and return what they finished.
         """
+        if step == 0 or total != self.job.total:
+            # A count starts: the phase's pace, and so its ETA, is measured from now, not
+            # from the loading and setup before it.
+            self.job.phase_started_at = utcnow()
         self.job.progress, self.job.total = step, total
         if message:
             self.job.message = message[:500]
@@ -190,8 +194,15 @@ def enqueue_once(kind: str, owner_id: int | None, lock_key: str, **params) -> Jo
 def waiting_text(kind: str) -> str:
     """Say what a queued job waits for."""
     if kind in GPU_KINDS:
-        return "Waiting for the GPU worker (one training at a time)…"
-    return "Waiting for a worker…"
+        return "Queued for the training worker, which runs one training at a time…"
+    return "Queued for a worker…"
+
+
+def starting_text(kind: str) -> str:
+    """Say what a job does before its first report."""
+    if kind in GPU_KINDS:  # importing torch and diffusers takes seconds in a fresh process
+        return "Starting: loading torch and the model code…"
+    return "Starting…"
 
 
 def run_here(kind: str, **params) -> Job:
@@ -213,6 +224,7 @@ def run_job(job_id: int) -> None:
         _finish(job, "cancelled", "Cancelled before it started.")
         return
     job.status, job.started_at, job.worker = "running", utcnow(), WORKER
+    job.message = starting_text(job.kind)
     job.heartbeat_at = job.started_at
     db.session.commit()
     status, message, error = "failed", "", None

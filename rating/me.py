@@ -65,9 +65,7 @@ def ratings():
         pager=pager,
         stars=stars,
         histogram=histogram,
-        total=sum(histogram.values()),
         picks=picks,
-        peak=max(histogram.values()) or 1,
     )
 
 
@@ -79,9 +77,13 @@ def change(image_id: int):
     rating = db.session.scalar(
         select(Rating).where(Rating.user_id == current_user.id, Rating.image_id == image_id)
     )
+    stars = request.form.get("filter", type=int)
     if not request.headers.get("HX-Request"):
-        return redirect(url_for("me.ratings"))
-    return render_template("me/_tile.html", rating=rating)
+        return redirect(url_for("me.ratings", stars=stars))
+    tile = render_template("me/_tile.html", rating=rating, stars=stars)
+    histogram = star_histogram(current_user.id)
+    oob = render_template("me/_histogram.html", histogram=histogram, stars=stars, oob=True)
+    return tile + oob
 
 
 @bp.get("/ratings.<fmt>")

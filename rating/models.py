@@ -86,11 +86,17 @@ class User(UserMixin, db.Model):
         return check_password_hash(self.password_hash, password)
 
 
+# The Source kind of pictures a taste job drew for its owner's blind check (rating/blind.py):
+# hidden images, never in the pool, and not listed to admins.
+GENERATED = "generated"
+
+
 class Source(db.Model):
-    """One import of images: the demo pack, a civitai query, a URL list, a folder, uploads."""
+    """One import of images: the demo pack, a civitai query, a URL list, a folder, uploads;
+    or a taste version's generated pictures (GENERATED)."""
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20))  # demo | civitai | urls | folder | upload
+    kind: Mapped[str] = mapped_column(String(20))  # demo|civitai|urls|folder|upload|generated
     label: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     # How far an import got (items done; civitai's next cursor), so a stopped one resumes.

@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from rating.media import image_store
-from rating.models import Image, Setting, Source, db
+from rating.models import GENERATED, Image, Setting, Source, db
 from rating.store import ImageRejected, open_image, perceptual_hash, pixel_sha256
 
 MAX_FAILURES_KEPT = 1000  # the report lists each failure; a runaway import must not bloat the row
@@ -72,9 +72,13 @@ class PhashIndex:
         return index
 
     def catch_up(self) -> None:
-        """Add the hashes of images stored since the last look (by any import, anywhere)."""
+        """Add the hashes of images stored since the last look (by any import, anywhere); a
+        taste job's generated pictures are no one's import and block nothing."""
         rows = db.session.execute(
-            select(Image.id, Image.phash).where(Image.id > self.seen_id).order_by(Image.id)
+            select(Image.id, Image.phash)
+            .join(Source)
+            .where(Image.id > self.seen_id, Source.kind != GENERATED)
+            .order_by(Image.id)
         ).all()
         for image_id, phash in rows:
             self.add(phash)

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from rating import imports, jobs  # noqa: F401 - imports registers the import jobs
 from rating.admin import MAX_DEMO_PACK, job_widget
 from rating.auth import admin_required
-from rating.models import Image, Job, Source, db, get_or_404, set_site_setting
+from rating.models import GENERATED, Image, Job, Source, db, get_or_404, set_site_setting
 from rating.sources.civitai import LEVELS, PERIODS, SORTS, CivitaiQuery
 
 bp = Blueprint("pool", __name__, url_prefix="/admin/pool", cli_group="images")
@@ -122,11 +122,19 @@ def resume(source_id: int):
     )
 
 
+def pool_source_or_404(source_id: int) -> Source:
+    """A source of the pool; a taste version's generated pictures are not the admin's."""
+    found = get_or_404(Source, source_id)
+    if found.kind == GENERATED:
+        abort(404)
+    return found
+
+
 @bp.get("/sources/<int:source_id>")
 @admin_required
 def source(source_id: int):
     """Show one source: its images (hide or show each) and its import jobs."""
-    found = get_or_404(Source, source_id)
+    found = pool_source_or_404(source_id)
     images = db.session.scalars(
         select(Image).where(Image.source_id == found.id).order_by(Image.id).limit(500)
     ).all()
@@ -141,6 +149,7 @@ def source(source_id: int):
 def set_hidden(image_id: int):
     """Hide an image from the pool (its ratings stay) or bring it back."""
     image = get_or_404(Image, image_id)
+    pool_source_or_404(image.source_id)
     image.hidden = request.form.get("hidden") == "1"
     db.session.commit()
     if request.headers.get("HX-Request"):

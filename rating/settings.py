@@ -96,6 +96,10 @@ DEFAULTS: dict[str, object] = {
     "TASTE_GRID_PROMPTS": 4,
     "TASTE_GRID_SEEDS": 2,
     "TASTE_SAMPLE_STEPS": 20,
+    # The blind check ("which do you prefer?"): pairs of base and LoRA pictures per version,
+    # and the LoRA strengths offered (empty: the one its evaluation scored best).
+    "TASTE_BLIND_PAIRS": 12,
+    "TASTE_BLIND_STRENGTHS": [],
     # "Improve this image": settings for trainer.sample.refine (empty: its defaults).
     "TASTE_REFINE": {},
     # CPU threads torch may use in GPU-queue jobs; 0: half the cores (at least 1). One thread

@@ -19,7 +19,7 @@ from flask import (
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from rating import jobs, sharing
+from rating import blind, jobs, sharing, verdict
 from rating import taste_jobs as work  # also registers the train_taste and refine_image jobs
 from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
 from rating.rate import PICKS_COUNT, RATED_COUNT, page_or_fragment, visible_image_or_404
@@ -33,6 +33,29 @@ DOWNLOADS = {
     "latents": ("latents_file", "-latents.safetensors", "application/octet-stream"),
 }
 JOB_TEMPLATES = {"train_taste": "taste/_train_job.html", "refine_image": "taste/_refine_job.html"}
+
+
+@bp.app_template_global()
+def download_sizes(version: TasteVersion) -> dict[str, int]:
+    """The size in bytes of each of a version's downloads that exists."""
+    sizes = {}
+    for what, (column, _, _) in DOWNLOADS.items():
+        path = work.version_path(version, getattr(version, column))
+        if path is not None and path.is_file():
+            sizes[what] = path.stat().st_size
+    return sizes
+
+
+bp.add_app_template_global(work.bundle_name, "bundle_stem")
+bp.add_app_template_global(blind.pairs_of, "blind_pairs")
+bp.add_app_template_global(verdict.verdict, "version_verdict")
+bp.add_app_template_global(verdict.judgements, "judgements")
+
+
+@bp.app_template_global()
+def blind_summary(version: TasteVersion) -> dict | None:
+    """The owner's blind-check record for a version (None for anyone else, or none yet)."""
+    return blind.summary(version) if sharing.viewer_owns(version) else None
 
 
 def judgement_count(user_id: int) -> int:
@@ -102,6 +125,7 @@ def job_context(job: Job | None) -> dict:
     return dict(
         job=job,
         version=version,
+        image=db.session.get(Image, job.params.get("image_id") or 0),  # "Improve this image"
         phases=phase_states(job),
         guesses=guesses(version),
         checkpoints=work.checkpoint_history(version) if job.phase == "lora" else [],
@@ -161,8 +185,11 @@ def job_widget(job: Job):
         abort(404)
     context = job_context(job)
     response = make_response(page_or_fragment("taste/job.html", JOB_TEMPLATES[job.kind], **context))
+    seen = request.args.get("phase")  # the phase the polling widget showed
     if job.done:
         response.headers["HX-Trigger"] = "job-finished"  # the page refreshes its results
+    elif seen is not None and seen != job.phase:
+        response.headers["HX-Trigger"] = "job-phase"  # ...and its version list, as it fills
     return response
 
 

@@ -24,13 +24,15 @@ from pathlib import Path
 from flask import current_app
 from sqlalchemy import func, select
 
+from rating import blind
 from rating.jobs import JobCancelled, JobProgress, handler
 from rating.media import image_store
 from rating.models import Comparison, Image, Job, Rating, TasteVersion, User, db
+from rating.rate import PICKS_COUNT, RATED_COUNT
 
 PHASES = {
     "encode": "Encode my rated images",
-    "scorer": "Finetune my scorer",
+    "scorer": "Train my scorer",
     "lora": "Train my taste LoRA",
     "results": "Render the results",
 }
@@ -107,9 +109,12 @@ def new_version(job: Job) -> TasteVersion:
         )
     )
     base_model = current_app.config["BASE_MODEL"]
+    who = {"user_id": job.owner_id}  # what it starts from; encode() counts them exactly
     version = TasteVersion(
         owner_id=job.owner_id,
         number=number + 1,
+        ratings_count=db.session.scalar(RATED_COUNT, who),
+        picks_count=db.session.scalar(PICKS_COUNT, who),
         job_id=job.id,
         base_model=base_model,
         is_demo=base_model.strip() == "demo",
@@ -211,12 +216,22 @@ class TasteRun:
         paths = [store.original_path(image.sha256, image.original_ext) for image in images]
         settings = {"cache_dir": str(storage_root() / "latents-cache")}
         config = LatentsConfig.from_dict({**settings, **self.config["TASTE_LATENTS"]})
+        what = (
+            f"{len(rated)} rated images"
+            + (f", {len(picked)} only in my picks" if picked else "")
+            + (
+                f" and {len(unrated)} unrated ones, to guess what I'd love and hate"
+                if unrated
+                else ""
+            )
+        )
+        self.progress(0, len(images), f"{what}: looking in the cache")
         encoded = encode_images(
             paths,
             self.base.pipeline.vae,
             resolution=self.base.resolution,
             config=config,
-            progress=self.progress,
+            progress=lambda step, total, said: self.progress(step, total, f"{what}: {said}"),
         )
         n, known = len(rated), len(rated) + len(picked)
         if rated:
@@ -293,11 +308,12 @@ class TasteRun:
             raise JobCancelled()
         scorer.save_scorer(self.folder / SCORER, trained)
         self.version.scorer_file = SCORER
-        love, hate, active = [], [], {}
+        love, hate, active, spread = [], [], {}, None
         if self.unrated_ids:
             unrated = self.unrated_latents
             guesses = scorer.predict(trained.model, unrated).tolist()
             spreads = scorer.uncertainty(trained.model, unrated).tolist()
+            spread = sum(spreads) / len(spreads)
             values = scorer.rating_value(trained.model, data.latents, data.scores, unrated)
             ranked = sorted(zip(guesses, spreads, self.unrated_ids, strict=True), reverse=True)
             pairs = [
@@ -308,7 +324,12 @@ class TasteRun:
             value_of = dict(zip(self.unrated_ids, values.tolist(), strict=True))
             candidates = [{**pair, "value": value_of[pair["image_id"]]} for pair in pairs]
             active = active_candidates(candidates, data.scores)
-        self.record(scorer={**trained.metrics, "init": start}, love=love, hate=hate, active=active)
+        self.record(
+            scorer={**trained.metrics, "init": start, "spread": spread},
+            love=love,
+            hate=hate,
+            active=active,
+        )
 
     @property
     def prompts_file(self) -> Path:
@@ -407,9 +428,48 @@ class TasteRun:
             grid={"prompts": prompts, "seeds": seeds, "strengths": STRENGTHS, "cells": cells},
             scores_by_strength=grid.scores_by_strength,
         )
+        self.render_blind_check()
         self.progress(1, 2, "writing the download bundle")
         write_bundle(self.version, preview=grid.image)
         self.progress(2, 2, "done")
+
+    def render_blind_check(self) -> None:
+        """Render the blind check's pairs: a held-out prompt and a fresh seed, drawn by the base
+        model and by my LoRA, each kept as a hidden image for the owner to judge unlabelled."""
+        from trainer import sample
+        from trainer.prompts import read_prompts
+
+        wanted = int(self.config["TASTE_BLIND_PAIRS"])
+        if wanted <= 0:
+            return
+        strengths = blind.chosen_strengths(
+            self.version.metrics.get("lora") or {}, self.config["TASTE_BLIND_STRENGTHS"]
+        )
+        specs = blind.plan(read_prompts("eval", self.prompts_file), wanted, strengths)
+        source = blind.generated_source(self.version)
+        lora_folder = self.folder / self.version.lora_dir
+        pairs, same = [], 0
+        for done, spec in enumerate(specs):
+            if self.progress.should_stop():
+                raise JobCancelled()
+            self.progress(done, len(specs), f"blind check: pair {done + 1} of {len(specs)}")
+            drawn = [
+                sample.images(
+                    self.base,
+                    [spec["prompt"]],
+                    [spec["seed"]],
+                    lora=lora_folder if strength else None,
+                    strength=strength,
+                    steps=int(self.config["TASTE_SAMPLE_STEPS"]),
+                )[0].image
+                for strength in (0.0, spec["strength"])
+            ]
+            base_id, lora_id = (blind.keep_picture(p, source, spec["prompt"]) for p in drawn)
+            if base_id == lora_id:  # the LoRA changed nothing here: no choice to offer
+                same += 1
+                continue
+            pairs.append(blind.new_pair(spec, base_id, lora_id))
+        self.record(blind={"pairs": pairs, "strengths": strengths, "identical": same})
 
 
 def checkpoint_history(version: TasteVersion | None) -> list[dict]:

@@ -34,9 +34,16 @@ def test_histogram_counts_and_filter(app, admin_site, client):
 def test_change_a_rating_from_the_grid(app, admin_site):
     seed_ratings(app)
     response = admin_site.post("/me/ratings/4", {"stars": 2}, htmx=True)
-    assert response.status_code == 200 and 'data-stars="2"' in response.get_data(as_text=True)
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200 and 'data-stars="2"' in html
     with app.app_context():
         assert db.session.scalar(db.select(Rating.stars).where(Rating.image_id == 4)) == 2
+    # The histogram comes along, swapped in out of band: the 1-star bar empties, 2 gains one.
+    assert 'id="histogram" aria-label="My stars" hx-swap-oob="true"' in html
+    bars = html.split('id="histogram"')[1]
+    counts = re.findall(r'data-stars="(\d)">.*?class="num">(\d+)<', bars, re.S)
+    assert dict(counts) == {"5": "2", "4": "1", "3": "1", "2": "1", "1": "0"}
+    assert re.search(r'id="count-ratings" hx-swap-oob="true">5<', html)
 
 
 def test_export_csv_and_jsonl(app, admin_site, client):

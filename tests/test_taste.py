@@ -42,6 +42,7 @@ TINY = {
     "TASTE_GRID_PROMPTS": 2,
     "TASTE_GRID_SEEDS": 1,
     "TASTE_SAMPLE_STEPS": 2,
+    "TASTE_BLIND_PAIRS": 4,
     "TASTE_PREDICT_POOL": 12,
     "TASTE_REFINE": {"steps": 3},
     "TORCH_THREADS": 1,  # a shared 2-core CPU: spinning OpenMP threads cost 10× here
@@ -207,7 +208,10 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     cells = TINY["TASTE_GRID_PROMPTS"] * TINY["TASTE_GRID_SEEDS"] * 4
     assert page.count('<figure class="cell">') == cells
     assert len(re.findall(r"score <b>\d\.\d\d</b> · demo", page)) == cells
-    assert "anti-taste −1" in page and "held-out score gain" in page and "drift" in page
+    assert "anti-taste −1" in page and "Score gain" in page and "Drift" in page
+    assert 'id="verdict"' in page and "The figures, and what they mean" in page
+    blind = version.metrics["blind"]  # a LoRA kept at step 0 draws what the base draws
+    assert len(blind["pairs"]) + blind["identical"] == TINY["TASTE_BLIND_PAIRS"]
     assert '<small class="muted"> ±' in page  # the guesses say how sure they are
     cell = fetch(ada, f"/taste/versions/{version.id}/grid/0.png")
     assert cell.status_code == 200 and cell.data.startswith(b"\x89PNG")

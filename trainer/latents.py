@@ -176,11 +176,11 @@ def encode_images(
         missing[i : i + config.batch_size] for i in range(0, len(missing), config.batch_size)
     ]
     for step, batch in enumerate(batches):
-        progress(
-            step,
-            len(batches),
-            f"encoding images {step * config.batch_size + 1}–"
-            f"{step * config.batch_size + len(batch)} of {len(missing)}",
+        first = step * config.batch_size
+        progress(  # counted in images, as the message says
+            first,
+            len(missing),
+            f"encoding images {first + 1}–{first + len(batch)} of {len(missing)}",
         )
         pixels = torch.stack([load_pixels(todo[sha], resolution) for sha in batch])
         if config.flip:
@@ -196,7 +196,7 @@ def encode_images(
                 meta = {"sha256": sha, "vae": identity, "resolution": str(resolution)}
                 write_atomic(_cache_path(cache_dir, identity, resolution, sha), tensors, meta)
     progress(
-        len(batches), len(batches), f"encoded {len(missing)}, cached {len(found) - len(missing)}"
+        len(missing), len(missing), f"encoded {len(missing)}, cached {len(found) - len(missing)}"
     )
     if not sha256s:
         return EncodedImages([], torch.empty(0, 4, 0, 0), None, 0)

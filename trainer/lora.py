@@ -272,19 +272,23 @@ def _train_step(run: _Run, step: int) -> dict:
     )
     x = _rollout(run, x, embeds, timesteps[:start])
     drift = torch.zeros((), device=run.device)
+    base_norm = torch.zeros((), device=run.device)
     for t in timesteps[start : start + config.grad_steps]:
         eps = _eps(run, x, t, embeds)
         if config.drift_weight:
             with torch.no_grad(), _adapter_off(run.unet):
                 base_eps = _eps(run, x, t, embeds)
             drift = drift + (eps - base_eps).pow(2).mean()
+            base_norm = base_norm + base_eps.pow(2).mean()
         out = run.scheduler.step(eps, t, x)
         x, x0 = out.prev_sample, out.pred_original_sample
     score = _score(run, x0).mean()
     loss = -score + config.drift_weight * drift / config.grad_steps
     prior = _prior_loss(run, g) if run.prior is not None else torch.zeros(())
     loss = loss + config.prior_weight * prior
-    return {"loss": loss, "score": score.detach(), "drift": drift.detach(), "prior": prior.detach()}
+    # reported as the evaluation measures it: the RMS of the change relative to the base's own
+    relative = (drift.detach() / base_norm.clamp_min(1e-12)).sqrt()
+    return {"loss": loss, "score": score.detach(), "drift": relative, "prior": prior.detach()}
 
 
 def _prior_loss(run: _Run, g: torch.Generator) -> torch.Tensor:
@@ -504,6 +508,8 @@ def train(
         if not history:
             history.append(_evaluate(run, 0, base_figures))
             _save(run, optimizer, out_dir, 0, history)
+        # the counting starts here: a job's pace (its ETA) leaves the setup above out
+        progress(first, config.steps, f"training: step {first + 1} of {config.steps}")
         step, stopped, reason = first, False, None
         while step < config.steps and reason is None:
             if should_stop():
@@ -523,7 +529,7 @@ def train(
                 step,
                 config.steps,
                 f"step {step}: score {float(terms['score']):.3f},"
-                f" drift {float(terms['drift']):.2e}",
+                f" drift {float(terms['drift']):.3f}",
             )
             if step % config.eval_every == 0 or step == config.steps:
                 progress(step, config.steps, f"step {step}: evaluating on held-out prompts")

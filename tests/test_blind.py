@@ -1,0 +1,149 @@
+"""The blind check: "which do you prefer?" between base and LoRA pictures, unlabelled, private.
+
+These tests give a version pairs of pictures made here (no training), then drive the check
+through HTTP as its owner would; tests/test_blind_rater.py runs it on a really trained LoRA.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from rating import blind
+from rating.models import Comparison, Image, TasteVersion, User, db
+from tests.conftest import Site
+from trainer.demo_art import render_demo_image
+
+PAIRS = 4
+
+
+def checkable_version(app, username: str, pairs: int = PAIRS) -> TasteVersion:
+    """Give `username` a taste version with blind pairs of demo-art pictures (the LoRA's side
+    drawn at random), as a trained version's results phase would."""
+    with app.app_context():
+        owner = db.session.scalar(select(User).where(User.username == username))
+        found = TasteVersion(owner_id=owner.id, number=1, base_model="demo", metrics={})
+        db.session.add(found)
+        db.session.flush()
+        source = blind.generated_source(found)
+        specs = blind.plan(["a pastel mandala", "a grainy vivid landscape"], pairs, [1.0])
+        made = [
+            blind.new_pair(
+                spec,
+                blind.keep_picture(render_demo_image(2 * k, seed=5), source, spec["prompt"]),
+                blind.keep_picture(render_demo_image(2 * k + 1, seed=5), source, spec["prompt"]),
+            )
+            for k, spec in enumerate(specs)
+        ]
+        found.metrics = {"blind": {"pairs": made, "strengths": [1.0], "identical": 0}}
+        db.session.commit()
+        db.session.expunge_all()
+        return found
+
+
+@pytest.fixture
+def version(app, admin_site) -> TasteVersion:
+    """The admin's taste version with PAIRS blind pairs."""
+    return checkable_version(app, "admin")
+
+
+def answer(site: Site, version: TasteVersion, index: int, pick: str):
+    """Judge pair `index` as the owner would: the LoRA's side, the base's side, or a tie."""
+    pair = version.metrics["blind"]["pairs"][index]
+    lora_side, base_side = ("a", "b") if pair["lora_left"] else ("b", "a")
+    outcome = {"lora": lora_side, "base": base_side, "tie": "tie"}[pick]
+    url = f"/taste/versions/{version.id}/blind/{index}"
+    return site.post(url, {"outcome": outcome}, htmx=True)
+
+
+def test_the_owner_judges_every_pair_unlabelled_and_gets_a_win_rate(app, admin_site, version):
+    url = f"/taste/versions/{version.id}/blind/"
+    page = admin_site.client.get(url).get_data(as_text=True)
+    card = page.split('id="blind-card"')[1]
+    assert "Pair 1 of 4" in card and 'data-keys="ArrowLeft"' in card and "ArrowDown" in card
+    assert "base" not in card.lower() and "lora" not in card.lower()  # nothing says which
+    for side in ("left", "right"):
+        with admin_site.client.get(f"{url}0/{side}.png") as sent:
+            assert sent.status_code == 200 and sent.data.startswith(b"\x89PNG")
+    for index, pick in enumerate(("lora", "base", "tie", "lora")):
+        done = answer(admin_site, version, index, pick)
+        assert done.status_code == 200
+    result = done.get_data(as_text=True)
+    assert "in <b>2.5 of 4</b>" in result and "<b>62%</b>, 95% CI 22–91%" in result  # a tie is half
+    assert "Too close to call from 4 pairs" in result
+
+    # A resent pick changes nothing: one answer per pair.
+    again = answer(admin_site, version, 1, "lora").get_data(as_text=True)
+    assert "in <b>2.5 of 4</b>" in again
+    with app.app_context():
+        picks = db.session.scalars(select(Comparison).order_by(Comparison.id)).all()
+        assert len(picks) == PAIRS  # stored as comparisons: the next version learns from them
+        assert all(db.session.get(Image, c.image_a_id).hidden for c in picks)  # not in the pool
+    listed = admin_site.client.get("/taste/").get_data(as_text=True)
+    assert "62% <small" in listed  # the version list shows the win rate
+    shown = admin_site.client.get(f"/taste/versions/{version.id}").get_data(as_text=True)
+    assert "you preferred this LoRA in <b>2.5 of 4</b>" in shown
+
+    # Undo takes back the latest pick, and that pair comes back.
+    undone = admin_site.post(f"{url}undo", htmx=True).get_data(as_text=True)
+    assert "Pair 4 of 4" in undone and "Undone" in undone
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Comparison.id))) == PAIRS - 1
+
+
+def test_a_clear_preference_reads_as_more_than_chance():
+    assert blind.wilson(9, 12) == pytest.approx((0.468, 0.911), abs=0.001)  # the issue's example
+    low, high = blind.wilson(12, 12)
+    assert low > 0.5 and high == pytest.approx(1.0)
+    assert blind.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_nobody_else_sees_or_judges_the_check(app, version, second_site):
+    second_site.register("bob")
+    url = f"/taste/versions/{version.id}/blind/"
+    assert second_site.client.get(url).status_code == 404
+    assert second_site.client.get(f"{url}0/left.png").status_code == 404
+    assert second_site.post(f"{url}0", {"outcome": "a"}).status_code == 404
+    with app.app_context():  # the pictures are hidden: not served by the pool's own routes
+        image = db.session.scalar(select(Image).where(Image.hidden.is_(True)))
+    assert second_site.client.get(f"/img/{image.sha256}.jpg").status_code == 404
+    assert second_site.client.get(f"/taste/images/{image.id}").status_code == 404
+
+
+def test_generated_pictures_stay_out_of_the_pool_and_the_admin_pages(app, admin_site, version):
+    admin = admin_site.client.get("/admin/").get_data(as_text=True)
+    assert "Blind check of taste version" not in admin
+    with app.app_context():
+        image = db.session.scalar(select(Image).where(Image.hidden.is_(True)))
+    assert admin_site.client.get(f"/admin/sources/{image.source_id}").status_code == 404
+    shown = admin_site.post(f"/admin/images/{image.id}/hidden", {"hidden": "0"})
+    assert shown.status_code == 404  # an admin can't put someone's LoRA pictures in the pool
+    rate = admin_site.client.get("/rate").get_data(as_text=True)
+    assert image.sha256 not in rate
+
+
+def test_a_bad_pick_is_refused_with_the_reason(app, admin_site, version):
+    url = f"/taste/versions/{version.id}/blind/"
+    refused = admin_site.post(f"{url}0", {"outcome": "left"})
+    assert refused.status_code == 400 and "Pick the left picture" in refused.get_data(as_text=True)
+    assert admin_site.post(f"{url}{PAIRS}", {"outcome": "a"}).status_code == 400
+    assert admin_site.post(f"{url}0", {"outcome": "a"}, headers={}).status_code == 200
+    client = app.test_client()  # signed out
+    assert client.get(url).status_code in (302, 401)
+
+
+def test_a_check_needs_the_csrf_token(app, admin_site, version):
+    raw = admin_site.client.post(f"/taste/versions/{version.id}/blind/0", data={"outcome": "a"})
+    assert raw.status_code == 400
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Comparison.id))) == 0
+
+
+def test_the_strength_checked_is_the_one_the_evaluation_scored_best():
+    lora = {"scores_by_strength": {"1": 3.1, "0.5": 3.4, "-1": 2.0}}
+    assert blind.chosen_strengths(lora, []) == [0.5]
+    assert blind.chosen_strengths(lora, [0.5, 1]) == [0.5, 1.0]
+    assert blind.chosen_strengths({}, []) == [1.0]
+    specs = blind.plan(["p", "q", "r"], 5, [0.5, 1.0])
+    assert [s["prompt"] for s in specs] == ["p", "q", "r", "p", "q"]
+    assert len({s["seed"] for s in specs}) == 5 and {s["strength"] for s in specs} == {0.5, 1.0}

@@ -1,0 +1,73 @@
+"""The blind check on a really trained taste: a synthetic rater who likes vivid pictures rates
+the demo pack through the site, trains with the product's settings, and then, seeing only the
+two pictures of each pair as served, picks the more vivid one. Its LoRA must win clearly."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from app import create_app
+from rating import jobs
+from rating.models import Image, db
+from tests.blind_rater import take_blind_check
+from tests.conftest import Site
+from tests.images import saturation, saturation_stars
+
+POOL, RATED = 120, 40
+STATUS = re.compile(r'id="job-(\d+)" data-status="(\w+)"')
+VERSION = re.compile(r'href="/taste/versions/(\d+)"')
+
+
+def wait_for(check, what: str, timeout: float):
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_vivid_loving_rater_prefers_its_taste_lora_blind(tmp_path):
+    config = {"SECRET_KEY": "test", "TORCH_THREADS": 1, "DEMO_PACK_SIZE": POOL, "QUEUE": "sqlite"}
+    app = create_app(config, instance_path=str(tmp_path / "instance"))
+    workers = jobs.start_embedded_worker(app)
+    try:
+        admin = Site(app.test_client())
+        admin.register("admin")
+        admin.post("/admin/demo", {"count": POOL})
+        with app.app_context():
+            count = lambda: db.session.scalar(select(func.count(Image.id)))  # noqa: E731
+            wait_for(lambda: count() == POOL, "the demo pack", 300)
+            images = db.session.execute(select(Image.id, Image.sha256).limit(RATED)).all()
+        rater = Site(app.test_client())
+        rater.register("vivid")
+        for image_id, sha256 in images:
+            stars = saturation_stars(rater.client.get(f"/img/{sha256}.jpg").get_data())
+            assert rater.post(f"/rate/{image_id}", {"stars": stars}).status_code == 200
+        answer = rater.post("/taste/train", htmx=True).get_data(as_text=True)
+        job_id = STATUS.search(answer).group(1)
+
+        def ended():
+            html = rater.client.get(f"/taste/jobs/{job_id}", headers={"HX-Request": "true"})
+            html = html.get_data(as_text=True)
+            return STATUS.search(html).group(2) in ("succeeded", "failed", "cancelled") and html
+
+        html = wait_for(ended, "the taste job", 900)
+        assert 'data-status="succeeded"' in html, html
+        version_id = int(VERSION.search(html).group(1))
+        page = rater.client.get(f"/taste/versions/{version_id}").get_data(as_text=True)
+        assert "Start the blind check" in page
+        verdict = take_blind_check(rater, version_id, saturation)
+    finally:
+        workers.stop(graceful=True)
+        with app.app_context():
+            db.engine.dispose()
+    print(f"blind check: {verdict}")
+    assert verdict["answered"] == 12
+    assert verdict["rate"] >= 0.75 and verdict["low"] > 0.5, verdict  # clearly above chance

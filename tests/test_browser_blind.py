@@ -1,0 +1,86 @@
+"""The blind check in Chromium, by keyboard as on Compare; and every page's top bar at phone width.
+
+The live server, the browser and the problem collector come from test_browser.py; this module
+gets a site of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import test_browser as e2e
+from test_blind import PAIRS, checkable_version
+
+pytestmark = pytest.mark.browser
+
+live_server = e2e.live_server
+browser = e2e.browser
+page = e2e.page
+problems = e2e.problems
+arrive, shoot, expect = e2e.arrive, e2e.shoot, e2e.expect
+
+IN_VIEW = """(links) => links.map((a) => {
+  const box = a.getBoundingClientRect();
+  return [a.textContent.trim(), box.left >= 0 && box.right <= window.innerWidth && box.height > 0];
+})"""
+
+
+@pytest.fixture(scope="module")
+def screenshots():
+    """Return the screenshot folder, emptied of this module's earlier shots (25- to 28-) only."""
+    e2e.SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for old in itertools.chain(*(e2e.SCREENSHOTS.glob(f"{n}-*.png") for n in range(25, 29))):
+        old.unlink()
+    return e2e.SCREENSHOTS
+
+
+def test_the_blind_check_by_keyboard(page, problems, live_server, screenshots, tmp_path):
+    e2e.register_first_account(page, tmp_path, "ada")
+    version = checkable_version(live_server.app, "ada")
+    page.goto(f"/taste/versions/{version.id}")
+    call = page.locator("#blind-call")
+    expect(call).to_contain_text(f"{PAIRS} pairs")
+    call.get_by_role("link", name="Start the blind check").click()
+    arrive(page, f"/taste/versions/{version.id}/blind/")
+    card = page.locator("#blind-card")
+    expect(card).to_contain_text(f"Pair 1 of {PAIRS}")
+    expect(card.locator("img.generated")).to_have_count(2)
+    shoot(page, screenshots, "25-blind-pair")
+
+    for number, key in enumerate(("ArrowLeft", "ArrowRight", "ArrowDown"), start=2):
+        page.keyboard.press(key)
+        expect(card).to_contain_text(f"Pair {number} of {PAIRS}")
+    page.keyboard.press("u")  # undo: the third pair comes back
+    expect(card).to_contain_text(f"Pair 3 of {PAIRS}")
+    expect(page.locator(".notice")).to_contain_text("Undone")
+    page.keyboard.press("ArrowLeft")
+    expect(card).to_contain_text(f"Pair 4 of {PAIRS}")
+    page.keyboard.press("ArrowLeft")
+    verdict = card.locator(".blind-done")
+    expect(verdict).to_contain_text(f"of {PAIRS}")
+    expect(verdict).to_contain_text("95% CI")
+    shoot(page, screenshots, "26-blind-verdict")
+
+    page.goto(f"/taste/versions/{version.id}")
+    expect(page.locator("#blind-call")).to_contain_text("Blind check: you preferred this LoRA")
+    assert not problems, problems
+
+
+def test_the_top_bar_keeps_every_link_in_view_at_phone_width(
+    page, problems, live_server, screenshots, tmp_path
+):
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto("/login")  # ada, the admin from the test above: the longest top bar there is
+    page.get_by_label("Username").fill("ada")
+    page.get_by_label("Password").fill(e2e.PASSWORD)
+    page.locator("main").get_by_role("button", name="Sign in").click()
+    expect(page.locator("header .who")).to_have_text("ada")
+    for path in ("/rate", "/taste/", "/me/ratings", "/crowd", "/admin/"):
+        page.goto(path)
+        links = page.locator("header.topbar nav a").evaluate_all(IN_VIEW)
+        names = [name for name, _ in links]
+        assert "Admin" in names and "Crowd" in names, names
+        assert all(seen for _, seen in links), (path, links)
+    shoot(page, screenshots, "27-phone-width")
+    assert not problems, problems
