@@ -20,12 +20,14 @@ bench-rating: $(VENV)/.installed-run
 
 $(VENV)/.installed-run: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	@echo "Installing tastebud and its libraries: about 6 GB (mostly torch), a few minutes the first time."
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@echo "Installing tastebud, its libraries and the test tools: about 6 GB, a few minutes the first time."
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e '.[dev]'
 	touch $@ $(VENV)/.installed-run
 
 clean:

@@ -12,6 +12,12 @@ RECORD = re.compile(r'data-rate="([\d.]+)" data-low="([\d.]+)"')
 WON = re.compile(r"in <b>([\d.]+) of (\d+)</b>")
 
 
+def fetched(site: Site, url: str) -> bytes:
+    """GET a file's bytes, closing the response (a sent file stays open until then)."""
+    with site.client.get(url) as response:
+        return response.get_data()
+
+
 def take_blind_check(site: Site, version_id: int, liking: Callable[[bytes], float]) -> dict:
     """Judge every pair by `liking` (higher is better) on the two pictures as served, left and
     right; return the page's verdict: won, answered, rate and the interval's low end."""
@@ -21,9 +27,7 @@ def take_blind_check(site: Site, version_id: int, liking: Callable[[bytes], floa
         if found is None:
             break
         url, index = found.groups()
-        left, right = (
-            liking(site.client.get(f"{url}/{side}.png").get_data()) for side in ("left", "right")
-        )
+        left, right = (liking(fetched(site, f"{url}/{side}.png")) for side in ("left", "right"))
         outcome = "a" if left > right else "b" if right > left else "tie"
         card = site.post(url, {"outcome": outcome}, htmx=True).get_data(as_text=True)
     rate, low = RECORD.search(card).groups()

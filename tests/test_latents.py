@@ -83,7 +83,9 @@ def test_cache_means_second_call_encodes_nothing(vae, images, tmp_path, monkeypa
     )
     assert sum(seen) == 6  # 3 distinct images + their mirrors; the duplicate is not re-encoded
     assert first.encoded == 3 and torch.equal(first.latents[0], first.latents[3])
-    assert steps[-1][0] == steps[-1][1] == 2
+    # counted in images, as the messages say: 0, 2 (batches of 2), then all 3 done
+    assert [(done, total) for done, total, _ in steps] == [(0, 3), (2, 3), (3, 3)]
+    assert steps[1][2] == "encoding images 3–3 of 3"
     seen.clear()
     second = lt.encode_images(images, vae, resolution=RESOLUTION, config=config)
     assert seen == [] and second.encoded == 0

@@ -54,8 +54,15 @@ def adapter_weights(folder):
 def test_training_raises_the_held_out_score_and_keeps_the_pipeline_clean(
     base, scorer_file, tmp_path
 ):
-    summary = lora.train(base, scorer_file, tmp_path / "run", QUICK)
+    said = []
+    summary = lora.train(
+        base, scorer_file, tmp_path / "run", QUICK, progress=lambda *a: said.append(a)
+    )
     assert summary["steps"] == 10 and not summary["stopped"]
+    # The live drift is the evaluation's measure (relative RMS), not a raw squared error.
+    live = [float(m.rsplit("drift ", 1)[1]) for _, _, m in said if "drift " in m]
+    assert len(live) == 10 and all(0 <= d < 1 for d in live), live
+    assert max(live) > 0.3 * summary["history"][-1]["drift"]  # the same scale as the table
     assert summary["score_gain"] > 0
     assert summary["lora_score"] > summary["base_score"]
     by_strength = summary["scores_by_strength"]

@@ -231,6 +231,11 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
         checkpoint = taste_jobs.version_folder(version) / version.lora_dir
     assert_kohya_file_loads(tmp_path / "bundle", "tastebud-ada-taste-v1.safetensors", checkpoint)
     assert_other_downloads(ada, version, tmp_path)
+    # What each download is, where it goes, and its size.
+    shown = ada.client.get(f"/taste/versions/{version.id}").get_data(as_text=True)
+    for words in ("models/Lora", "models/loras", "load_lora_weights", "&lt;lora:tastebud-ada"):
+        assert words in shown, words
+    assert re.search(r"LoRA \.zip</a> <span class=\"muted\">\d+ KiB</span>", shown)
 
     improve_an_image(site_app, ada)
     others_see_nothing_until_it_is_public(site_app, ada, version, job_id)
@@ -283,7 +288,8 @@ def assert_other_downloads(site: Site, version: TasteVersion, tmp_path: Path) ->
 def improve_an_image(app, site: Site) -> None:
     """On an image's page, "Improve this image" refines it with my scorer: both scores shown."""
     with app.app_context():
-        image_id = db.session.scalar(select(Image.id).order_by(Image.id.desc()))
+        pool = select(Image.id).where(Image.hidden.is_(False))  # not a blind-check picture
+        image_id = db.session.scalar(pool.order_by(Image.id.desc()))
     page = site.client.get(f"/taste/images/{image_id}").get_data(as_text=True)
     assert re.search(r'id="improve-button"\s*>', page)  # enabled: I have a scorer
     response = site.post(f"/taste/images/{image_id}/improve", htmx=True)
@@ -537,6 +543,57 @@ def test_a_remote_workers_job_is_left_alone_until_it_goes_silent(app):
 
 
 # ---- the button ---------------------------------------------------------------------------
+
+
+def test_while_a_version_trains_my_taste_lists_it_with_its_counts(site_app, gate):
+    site = person(site_app, "mid-run")
+    gate.phase = "encode"  # its first report: nothing encoded or counted by the job yet
+    job_id = click_train(site)
+    assert gate.reached.wait(JOB_SECONDS), "the job never reached its encode phase"
+    try:
+        page = site.client.get("/taste/").get_data(as_text=True)
+        row = page.split('id="history"')[1]
+        assert "No versions yet" not in row and 'class="status-running">training<' in row
+        assert f"<td>{RATED}</td>" in row  # its ratings, counted when the run began
+        # The widget tells the page when the phase it showed has moved on: the list refreshes.
+        moved = site.client.get(f"/taste/jobs/{job_id}?phase=", headers={"HX-Request": "1"})
+        assert moved.headers.get("HX-Trigger") == "job-phase"
+        same = site.client.get(f"/taste/jobs/{job_id}?phase=encode", headers={"HX-Request": "1"})
+        assert "HX-Trigger" not in same.headers
+    finally:
+        gate.release.set()
+    assert wait_until_done(site, job_id)[1] == "succeeded"
+
+
+def test_a_started_job_says_what_it_does_before_its_first_phase(app, site):
+    site.register("ada")
+    with app.app_context():
+        job = Job(
+            kind="train_taste",
+            owner_id=1,
+            status="running",
+            message=jobs.starting_text("train_taste"),
+        )
+        db.session.add(job)
+        db.session.commit()
+        job_id = job.id
+    html = site.client.get(f"/taste/jobs/{job_id}").get_data(as_text=True)
+    assert "Starting: loading torch and the model code" in html and "Waiting for" not in html
+    queued = jobs.waiting_text("train_taste")
+    assert "GPU" not in queued and "one training at a time" in queued  # true on any machine
+
+
+def test_the_eta_counts_from_when_the_count_started_not_the_setup(app):
+    with app.app_context():
+        job = Job(kind="train_taste", status="running", phase="lora")
+        job.phase_started_at = utcnow() - timedelta(seconds=100)  # 100 s of loading and setup
+        db.session.add(job)
+        db.session.commit()
+        progress = JobProgress(job)
+        progress(0, 100, "training: step 1 of 100")
+        job.phase_started_at -= timedelta(seconds=2)  # then two steps take a second each
+        progress(2, 100, "step 2")
+        assert 90 <= job.eta_seconds <= 110  # 98 steps left at a second each, not 4,900 s
 
 
 def test_while_a_training_runs_the_button_says_so_and_links_to_it(app, site):
