@@ -46,4 +46,8 @@ document.addEventListener("htmx:afterSettle", () => {
   const running = !["succeeded", "failed", "cancelled"].includes(job.dataset.status);
   button.disabled = running || button.dataset.ready !== "true";
   button.textContent = running ? "Training…" : "Train my taste";
+  const reason = document.getElementById("train-reason");
+  if (reason && reason.dataset.idle) {  // the words beside the button follow it
+    reason.textContent = running ? "Your taste is training now — its progress is below." : reason.dataset.idle;
+  }
 });

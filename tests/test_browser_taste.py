@@ -93,6 +93,9 @@ def test_train_my_taste_in_the_browser(page, problems, live_server, screenshots,
     training = page.locator("#train-button")  # says it is busy, and can't start a second run
     expect(training).to_have_text("Training…")
     expect(training).to_be_disabled()
+    expect(page.locator("#train-reason")).to_have_text(
+        "Your taste is training now — its progress is below."
+    )
     expect(job.locator(".phase-running progress")).to_be_visible(timeout=JOB_TIMEOUT_MS)
     expect(job.locator(".phase-running .steps")).to_be_visible(timeout=JOB_TIMEOUT_MS)
     page.screenshot(path=str(screenshots / "21-taste-training.png"), full_page=True)
@@ -103,6 +106,7 @@ def test_train_my_taste_in_the_browser(page, problems, live_server, screenshots,
     expect(job.locator('[data-state="done"]')).to_have_count(4)
     expect(training).to_have_text("Train my taste")
     expect(training).to_be_enabled()
+    expect(page.locator("#train-reason")).to_contain_text("Uses your 32 ratings and picks")
 
     # The page refreshed its results when the job ended: the grid, every image with a score.
     grid = page.locator("#taste-results .taste-grid")
