@@ -78,6 +78,12 @@ DEFAULTS: dict[str, object] = {
     # "demo": the built-in demo world, a tiny model trained on the demo pack, offline), and the
     # ratings it needs.
     "BASE_MODEL": "demo",
+    # A single-file checkpoint's configs, offline: a local diffusers folder of the same model
+    # family (e.g. a downloaded stable-diffusion-v1-5); empty: diffusers fetches them.
+    "BASE_MODEL_CONFIG": "",
+    # The device GPU jobs run on ("cuda:1", "cpu"); empty: CUDA, then Apple MPS, then CPU.
+    # Several GPU workers on one machine: one each, or CUDA_VISIBLE_DEVICES per worker.
+    "DEVICE": "",
     "TASTE_MIN_RATINGS": 30,
     # A scorer file whose trunk personal scorers start from; empty: the crowd model when an
     # admin has trained one for this base model, else from scratch.

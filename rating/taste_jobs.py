@@ -50,6 +50,17 @@ GRID_CELLS = "grid"
 OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
+def base_model(spec: str):
+    """Load a base model as the settings say: BASE_MODEL_CONFIG describes a single-file
+    checkpoint offline (a diffusers folder of its configs), DEVICE picks the GPU."""
+    from trainer.base import load_base
+
+    config = current_app.config
+    return load_base(
+        spec, device=config["DEVICE"] or None, config=config["BASE_MODEL_CONFIG"] or None
+    )
+
+
 def storage_root() -> Path:
     """Return the configured storage root."""
     return Path(current_app.config["STORAGE_ROOT"])
@@ -175,10 +186,8 @@ class TasteRun:
 
     def load_base(self) -> None:
         """Load the configured base model (the demo builds in a second, offline)."""
-        from trainer.base import load_base
-
         self.progress.log(f"loading the base model {self.version.base_model}")
-        self.base = load_base(self.version.base_model)
+        self.base = base_model(self.version.base_model)
         self.record(resolution=self.base.resolution, device=str(self.base.pipeline.device))
 
     def encode(self) -> None:
@@ -187,6 +196,7 @@ class TasteRun:
         file (the rated ones: it carries my stars)."""
         import torch
 
+        from trainer.base import only_vae_on_gpu
         from trainer.latents import LatentsConfig, LatentsFile, encode_images, save_latents_file
 
         owner = self.job.owner_id
@@ -226,13 +236,14 @@ class TasteRun:
             )
         )
         self.progress(0, len(images), f"{what}: looking in the cache")
-        encoded = encode_images(
-            paths,
-            self.base.pipeline.vae,
-            resolution=self.base.resolution,
-            config=config,
-            progress=lambda step, total, said: self.progress(step, total, f"{what}: {said}"),
-        )
+        with only_vae_on_gpu(self.base.pipeline):
+            encoded = encode_images(
+                paths,
+                self.base.pipeline.vae,
+                resolution=self.base.resolution,
+                config=config,
+                progress=lambda step, total, said: self.progress(step, total, f"{what}: {said}"),
+            )
         n, known = len(rated), len(rated) + len(picked)
         if rated:
             flipped = encoded.flipped[:n] if encoded.flipped is not None else None
@@ -352,28 +363,32 @@ class TasteRun:
             progress=functools.partial(self.progress, stop=False),  # it ends itself on Cancel
             should_stop=self.progress.should_stop,
         )
+        result = None
         try:
             result = train(config)
         except torch.OutOfMemoryError:
-            config = replace(
-                config, gradient_checkpointing=True, batch_size=max(1, config.batch_size // 2)
-            )
+            pass  # retried below: inside `except` the traceback would keep the failed
+            # attempt's frames, and with them its activations and graph, in GPU memory
+        if result is None:
+            config = smaller(config)
             said = (
-                "Out of GPU memory: retrying once with gradient checkpointing on and batch "
-                f"size {config.batch_size}"
+                "Out of GPU memory: retrying once with gradient checkpointing on, batch size "
+                f"{config.batch_size} and {config.eval_prompts} evaluation prompts"
             )
             self.progress.log(said)
             self.job.message = said
             self.record(notes=[said])
             gc.collect()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             try:
                 result = train(config)
             except torch.OutOfMemoryError as error:
                 raise RuntimeError(
-                    f"out of GPU memory even with gradient checkpointing and batch size "
-                    f"{config.batch_size}. Lower batch_size, rank or resolution in TASTE_LORA, "
-                    "or use a GPU with more memory."
+                    f"out of GPU memory even with gradient checkpointing, batch size "
+                    f"{config.batch_size} and {config.eval_prompts} evaluation prompts. Lower "
+                    "rank, sample_steps or eval_seeds in TASTE_LORA, or use a GPU with more "
+                    "memory."
                 ) from error
         chosen = result.get("chosen_checkpoint")
         if chosen:
@@ -470,6 +485,17 @@ class TasteRun:
                 continue
             pairs.append(blind.new_pair(spec, base_id, lora_id))
         self.record(blind={"pairs": pairs, "strengths": strengths, "identical": same})
+
+
+def smaller(config):
+    """A LoRA config that needs less GPU memory: what costs most, halved (batch and the
+    evaluation's prompts), with gradient checkpointing on."""
+    return replace(
+        config,
+        gradient_checkpointing=True,
+        batch_size=max(1, config.batch_size // 2),
+        eval_prompts=max(1, config.eval_prompts // 2),
+    )
 
 
 def checkpoint_history(version: TasteVersion | None) -> list[dict]:
@@ -647,14 +673,13 @@ def _crowd_model(ratings: list, progress: JobProgress):
     import torch
 
     from trainer import crowd, scorer
-    from trainer.base import load_base
     from trainer.latents import LatentsConfig, LatentsFile, encode_images
 
     config = current_app.config
     images = db.session.scalars(
         select(Image).where(Image.id.in_({r.image_id for r in ratings})).order_by(Image.id)
     ).all()
-    base = load_base(config["BASE_MODEL"])
+    base = base_model(config["BASE_MODEL"])
     store = image_store()
     settings = {"cache_dir": str(storage_root() / "latents-cache"), **config["TASTE_LATENTS"]}
     encoded = encode_images(
@@ -664,6 +689,10 @@ def _crowd_model(ratings: list, progress: JobProgress):
         config=LatentsConfig.from_dict(settings),
         progress=progress,
     )
+    base = None  # the scorer trains without it: give its GPU memory back first
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     row = {image.id: k for k, image in enumerate(images)}
     data = LatentsFile(
         latents=encoded.latents,
@@ -746,10 +775,9 @@ def _refine(version: TasteVersion, image: Image, progress: JobProgress):
     from PIL import Image as PILImage
 
     from trainer import sample
-    from trainer.base import load_base
     from trainer.scorer import load_scorer
 
-    base = load_base(version.base_model)
+    base = base_model(version.base_model)
     model, _ = load_scorer(version_path(version, version.scorer_file))
     model.to(base.pipeline.device)
     with PILImage.open(image_store().original_path(image.sha256, image.original_ext)) as opened:

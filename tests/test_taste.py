@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -405,19 +406,29 @@ def test_out_of_memory_retries_once_smaller_then_says_what_to_change(site_app, m
 
     from trainer import lora
 
-    configs = []
+    configs, held = [], []
+
+    class Activations:  # what a failed attempt's frames hold: on a GPU, gigabytes
+        pass
 
     def out_of_memory(base, scorer_path, out_dir, config=None, **callbacks):
         configs.append(config)
+        held.append(all(alive() is None for alive in held_refs))  # freed before the retry?
+        activations = Activations()
+        held_refs.append(weakref.ref(activations))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    held_refs: list = []
 
     monkeypatch.setattr(lora, "train", out_of_memory)
     site = person(site_app, "oom")
     html, status, phase = wait_until_done(site, click_train(site))
     assert (status, phase) == ("failed", "lora")
-    assert "out of GPU memory even with gradient checkpointing and batch size 1" in html
-    assert "retrying once with gradient checkpointing on and batch size 1" in html  # log tail
+    assert "out of GPU memory even with gradient checkpointing, batch size 1" in html
+    assert "retrying once with gradient checkpointing on, batch size 1 and 1 evaluation" in html
     assert [c.batch_size for c in configs] == [2, 1] and configs[1].gradient_checkpointing
+    assert [c.eval_prompts for c in configs] == [2, 1]  # the evaluation's batch shrinks too
+    assert held == [True, True]  # the retry starts with the failed attempt's memory released
 
 
 def test_a_failure_says_why_removes_partial_files_and_keeps_the_checkpoint(site_app, monkeypatch):

@@ -118,13 +118,19 @@ def load_pixels(path: str | Path, resolution: int) -> torch.Tensor:
 def encode_pixels(pixels: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
     """Encode [N,3,R,R] pixels in [-1,1] to scaled latents [N,C,R/8,R/8] (float32, CPU)."""
     weight = next(vae.parameters())
-    output = vae.encode(pixels.to(device=weight.device, dtype=weight.dtype))
-    if hasattr(output, "latent_dist"):
-        # The mean, not a sample: the same image must always give the same latents, so the
-        # cache is exact and a scorer sees one target per image (a sample adds VAE noise).
-        latents = output.latent_dist.mean
-    else:  # AutoencoderTiny and friends return latents directly
-        latents = output.latents
+    # On a GPU one image at a time: the encoder's activations are ≈ 0.6 GiB per 512 px image
+    # in fp32, and a batch of 8 with its mirrors would not fit beside the rest on 8 GB.
+    step = 1 if weight.device.type == "cuda" else len(pixels)
+    parts = []
+    for chunk in pixels.split(max(step, 1)):
+        output = vae.encode(chunk.to(device=weight.device, dtype=weight.dtype))
+        if hasattr(output, "latent_dist"):
+            # The mean, not a sample: the same image must always give the same latents, so
+            # the cache is exact and a scorer sees one target per image (a sample adds noise).
+            parts.append(output.latent_dist.mean)
+        else:  # AutoencoderTiny and friends return latents directly
+            parts.append(output.latents)
+    latents = torch.cat(parts)
     shift = vae.config.get("shift_factor") or 0.0  # SD 1.x has none; SD3/Flux VAEs do
     return ((latents - shift) * vae.config.scaling_factor).float().cpu()
 

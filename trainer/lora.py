@@ -27,9 +27,17 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
+from trainer.base import (
+    DEMO,
+    ENV_BASE_MODEL,
+    BaseModel,
+    BaseModelNotFound,
+    ddim_scheduler,
+    load_base,
+)
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.configs import FromDict
+from trainer.device import half_dtype
 from trainer.prompts import read_prompts
 from trainer.scorer import ScorerFileError, load_scorer
 from trainer.tensorfiles import (
@@ -460,7 +468,9 @@ def _restore(run: _Run, optimizer, folder: Path) -> dict:
     saved, _ = read_safetensors(folder / OPTIMIZER_NAME, LoraFileError, what="optimizer state")
     if saved:
         current = optimizer.state_dict()
-        by_index = optimizer_state(saved, device=run.device)
+        # load_state_dict moves each tensor to its parameter's device, and leaves Adam's step
+        # counters on the CPU where they belong (on CUDA, each would sync every step)
+        by_index = optimizer_state(saved)
         groups = [
             {**g, "params": c["params"]}
             for g, c in zip(state["optimizer_groups"], current["param_groups"], strict=True)
@@ -494,6 +504,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     first = 0
+    if base.pipeline.device.type == "cuda":  # this run's peak, not the worker's lifetime's
+        torch.cuda.reset_peak_memory_stats(base.pipeline.device)
     try:
         run = _prepare(base, scorer_path, config)
         trainable = [p for p in run.unet.parameters() if p.requires_grad]
@@ -577,7 +589,8 @@ def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) 
             f"the scorer was trained on latents of shape {metadata.get('input_shape')}, but"
             f" {base.name} makes {shape}; train a scorer on this base model's latents"
         )
-    if _half(device, config) is None and pipe.unet.dtype != torch.float32:
+    half = _half(device, config, pipe.unet.dtype)  # before the LoRA's fp32 parameters join
+    if half is None and pipe.unet.dtype != torch.float32:
         raise TasteLoraError(  # without autocast, fp32 latents can't meet half-precision weights
             f"without autocast (mixed_precision {config.mixed_precision!r} on {device.type})"
             f" training runs in fp32, but the base model is {pipe.unet.dtype}; load it with"
@@ -608,7 +621,7 @@ def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) 
         cast_training_params(unet, dtype=torch.float32)  # fp16 weights can't take small updates
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler = ddim_scheduler(pipe.scheduler.config)
     scheduler.set_timesteps(config.sample_steps, device=device)
     run = _Run(
         unet=unet,
@@ -621,7 +634,7 @@ def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) 
         eval_noise=noise.repeat(len(eval_prompts), 1, 1, 1).to(device),
         eval_groups=len(eval_prompts),
         device=device,
-        half=_half(device, config),
+        half=half,
     )
     if device.type == "cuda":  # text encoder and VAE aren't needed while training
         pipe.text_encoder.to("cpu")
@@ -661,11 +674,15 @@ def _add_prior(run: _Run, prompts: list[str]) -> None:
     run.prior_embeds = embeds
 
 
-def _half(device: torch.device, config: TasteLoraConfig) -> torch.dtype | None:
-    """The autocast dtype: bf16 where the GPU has it, else fp16; None (fp32) off CUDA."""
+def _half(
+    device: torch.device, config: TasteLoraConfig, weights: torch.dtype
+) -> torch.dtype | None:
+    """The autocast dtype on CUDA: the UNet's own when its weights are half precision (else
+    every conv and linear would recast them, uncached and less precise), bf16 where the card
+    computes it natively, else fp16. None (fp32) off CUDA or with mixed_precision "no"."""
     if device.type != "cuda" or config.mixed_precision == "no":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return weights if weights in (torch.float16, torch.bfloat16) else half_dtype(device)
 
 
 def _release(base: BaseModel) -> None:

@@ -1,0 +1,128 @@
+"""What a CUDA run of a real SD 1.x base would load, keep and compute in, checked on the CPU.
+
+No GPU here: these tests pin the decisions (dtypes, components, scheduler settings, what the
+site passes to the loader); the memory they lead to is counted by bench/gpu_memory.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPConfig, CLIPImageProcessor
+
+from rating import taste_jobs
+from trainer import base as bases
+from trainer import device as devices
+from trainer import lora
+from trainer.base import DEMO, ddim_scheduler, load_base
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def cuda_card(monkeypatch, native_bf16: bool) -> None:
+    """Pretend to be a CUDA card: Ampere+ computes bf16, Turing/Volta only emulate it."""
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_half_precision_is_what_the_card_computes_natively(monkeypatch, native, expected):
+    cuda_card(monkeypatch, native_bf16=native)
+    assert devices.half_dtype(torch.device("cuda")) == expected  # a T4 gets fp16, not bf16
+
+
+@pytest.mark.parametrize(
+    ("weights", "native", "expected"),
+    [
+        (torch.float16, True, torch.float16),  # fp16 weights: no recast to bf16 on Ampere
+        (torch.bfloat16, True, torch.bfloat16),
+        (torch.float32, True, torch.bfloat16),
+        (torch.float32, False, torch.float16),  # a Turing card: fp16 with the GradScaler
+    ],
+)
+def test_the_lora_autocasts_in_the_unets_own_dtype(monkeypatch, weights, native, expected):
+    cuda_card(monkeypatch, native_bf16=native)
+    config = lora.TasteLoraConfig()
+    assert lora._half(torch.device("cuda"), config, weights) == expected
+    assert lora._half(torch.device("cpu"), config, weights) is None
+    assert (
+        lora._half(torch.device("cuda"), lora.TasteLoraConfig(mixed_precision="no"), weights)
+        is None
+    )
+
+
+def test_ddim_never_clips_whatever_scheduler_the_base_came_with():
+    euler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+    assert "clip_sample" not in euler.config  # DDIM's own default would be True
+    ddim = ddim_scheduler(euler.config)
+    assert isinstance(ddim, DDIMScheduler)
+    assert ddim.config.clip_sample is False and ddim.config.set_alpha_to_one is False
+    assert ddim.config.beta_schedule == "scaled_linear"  # the base's own noise schedule
+    # ...and its own spacing and offset; a config without them gets SD 1.x's
+    assert (ddim.config.steps_offset, ddim.config.timestep_spacing) == (0, "linspace")
+    bare = {k: v for k, v in euler.config.items() if k not in ("steps_offset", "timestep_spacing")}
+    assert ddim_scheduler(bare).config.steps_offset == 1
+    assert ddim_scheduler(bare).config.timestep_spacing == "leading"
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """A diffusers folder as a finetune ships it: Euler scheduler and a safety checker."""
+    pipeline = load_base(DEMO, device="cpu").pipeline
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config={**tiny, "num_hidden_layers": 1},
+            vision_config={**tiny, "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+            projection_dim=16,
+        )
+    )
+    shipped = StableDiffusionPipeline(
+        **{
+            **pipeline.components,
+            "safety_checker": checker,
+            "feature_extractor": CLIPImageProcessor(),
+        },
+    )
+    shipped.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+    folder = tmp_path_factory.mktemp("sd") / "finetune"
+    shipped.save_pretrained(folder)
+    return folder
+
+
+def test_a_folder_loads_without_its_safety_checker_and_samples_with_plain_ddim(sd_folder):
+    loaded = load_base(str(sd_folder), device="cpu", dtype=torch.float16)
+    pipe = loaded.pipeline
+    assert pipe.safety_checker is None  # 0.57 GiB in fp16 that nothing here would ever run
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.clip_sample is False
+    dtypes = {
+        name: next(m.parameters()).dtype
+        for name, m in pipe.components.items()
+        if hasattr(m, "parameters")
+    }
+    assert set(dtypes) == {"unet", "vae", "text_encoder"} and set(dtypes.values()) == {
+        torch.float16
+    }
+
+
+def test_the_site_passes_its_single_file_config_and_device_to_the_loader(app, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bases, "load_base", lambda spec, **kwargs: seen.update(kwargs, spec=spec))
+    app.config.update(BASE_MODEL_CONFIG="/models/sd15-configs", DEVICE="cuda:1")
+    with app.app_context():
+        taste_jobs.base_model("/models/finetune.safetensors")
+    assert seen == {
+        "spec": "/models/finetune.safetensors",
+        "device": "cuda:1",
+        "config": "/models/sd15-configs",
+    }
