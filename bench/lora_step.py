@@ -54,6 +54,7 @@ from trainer import lora
 from trainer import scorer as sc
 from trainer.base import BaseModel, build_demo_pipeline, load_base
 from trainer.device import pick_device
+from trainer.prompts import PROMPTS_FILE
 
 DEFAULT = lora.TasteLoraConfig()
 SD15_UNET = {  # runwayml/stable-diffusion-v1-5 unet/config.json, the parts that set the compute
@@ -334,7 +335,13 @@ def sd15_base(device: torch.device) -> BaseModel:
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    return BaseModel(pipeline, "SD 1.5-sized (random)", is_demo=False, resolution=resolution)
+    return BaseModel(
+        pipeline,
+        "SD 1.5-sized (random)",
+        is_demo=False,
+        resolution=resolution,
+        prompts_file=PROMPTS_FILE,
+    )
 
 
 def latent_shape(base: BaseModel) -> list[int]:

@@ -1,0 +1,224 @@
+"""GPU memory of "Train my taste" on an SD 1.5-sized base at 512 px, counted on any machine.
+
+No GPU needed. The SD 1.5-sized UNet of bench/lora_step.py (SD 1.5's UNet config, 860 M
+parameters) is built on torch's meta device (shapes, no data) in half precision, as a CUDA run
+loads it (fp16 or bf16: the same bytes), and the real `trainer.lora._prepare` and
+`_train_step` run on it. A dispatch hook (lora_step.TensorBytes) counts the bytes of every
+tensor an op makes, while it lives. Attention goes through the memory-efficient kernel's op,
+which PyTorch's SDPA picks on CUDA for half precision (the math path would hold
+16 × 8 × 4096² attention scores per layer). The encode phase is counted the same way on an SD
+1.5-sized VAE encoder.
+
+Held: UNet weights, the LoRA and its Adam state, the scorer, cached prompt embeddings (training
+moves the text encoder and the VAE to the CPU). Peaks above that: one training step with its
+backward (gradient checkpointing on and off), one evaluation call (E prompts × seeds, doubled
+by CFG: the largest no-gradient batch), one VAE encode. Not counted: the CUDA context
+(≈ 0.3–0.5 GiB), cuBLAS/cuDNN workspaces, allocator fragmentation; and autocast, which can't
+run on the meta device: the UNet's inputs are cast to its dtype instead, so group-norm outputs
+are counted in half precision where autocast keeps them fp32.
+
+    .venv/bin/python bench/gpu_memory.py            # --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # lora_step, beside this file
+import lora_step  # noqa: E402
+
+from trainer import lora  # noqa: E402
+
+META = torch.device("meta")
+HALF = torch.float16
+GIB = 2**30
+CARD = 8 * GIB
+SD15_VAE = {  # stable-diffusion-v1-5 vae/config.json
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 512,
+}
+
+
+SDPA = F.scaled_dot_product_attention
+
+
+def efficient_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """SDPA as CUDA runs it for half precision: the memory-efficient kernel (its meta op).
+    The text encoder's causal, masked attention (once, on cached prompts) goes the usual way."""
+    if attn_mask is not None or dropout_p or is_causal:
+        return SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
+    op = torch.ops.aten._scaled_dot_product_efficient_attention
+    return op(q, k, v, None, torch.is_grad_enabled(), 0.0, False, scale=scale)[0]
+
+
+def to_dtype_of(module: torch.nn.Module):
+    """A forward pre-hook casting floating inputs to the module's dtype (autocast's stand-in)."""
+    dtype = next(module.parameters()).dtype
+
+    def cast(_module, args, kwargs):
+        def half(value):
+            return (
+                value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+            )
+
+        return tuple(map(half, args)), {k: half(v) for k, v in kwargs.items()}
+
+    return cast
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Attention as on CUDA, and autocast (which meta tensors can't take) as a no-op."""
+    with (
+        mock.patch.object(F, "scaled_dot_product_attention", efficient_attention),
+        mock.patch.object(torch, "autocast", lambda *a, **k: contextlib.nullcontext()),
+    ):
+        yield
+
+
+def prepared(scorer: Path, config: lora.TasteLoraConfig):
+    """`trainer.lora._prepare` on the SD 1.5-sized base, on the meta device in fp16."""
+    base = lora_step.sd15_base(META)
+    base.pipeline.unet.to(HALF)
+    base.pipeline.unet.register_forward_pre_hook(to_dtype_of(base.pipeline.unet), with_kwargs=True)
+    with mock.patch.object(lora, "_half", lambda *a: HALF):  # passes its fp16 check
+        run = lora._prepare(base, scorer, config)
+    run.half = None
+    run.scheduler.set_timesteps(config.sample_steps, device="cpu")  # indexes CPU tables
+    return run
+
+
+def held_bytes(run) -> dict:
+    """What the run holds between steps, by part; Adam keeps two fp32 moments per parameter."""
+    trainable = [p for p in run.unet.parameters() if p.requires_grad]
+    ids = set(map(id, trainable))
+    return {
+        "unet": sum(p.nbytes for p in run.unet.parameters() if id(p) not in ids),
+        "lora": sum(p.nbytes for p in trainable),
+        "adam": 2 * sum(p.numel() * 4 for p in trainable),
+        "scorer": sum(t.nbytes for t in [*run.scorer.parameters(), *run.scorer.buffers()]),
+        "embeddings": sum(t.nbytes for t in (run.train_embeds, run.eval_embeds, run.uncond)),
+    }
+
+
+def step_peak(run) -> int:
+    """Peak bytes above what is held, over one training step and its backward."""
+    with lora_step.TensorBytes() as counted:
+        terms = lora._train_step(run, 0)
+        terms["loss"].backward()
+        grads = [p.grad for p in run.unet.parameters() if p.grad is not None]
+        del terms, grads
+    for p in run.unet.parameters():
+        p.grad = None
+    return counted.peak
+
+
+@torch.no_grad()
+def eval_peak(run) -> int:
+    """Peak bytes above what is held, over one evaluation step: the LoRA's ε and the base's."""
+    t = run.scheduler.timesteps[0]
+    with lora_step.TensorBytes() as counted:
+        eps = lora._eps(run, run.eval_noise * 1.0, t, run.eval_embeds)
+        with lora._adapter_off(run.unet):
+            base_eps = lora._eps(run, run.eval_noise * 1.0, t, run.eval_embeds)
+        del eps, base_eps
+    return counted.peak
+
+
+@torch.no_grad()
+def encode_peak(images: int) -> int:
+    """Peak bytes of one VAE encoder call on `images` 512 px pictures (SD 1.5's VAE, fp16):
+    trainer.latents.encode_pixels makes one call per image on CUDA."""
+    with torch.device(META):
+        vae = AutoencoderKL(**SD15_VAE).to(HALF)
+    with lora_step.TensorBytes() as counted:
+        vae.encode(torch.zeros(images, 3, 512, 512, device=META, dtype=HALF))
+    return counted.peak
+
+
+def measure(scorer: Path) -> dict:
+    """Every figure, for the default batch and the out-of-memory retry's smaller one."""
+    rows = []
+    default = lora.TasteLoraConfig()
+    for batch, eval_prompts in ((default.batch_size, default.eval_prompts), (1, 2)):
+        for checkpointing in (True, False):
+            config = replace(
+                default,
+                batch_size=batch,
+                eval_prompts=eval_prompts,
+                gradient_checkpointing=checkpointing,
+            )
+            with on_meta():
+                run = prepared(scorer, config)
+                held = held_bytes(run)
+                rows.append(
+                    {
+                        "batch": batch,
+                        "eval_rows": len(run.eval_embeds),
+                        "checkpointing": checkpointing,
+                        "held": held,
+                        "step_peak": step_peak(run),
+                        "eval_peak": eval_peak(run),
+                    }
+                )
+    with on_meta():
+        encode = {n: encode_peak(n) for n in (1, 16)}
+    return {"rows": rows, "encode": encode}
+
+
+def report(figures: dict) -> None:
+    """Print the figures as a table, in GiB."""
+    print("SD 1.5-sized UNet (860 M), 512 px (latents 4×64×64), fp16 weights, counted on meta")
+    print(
+        f"{'batch':>5} {'eval rows':>9} {'ckpt':>5} {'held':>6} {'step':>6} {'eval':>6}"
+        f" {'peak total':>10}  {'8 GiB card':>10}"
+    )
+    for r in figures["rows"]:
+        held = sum(r["held"].values())
+        total = held + max(r["step_peak"], r["eval_peak"])
+        print(
+            f"{r['batch']:>5} {r['eval_rows']:>9} {'on' if r['checkpointing'] else 'off':>5}"
+            f" {held / GIB:>6.2f} {r['step_peak'] / GIB:>6.2f} {r['eval_peak'] / GIB:>6.2f}"
+            f" {total / GIB:>10.2f}  {(CARD - total) / GIB:>+9.2f} left"
+        )
+    parts = figures["rows"][0]["held"]
+    print("held, by part (GiB): " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in parts.items()))
+    print(
+        "encode, one SD 1.5 VAE encoder call in fp16, peak above its weights (GiB): one image"
+        f" (as encode runs on CUDA) {figures['encode'][1] / GIB:.2f}; 16 (a batch of 8 and its"
+        f" mirrors, as before) {figures['encode'][16] / GIB:.2f}"
+    )
+    print("not counted: the CUDA context (≈0.3–0.5 GiB), kernel workspaces, fragmentation")
+
+
+def main() -> None:
+    """Count and print (or --json) the memory figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        scorer = lora_step.save_random_scorer(Path(folder) / "scorer.safetensors", [4, 64, 64])
+        figures = measure(scorer)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        report(figures)
+
+
+if __name__ == "__main__":
+    main()
