@@ -673,6 +673,7 @@ def _crowd_model(ratings: list, progress: JobProgress):
     import torch
 
     from trainer import crowd, scorer
+    from trainer.base import only_vae_on_gpu
     from trainer.latents import LatentsConfig, LatentsFile, encode_images
 
     config = current_app.config
@@ -682,13 +683,14 @@ def _crowd_model(ratings: list, progress: JobProgress):
     base = base_model(config["BASE_MODEL"])
     store = image_store()
     settings = {"cache_dir": str(storage_root() / "latents-cache"), **config["TASTE_LATENTS"]}
-    encoded = encode_images(
-        [store.original_path(i.sha256, i.original_ext) for i in images],
-        base.pipeline.vae,
-        resolution=base.resolution,
-        config=LatentsConfig.from_dict(settings),
-        progress=progress,
-    )
+    with only_vae_on_gpu(base.pipeline):
+        encoded = encode_images(
+            [store.original_path(i.sha256, i.original_ext) for i in images],
+            base.pipeline.vae,
+            resolution=base.resolution,
+            config=LatentsConfig.from_dict(settings),
+            progress=progress,
+        )
     base = None  # the scorer trains without it: give its GPU memory back first
     gc.collect()
     if torch.cuda.is_available():

@@ -5,7 +5,6 @@ two pictures of each pair as served, picks the more vivid one. Its LoRA must win
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 from sqlalchemy import func, select
@@ -16,20 +15,11 @@ from rating.models import Image, db
 from tests.blind_rater import fetched, take_blind_check
 from tests.conftest import Site
 from tests.images import saturation, saturation_stars
+from tests.test_taste import wait_for
 
 POOL, RATED, PAIRS = 300, 40, 24  # as bench/taste_flow.py, with twice the pairs: a surer rate
 STATUS = re.compile(r'id="job-(\d+)" data-status="(\w+)"')
 VERSION = re.compile(r'href="/taste/versions/(\d+)"')
-
-
-def wait_for(check, what: str, timeout: float):
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.mark.slow
