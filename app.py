@@ -18,6 +18,7 @@ from rating import (
     auth,
     blind,
     crowd,
+    job_kinds,
     jobs,
     me,
     media,
@@ -67,7 +68,7 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     login_manager.init_app(app)
     limiter.init_app(app)
     init_security(app)
-    jobs.init_app(app)
+    jobs.init_app(app, job_kinds.KINDS)
     for module in (auth, rate, me, crowd, admin, pool_admin, upload, media, taste, blind):
         app.register_blueprint(module.bp)
     register_error_pages(app)

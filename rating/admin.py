@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from rating import jobs
 from rating.auth import admin_required
+from rating.crowd_jobs import crowd_model_info
 from rating.models import (
     GENERATED,
     Image,
@@ -30,9 +31,7 @@ from rating.models import (
     site_setting,
 )
 from rating.rate import page_or_fragment
-from rating.sources import demo  # noqa: F401 - registers the demo_pack job
 from rating.sources.civitai import LEVELS, PERIODS, SORTS
-from rating.taste_jobs import crowd_model_info
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 

@@ -10,7 +10,7 @@ import requests
 from flask import current_app
 from sqlalchemy import func, select
 
-from rating.jobs import JobCancelled, JobProgress, handler
+from rating.jobs import JobCancelled, JobProgress
 from rating.models import Image, Job, Source, db, site_setting
 from rating.pool import ImportTally, PoolImporter, size_text
 from rating.sources.civitai import CivitaiImage, CivitaiQuery, fetch_page
@@ -42,7 +42,6 @@ def _report(job: Job, tally: ImportTally, progress: JobProgress, step: int, tota
     progress(step, total, tally.line())
 
 
-@handler("import_urls")
 def import_urls(job: Job, progress: JobProgress) -> dict:
     """Download each URL of a list into the pool, resuming where a stopped run left off."""
     source, tally = _source(job), ImportTally()
@@ -68,7 +67,6 @@ def folder_files(root: Path) -> Iterator[Path]:
             yield path
 
 
-@handler("import_folder")
 def import_folder(job: Job, progress: JobProgress) -> dict:
     """Add the images under a server folder (jpg, png, webp, the first frame of gif)."""
     source, tally = _source(job), ImportTally()
@@ -88,7 +86,6 @@ def import_folder(job: Job, progress: JobProgress) -> dict:
     return tally.as_dict()
 
 
-@handler("import_upload")
 def import_upload(job: Job, progress: JobProgress) -> dict:
     """Decode the files of a browser upload into the pool, deleting each once it is in."""
     source = _source(job)
@@ -114,7 +111,6 @@ def staging_root() -> Path:
     return Path(current_app.config["STORAGE_ROOT"]) / "uploads"
 
 
-@handler("import_civitai")
 def import_civitai(job: Job, progress: JobProgress) -> dict:
     """Page through a civitai query into the pool, saving the cursor after every page."""
     source, tally = _source(job), ImportTally()

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -49,21 +50,33 @@ class JobBusy(Exception):
         self.job = job
 
 
+@dataclass(frozen=True)
+class JobKind:
+    """A kind of job: the function that runs it, its queue, how a dead worker's is salvaged."""
+
+    name: str
+    run: Callable[[Job, JobProgress], dict | None]
+    gpu: bool = False  # the GPU queue: one at a time per worker
+    salvage: Callable[[Job], None] | None = None  # run when its worker died mid-run
+
+
+def register(kind: JobKind) -> None:
+    """Make the queues run jobs of this kind (rating/job_kinds.py lists the site's)."""
+    HANDLERS[kind.name] = kind.run
+    if kind.gpu:
+        GPU_KINDS.add(kind.name)
+    if kind.salvage is not None:
+        SALVAGE[kind.name] = kind.salvage
+
+
 def handler(kind: str, *, gpu: bool = False, salvage: Callable[[Job], None] | None = None):
-    """Register the decorated function as the runner of jobs of `kind`.
+    """Register the decorated function as a job kind (for one-offs such as tests)."""
 
-    `gpu` sends them to the GPU queue; `salvage(job)` runs when their worker died mid-run.
-    """
-
-    def register(fn):
-        HANDLERS[kind] = fn
-        if gpu:
-            GPU_KINDS.add(kind)
-        if salvage is not None:
-            SALVAGE[kind] = salvage
+    def decorate(fn):
+        register(JobKind(kind, fn, gpu, salvage))
         return fn
 
-    return register
+    return decorate
 
 
 class JobProgress:
@@ -135,11 +148,13 @@ def make_queue(app: Flask, name: str):
     return SqliteHuey(name, filename=str(Path(app.instance_path) / "queue.db"))
 
 
-def init_app(app: Flask) -> None:
-    """Attach two queues to the app: light jobs, and GPU jobs (whose worker runs one at a time).
-
-    Imports never wait behind a training: each queue has its own consumer.
+def init_app(app: Flask, kinds: Iterable[JobKind]) -> None:
+    """Register the job kinds, and attach two queues to the app: light jobs, and GPU jobs
+    (whose worker runs one at a time). Imports never wait behind a training: each queue has its
+    own consumer.
     """
+    for kind in kinds:
+        register(kind)
     huey, gpu_huey = make_queue(app, "tastebud"), make_queue(app, "tastebud-gpu")
 
     @huey.task(name="run_job")

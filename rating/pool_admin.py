@@ -9,7 +9,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user
 from sqlalchemy import select
 
-from rating import imports, jobs  # noqa: F401 - imports registers the import jobs
+from rating import jobs
 from rating.admin import MAX_DEMO_PACK, job_widget
 from rating.auth import admin_required
 from rating.models import GENERATED, Image, Job, Source, db, get_or_404, set_site_setting

@@ -6,6 +6,8 @@ import os
 import secrets
 from pathlib import Path
 
+from flask import current_app
+
 DEFAULTS: dict[str, object] = {
     # Where the server listens; 127.0.0.1 keeps a fresh install private to this machine.
     "HOST": "127.0.0.1",
@@ -158,3 +160,8 @@ def _instance_secret(path: Path) -> str:
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))
     return path.read_text().strip()
+
+
+def storage_root() -> Path:
+    """Return the configured storage root."""
+    return Path(current_app.config["STORAGE_ROOT"])

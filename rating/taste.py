@@ -19,8 +19,8 @@ from flask import (
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from rating import blind, jobs, sharing, verdict
-from rating import taste_jobs as work  # also registers the train_taste and refine_image jobs
+from rating import blind, jobs, refine_jobs, sharing, verdict
+from rating import taste_jobs as work
 from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
 from rating.rate import PICKS_COUNT, RATED_COUNT, page_or_fragment, visible_image_or_404
 
@@ -324,7 +324,7 @@ def image(image_id: int):
         "taste/image.html",
         image=shown,
         stars=stars,
-        version=work.latest_scorer_version(current_user),
+        version=refine_jobs.latest_scorer_version(current_user),
         job=latest_job(current_user.id, "refine_image", image_id=image_id),
     )
 
@@ -334,7 +334,7 @@ def image(image_id: int):
 def improve(image_id: int):
     """Refine an image with my newest scorer, as a GPU job; answer with its widget."""
     shown = visible_image_or_404(image_id)
-    version = work.latest_scorer_version(current_user)
+    version = refine_jobs.latest_scorer_version(current_user)
     if version is None:
         abort(400, description="Train your taste first: refining needs your scorer.")
     job = jobs.enqueue_once(
@@ -356,7 +356,7 @@ def refined(job_id: int, which: str):
     found = get_or_404(Job, job_id, owner=current_user)
     if found.kind != "refine_image" or which not in ("before", "after"):
         abort(404)
-    path = work.refine_folder(found) / f"{which}.png"
+    path = refine_jobs.refine_folder(found) / f"{which}.png"
     if not path.is_file():
         abort(404)
     return send_file(path, mimetype="image/png", max_age=3600)

@@ -12,12 +12,8 @@ import gc
 import hashlib
 import json
 import math
-import os
-import re
 import shutil
 import time
-import unicodedata
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,10 +21,19 @@ from flask import current_app
 from sqlalchemy import func, select
 
 from rating import blind
-from rating.jobs import JobCancelled, JobProgress, handler
-from rating.media import image_store
-from rating.models import Comparison, Image, Job, Rating, TasteVersion, User, db
+from rating.crowd_jobs import crowd_model_path
+from rating.gpu_work import base_model, encode_pictures, gpu_job, plain
+from rating.jobs import JobCancelled, JobProgress
+from rating.models import Comparison, Image, Job, Rating, TasteVersion, db
 from rating.rate import PICKS_COUNT, RATED_COUNT
+from rating.settings import storage_root
+from trainer.formats import (
+    STRENGTHS,
+    checkpoint_folders,
+    read_history,
+    safetensors_metadata,
+    sanitize_name,
+)
 
 PHASES = {
     "encode": "Encode my rated images",
@@ -36,7 +41,6 @@ PHASES = {
     "lora": "Train my taste LoRA",
     "results": "Render the results",
 }
-STRENGTHS = (0.0, 0.5, 1.0, -1.0)  # base, half, full, and "anti-taste"
 LOVE_HATE = 8  # unrated images shown as the scorer's best and worst guesses
 ACTIVE_KEPT = 50  # unrated images kept per list for the rating page to mix in
 # A version folder's entries (see version_folder); LORA holds checkpoint-NNNNNN folders.
@@ -50,22 +54,6 @@ GRID_CELLS = "grid"
 OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
-def base_model(spec: str):
-    """Load a base model as the settings say: BASE_MODEL_CONFIG describes a single-file
-    checkpoint offline (a diffusers folder of its configs), DEVICE picks the GPU."""
-    from trainer.base import load_base
-
-    config = current_app.config
-    return load_base(
-        spec, device=config["DEVICE"] or None, config=config["BASE_MODEL_CONFIG"] or None
-    )
-
-
-def storage_root() -> Path:
-    """Return the configured storage root."""
-    return Path(current_app.config["STORAGE_ROOT"])
-
-
 def version_folder(version: TasteVersion) -> Path:
     """Return the folder of a taste version's files (made from ids, never from a request)."""
     return storage_root() / "taste" / str(version.owner_id) / f"v{version.id}"
@@ -76,40 +64,9 @@ def version_path(version: TasteVersion, name: str | None) -> Path | None:
     return version_folder(version) / name if name else None
 
 
-def refine_folder(job: Job) -> Path:
-    """Return the folder of an "Improve this image" job's before and after images."""
-    return storage_root() / "taste" / str(job.owner_id) / "refine" / str(job.id)
-
-
-def crowd_model_path(base_model: str) -> Path:
-    """Return where the crowd scorer for a base model is kept (one folder per base model)."""
-    # A readable part and a hash: "a/b" and "a_b" must not share a folder.
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", base_model)[-60:].strip("._") or "model"
-    digest = hashlib.sha256(base_model.encode()).hexdigest()[:10]
-    return storage_root() / "models" / "crowd" / f"{readable}-{digest}" / SCORER
-
-
 def bundle_name(version: TasteVersion) -> str:
     """Return the file-name stem of a version's downloads: tastebud-ada-taste-v3."""
-    # The same rule as trainer.export.sanitize_name, without importing diffusers in a request.
-    name = f"tastebud-{version.owner.username}-taste-v{version.number}"
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_name).strip("_-")[:64]
-
-
-def plain(value):
-    """Make trainer output JSON-safe: floats finite or None, tuples as lists, paths as text."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, int | str | bool) or value is None:
-        return value
-    if hasattr(value, "item"):  # a 0-d tensor or numpy number
-        return plain(value.item())
-    return str(value)
+    return sanitize_name(f"tastebud-{version.owner.username}-taste-v{version.number}")
 
 
 def new_version(job: Job) -> TasteVersion:
@@ -196,8 +153,7 @@ class TasteRun:
         file (the rated ones: it carries my stars)."""
         import torch
 
-        from trainer.base import only_vae_on_gpu
-        from trainer.latents import LatentsConfig, LatentsFile, encode_images, save_latents_file
+        from trainer.latents import LatentsFile, save_latents_file
 
         owner = self.job.owner_id
         rated = db.session.execute(
@@ -222,10 +178,6 @@ class TasteRun:
             .limit(int(self.config["TASTE_PREDICT_POOL"]))
         ).all()
         images = [image for image, _ in rated] + list(picked) + list(unrated)
-        store = image_store()
-        paths = [store.original_path(image.sha256, image.original_ext) for image in images]
-        settings = {"cache_dir": str(storage_root() / "latents-cache")}
-        config = LatentsConfig.from_dict({**settings, **self.config["TASTE_LATENTS"]})
         what = (
             f"{len(rated)} rated images"
             + (f", {len(picked)} only in my picks" if picked else "")
@@ -236,14 +188,11 @@ class TasteRun:
             )
         )
         self.progress(0, len(images), f"{what}: looking in the cache")
-        with only_vae_on_gpu(self.base.pipeline):
-            encoded = encode_images(
-                paths,
-                self.base.pipeline.vae,
-                resolution=self.base.resolution,
-                config=config,
-                progress=lambda step, total, said: self.progress(step, total, f"{what}: {said}"),
-            )
+        encoded = encode_pictures(
+            self.base,
+            images,
+            lambda step, total, said: self.progress(step, total, f"{what}: {said}"),
+        )
         n, known = len(rated), len(rated) + len(picked)
         if rated:
             flipped = encoded.flipped[:n] if encoded.flipped is not None else None
@@ -502,10 +451,9 @@ def checkpoint_history(version: TasteVersion | None) -> list[dict]:
     """Return the held-out figures at each LoRA checkpoint so far (read while it trains)."""
     if version is None:
         return []
-    folders = sorted((version_folder(version) / LORA).glob("checkpoint-*"))
-    for folder in reversed(folders):  # the newest holds the whole history
-        try:
-            return json.loads((folder / "state.json").read_text()).get("history") or []
+    for folder in reversed(checkpoint_folders(version_folder(version) / LORA)):
+        try:  # the newest holds the whole history
+            return read_history(folder)
         except (OSError, ValueError):
             continue  # being written or pruned right now
     return []
@@ -515,7 +463,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """Return the newest complete LoRA checkpoint in a version's lora folder, if any."""
     from trainer.lora import LoraFileError, read_state
 
-    for checkpoint in sorted(folder.glob("checkpoint-*"), reverse=True):
+    for checkpoint in reversed(checkpoint_folders(folder)):
         try:
             read_state(checkpoint)
         except LoraFileError:
@@ -603,26 +551,6 @@ def salvage_orphan(job: Job) -> None:
         remove_partial_files(version)
 
 
-@contextmanager
-def gpu_job():
-    """Run a GPU job's body with TORCH_THREADS applied; give its GPU memory back after."""
-    import torch
-
-    before = torch.get_num_threads()
-    # Half the cores by default: torch's one thread per core spins against the web server and
-    # anything else running, and on a busy 2-core machine that was 10× slower than 1 thread.
-    threads = int(current_app.config["TORCH_THREADS"]) or max(1, (os.cpu_count() or 2) // 2)
-    torch.set_num_threads(threads)  # process-wide, but one GPU job runs at a time
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the next job (or a refine) starts from a clean slate
-
-
-@handler("train_taste", gpu=True, salvage=salvage_orphan)
 def train_taste(job: Job, progress: JobProgress) -> dict:
     """Encode my ratings, finetune my scorer, train my taste LoRA, and render the results."""
     run = TasteRun(job, progress)
@@ -642,154 +570,3 @@ def train_taste(job: Job, progress: JobProgress) -> dict:
             remove_partial_files(run.version)
     job.message = f"Done: taste version {run.version.number} is ready."
     return {"version_id": run.version.id}
-
-
-@handler("train_crowd", gpu=True)
-def train_crowd(job: Job, progress: JobProgress) -> dict:
-    """Train the crowd scorer on everyone's ratings; personal scorers then start from it."""
-    from trainer import scorer
-
-    progress.phase("encode", "Encoding every rated image")
-    ratings = db.session.execute(select(Rating.user_id, Rating.image_id, Rating.stars)).all()
-    if not ratings:
-        raise RuntimeError("nobody has rated anything yet")
-    with gpu_job():
-        trained = _crowd_model(ratings, progress)
-    if progress.should_stop():
-        raise JobCancelled()
-    path = crowd_model_path(current_app.config["BASE_MODEL"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scorer.save_scorer(path, trained)
-    account = trained.metrics.get("crowd", {})
-    job.message = (
-        f"Crowd model ready: held-out SRCC {trained.metrics.get('srcc')} from"
-        f" {account.get('ratings')} ratings by {account.get('raters')} raters."
-    )
-    return plain(trained.metrics)
-
-
-def _crowd_model(ratings: list, progress: JobProgress):
-    """Encode every rated image and train the crowd scorer on all the ratings."""
-    import torch
-
-    from trainer import crowd, scorer
-    from trainer.base import only_vae_on_gpu
-    from trainer.latents import LatentsConfig, LatentsFile, encode_images
-
-    config = current_app.config
-    images = db.session.scalars(
-        select(Image).where(Image.id.in_({r.image_id for r in ratings})).order_by(Image.id)
-    ).all()
-    base = base_model(config["BASE_MODEL"])
-    store = image_store()
-    settings = {"cache_dir": str(storage_root() / "latents-cache"), **config["TASTE_LATENTS"]}
-    with only_vae_on_gpu(base.pipeline):
-        encoded = encode_images(
-            [store.original_path(i.sha256, i.original_ext) for i in images],
-            base.pipeline.vae,
-            resolution=base.resolution,
-            config=LatentsConfig.from_dict(settings),
-            progress=progress,
-        )
-    base = None  # the scorer trains without it: give its GPU memory back first
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    row = {image.id: k for k, image in enumerate(images)}
-    data = LatentsFile(
-        latents=encoded.latents,
-        scores=torch.zeros(len(images)),  # unused: the crowd targets come from the ratings
-        flipped=encoded.flipped,
-        sha256s=[image.sha256 for image in images],
-        metadata={},
-    )
-    progress.phase("scorer", "Training the crowd model")
-    return crowd.train_crowd(
-        data,
-        [r.user_id for r in ratings],
-        [row[r.image_id] for r in ratings],
-        [float(r.stars) for r in ratings],
-        scorer.ScorerConfig.from_dict(config["TASTE_SCORER"]),
-        init=config["SCORER_INIT"] or None,
-        progress=progress,
-        should_stop=progress.should_stop,
-    )
-
-
-def crowd_model_info() -> dict | None:
-    """Describe the crowd model for the configured base model, or None when there is none."""
-    path = crowd_model_path(current_app.config["BASE_MODEL"])
-    if not path.is_file():
-        return None
-    metrics = json.loads(safetensors_metadata(path).get("metrics", "{}"))
-    return {"metrics": metrics, "crowd": metrics.get("crowd", {})}
-
-
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """Read a .safetensors file's metadata from its header, without loading torch."""
-    with open(path, "rb") as file:
-        size = int.from_bytes(file.read(8), "little")  # the format: u64 header length, JSON
-        header = json.loads(file.read(min(size, 100 * 2**20)))
-    return header.get("__metadata__") or {}
-
-
-def latest_scorer_version(user: User) -> TasteVersion | None:
-    """Return the person's newest version that has a scorer (for "Improve this image")."""
-    return db.session.scalar(
-        select(TasteVersion)
-        .where(TasteVersion.owner_id == user.id, TasteVersion.scorer_file.is_not(None))
-        .order_by(TasteVersion.id.desc())
-    )
-
-
-@handler("refine_image", gpu=True)
-def refine_image(job: Job, progress: JobProgress) -> dict:
-    """Refine one image towards my scorer; save before and after with both scores."""
-    version = db.session.get(TasteVersion, job.params["version_id"])
-    image = db.session.get(Image, job.params["image_id"])
-    if version is None or version.scorer_file is None or image is None:
-        raise RuntimeError("that taste version or image was deleted; train your taste again")
-    progress.phase("refine", f"Loading {version.base_model}")
-    with gpu_job():
-        refined = _refine(version, image, progress)
-    if progress.should_stop():
-        raise JobCancelled()
-    folder = refine_folder(job)
-    folder.mkdir(parents=True, exist_ok=True)
-    refined.before.save(folder / "before.png")
-    refined.after.save(folder / "after.png")
-    job.message = f"My scorer: {refined.before_score:.2f} before, {refined.after_score:.2f} after."
-    return plain(
-        {
-            "before_score": refined.before_score,
-            "after_score": refined.after_score,
-            "steps": refined.steps,
-            "change": refined.change,
-            "reencoded_score": refined.reencoded_score,
-            "version_id": version.id,
-            "is_demo": version.is_demo,
-        }
-    )
-
-
-def _refine(version: TasteVersion, image: Image, progress: JobProgress):
-    """Load the base model and my scorer, and refine the image's latents."""
-    from PIL import Image as PILImage
-
-    from trainer import sample
-    from trainer.scorer import load_scorer
-
-    base = base_model(version.base_model)
-    model, _ = load_scorer(version_path(version, version.scorer_file))
-    model.to(base.pipeline.device)
-    with PILImage.open(image_store().original_path(image.sha256, image.original_ext)) as opened:
-        picture = opened.convert("RGB")
-    settings = current_app.config["TASTE_REFINE"]
-    return sample.refine(
-        base,
-        model,
-        picture,
-        config=sample.RefineConfig.from_dict(settings) if settings else None,
-        progress=progress,
-        should_stop=progress.should_stop,
-    )

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor
 
-from rating import taste_jobs
+from rating import gpu_work
 from trainer import base as bases
 from trainer import device as devices
 from trainer import lora
@@ -120,7 +120,7 @@ def test_the_site_passes_its_single_file_config_and_device_to_the_loader(app, mo
     monkeypatch.setattr(bases, "load_base", lambda spec, **kwargs: seen.update(kwargs, spec=spec))
     app.config.update(BASE_MODEL_CONFIG="/models/sd15-configs", DEVICE="cuda:1")
     with app.app_context():
-        taste_jobs.base_model("/models/finetune.safetensors")
+        gpu_work.base_model("/models/finetune.safetensors")
     assert seen == {
         "spec": "/models/finetune.safetensors",
         "device": "cuda:1",

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import tempfile
-import unicodedata
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -42,15 +41,13 @@ from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict
 from PIL import Image
 
 from trainer.base import DEMO
-from trainer.lora import WEIGHTS_NAME, LoraFileError, read_state
+from trainer.formats import WEIGHTS_NAME, sanitize_name
+from trainer.lora import LoraFileError, read_state
 from trainer.tensorfiles import FILE_MODE, folder_written_whole, read_safetensors, write_atomic
 
 KOHYA_KEY = re.compile(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)")
 ARCHITECTURE = "stable-diffusion-v1/lora"  # SAI ModelSpec id; also what the demo base mimics
-DEFAULT_NAME = "taste_lora"
 # Names Windows won't create as files, whatever the extension.
-WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10))}
-WINDOWS_RESERVED |= {f"LPT{i}" for i in range(10)}
 
 
 class ExportError(ValueError):
@@ -83,15 +80,6 @@ def _export_info(info: dict | None) -> ExportInfo:
         known = ", ".join(f.name for f in fields(ExportInfo))
         raise ExportError(f"unknown info field(s) {', '.join(sorted(unknown))}; known: {known}")
     return ExportInfo(**(info or {}))
-
-
-def sanitize_name(text: str) -> str:
-    """Return `text` as a file name safe everywhere and in A1111's `<lora:name:1>` syntax."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_text).strip("_-")[:64].strip("_-")
-    if name.upper() in WINDOWS_RESERVED:
-        name += "_"
-    return name or DEFAULT_NAME
 
 
 def _check_plain_lora(layers: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -38,6 +38,12 @@ from trainer.base import (
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.configs import FromDict
 from trainer.device import half_dtype
+from trainer.formats import (
+    STATE_NAME,
+    WEIGHTS_NAME,
+    checkpoint_folders,
+    checkpoint_name,
+)
 from trainer.prompts import read_prompts
 from trainer.scorer import ScorerFileError, load_scorer
 from trainer.tensorfiles import (
@@ -49,8 +55,6 @@ from trainer.tensorfiles import (
 )
 
 ADAPTER = "taste"  # the adapter's name on the UNet, and in every pipeline that loads it
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-STATE_NAME = "state.json"
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -424,15 +428,11 @@ def _stop_reason(history: list[dict], config: TasteLoraConfig) -> str | None:
 OPTIMIZER_NAME = "optimizer.safetensors"
 
 
-def _checkpoint_dirs(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.glob("checkpoint-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
-
-
 def _save(run: _Run, optimizer, out_dir: Path, step: int, history: list[dict]) -> Path:
     """Write checkpoint-<step> (weights, state, optimiser) and prune all but the last and best."""
     tensors = optimizer_tensors(optimizer)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    folder = out_dir / f"checkpoint-{step:06d}"
+    folder = out_dir / checkpoint_name(step)
     extra = {
         "step": step,
         "config": asdict(run.config),
@@ -447,11 +447,11 @@ def _save(run: _Run, optimizer, out_dir: Path, step: int, history: list[dict]) -
 
 
 def _prune(out_dir: Path, config: TasteLoraConfig, history: list[dict]) -> None:
-    folders = _checkpoint_dirs(out_dir)
+    folders = checkpoint_folders(out_dir)
     keep = set(folders[-config.keep_checkpoints :])
     if history:
         best, _ = _choose(history, config)
-        keep.add(out_dir / f"checkpoint-{best['step']:06d}")
+        keep.add(out_dir / checkpoint_name(best["step"]))
     for folder in folders:
         if folder not in keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -511,8 +511,8 @@ def train(
         trainable = [p for p in run.unet.parameters() if p.requires_grad]
         optimizer = OPTIMIZERS[config.optimizer](trainable, config)
         scaler = torch.amp.GradScaler(enabled=run.half == torch.float16)  # fp16 grads underflow
-        if resume and _checkpoint_dirs(out_dir):
-            state = _restore(run, optimizer, _checkpoint_dirs(out_dir)[-1])
+        if resume and checkpoint_folders(out_dir):
+            state = _restore(run, optimizer, checkpoint_folders(out_dir)[-1])
             first, history = state["step"], state["history"]
             progress(first, config.steps, f"resumed from step {first}")
         progress(first, config.steps, "sampling the base model on held-out prompts")
@@ -562,7 +562,7 @@ def train(
         "diversity": chosen["diversity"],
         "steps": step,
         "chosen_step": chosen["step"],
-        "chosen_checkpoint": str(out_dir / f"checkpoint-{chosen['step']:06d}"),
+        "chosen_checkpoint": str(out_dir / checkpoint_name(chosen["step"])),
         "reason": why,
         "stopped_because": "asked to stop"
         if stopped

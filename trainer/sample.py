@@ -30,12 +30,12 @@ from PIL import Image, ImageDraw, ImageFont
 from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.configs import FromDict
+from trainer.formats import STRENGTHS
 from trainer.latents import encode_pixels, image_pixels
 from trainer.lora import ADAPTER, LoraFileError, apply_lora, read_state
 from trainer.prompts import read_prompts
 from trainer.scorer import Scorer, ScorerFileError, load_scorer, predict
 
-STRENGTHS = (0.0, 0.5, 1.0, -1.0)  # base, half taste, full taste, anti-taste
 MIN_CELL = 128  # smaller pictures (the demo world's 32 px) are enlarged to at least this
 LABEL_HEIGHT = 16  # pixels of each text band in a grid: column labels, row captions
 

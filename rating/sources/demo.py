@@ -6,7 +6,7 @@ import io
 
 from sqlalchemy import select
 
-from rating.jobs import JobProgress, handler
+from rating.jobs import JobProgress
 from rating.models import Job, Source, db
 from rating.pool import ImportTally, PoolImporter
 from trainer.demo_art import demo_image_style, render_demo_image
@@ -18,7 +18,6 @@ def next_demo_index() -> int:
     return max((p.get("start", 0) + p.get("count", 0) for p in loaded), default=0)
 
 
-@handler("demo_pack")
 def import_demo_pack(job: Job, progress: JobProgress) -> dict:
     """Render `count` demo images into the store and the pool."""
     count, seed = int(job.params["count"]), int(job.params.get("seed", 0))
