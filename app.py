@@ -19,6 +19,7 @@ from rating import (
     blind,
     crowd,
     job_kinds,
+    job_views,
     jobs,
     me,
     media,
@@ -69,7 +70,19 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     limiter.init_app(app)
     init_security(app)
     jobs.init_app(app, job_kinds.KINDS)
-    for module in (auth, rate, me, crowd, admin, pool_admin, upload, media, taste, blind):
+    for module in (
+        auth,
+        rate,
+        me,
+        crowd,
+        admin,
+        pool_admin,
+        upload,
+        media,
+        taste,
+        blind,
+        job_views,
+    ):
         app.register_blueprint(module.bp)
     register_error_pages(app)
     app.jinja_env.globals.update(

@@ -117,7 +117,7 @@ def train(http: requests.Session, base: str, token: str) -> int:
 
 def job_state(http: requests.Session, base: str, job_id: int) -> tuple[str, str, str]:
     """(status, phase, widget html) as the page's poll sees them."""
-    html = http.get(f"{base}/taste/jobs/{job_id}", headers={"HX-Request": "true"}, timeout=60).text
+    html = http.get(f"{base}/jobs/{job_id}", headers={"HX-Request": "true"}, timeout=60).text
     _, status, phase = STATUS.search(html).groups()
     return status, phase, html
 

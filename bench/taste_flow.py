@@ -78,7 +78,7 @@ def main() -> None:
         job_id = int(STATUS.search(answer).group(1))
 
         def finished():
-            html = person.client.get(f"/taste/jobs/{job_id}", headers={"HX-Request": "true"})
+            html = person.client.get(f"/jobs/{job_id}", headers={"HX-Request": "true"})
             return STATUS.search(html.get_data(as_text=True)).group(2) in FINAL
 
         wait_for(finished, "the taste job", 3600)

@@ -7,18 +7,18 @@ from flask import (
     abort,
     current_app,
     flash,
-    make_response,
     redirect,
     render_template,
     request,
     url_for,
 )
-from flask_login import current_user, login_required
+from flask_login import current_user
 from sqlalchemy import func, select
 
 from rating import jobs
 from rating.auth import admin_required
 from rating.crowd_jobs import crowd_model_info
+from rating.job_views import job_widget
 from rating.models import (
     GENERATED,
     Image,
@@ -85,31 +85,6 @@ def train_crowd():
     if not request.headers.get("HX-Request"):
         return redirect(url_for("admin.index"))
     return job_widget(job)
-
-
-def job_widget(job: Job):
-    """Render a job's progress widget; once it has ended, tell the page (HX-Trigger)."""
-    response = make_response(page_or_fragment("admin/job.html", "_job.html", job=job))
-    if job.done:
-        response.headers["HX-Trigger"] = "job-finished"  # lets the page refresh what changed
-    return response
-
-
-@bp.get("/jobs/<int:job_id>")
-@login_required
-def job(job_id: int):
-    """Show a job's progress (the widget polls this until the job ends)."""
-    return job_widget(get_or_404(Job, job_id, owner=current_user))
-
-
-@bp.post("/jobs/<int:job_id>/cancel")
-@login_required
-def cancel(job_id: int):
-    """Ask a job to stop."""
-    found = get_or_404(Job, job_id, owner=current_user)
-    if not found.done:
-        jobs.request_stop(found)
-    return job_widget(found)
 
 
 @bp.get("/users")

@@ -10,8 +10,9 @@ from flask_login import current_user
 from sqlalchemy import select
 
 from rating import jobs
-from rating.admin import MAX_DEMO_PACK, job_widget
+from rating.admin import MAX_DEMO_PACK
 from rating.auth import admin_required
+from rating.job_views import job_widget
 from rating.models import GENERATED, Image, Job, Source, db, get_or_404, set_site_setting
 from rating.sources.civitai import LEVELS, PERIODS, SORTS, CivitaiQuery
 

@@ -9,7 +9,6 @@ from flask import (
     abort,
     current_app,
     flash,
-    make_response,
     redirect,
     render_template,
     request,
@@ -21,6 +20,7 @@ from sqlalchemy import select
 
 from rating import blind, jobs, refine_jobs, sharing, verdict
 from rating import taste_jobs as work
+from rating.job_views import job_widget, widget
 from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
 from rating.rate import PICKS_COUNT, RATED_COUNT, page_or_fragment, visible_image_or_404
 
@@ -32,7 +32,6 @@ DOWNLOADS = {
     "scorer": ("scorer_file", "-scorer.safetensors", "application/octet-stream"),
     "latents": ("latents_file", "-latents.safetensors", "application/octet-stream"),
 }
-JOB_TEMPLATES = {"train_taste": "taste/_train_job.html", "refine_image": "taste/_refine_job.html"}
 
 
 @bp.app_template_global()
@@ -153,6 +152,10 @@ def taste_context(user_id: int) -> dict:
     ) | job_context(latest_job(user_id, "train_taste"))
 
 
+widget("train_taste", "taste/_train_job.html", job_context)
+widget("refine_image", "taste/_refine_job.html", job_context)
+
+
 @bp.get("/")
 @login_required
 def page():
@@ -177,39 +180,6 @@ def train():
     if not request.headers.get("HX-Request"):
         return redirect(url_for("taste.page"))
     return job_widget(job)
-
-
-def job_widget(job: Job):
-    """Render a taste job's widget; once it has ended, tell the page (HX-Trigger)."""
-    if job.kind not in JOB_TEMPLATES:
-        abort(404)
-    context = job_context(job)
-    response = make_response(page_or_fragment("taste/job.html", JOB_TEMPLATES[job.kind], **context))
-    seen = request.args.get("phase")  # the phase the polling widget showed
-    if job.done:
-        response.headers["HX-Trigger"] = "job-finished"  # the page refreshes its results
-    elif seen is not None and seen != job.phase:
-        response.headers["HX-Trigger"] = "job-phase"  # ...and its version list, as it fills
-    return response
-
-
-@bp.get("/jobs/<int:job_id>")
-@login_required
-def job(job_id: int):
-    """Show a taste job's progress (its widget polls this until the job ends)."""
-    return job_widget(get_or_404(Job, job_id, owner=current_user))
-
-
-@bp.post("/jobs/<int:job_id>/cancel")
-@login_required
-def cancel(job_id: int):
-    """Ask my taste job to stop; what finished before it is kept."""
-    found = get_or_404(Job, job_id, owner=current_user)
-    if not found.done:
-        jobs.request_stop(found)
-    if not request.headers.get("HX-Request"):
-        return redirect(url_for("taste.page"))
-    return job_widget(found)
 
 
 def render_version(found: TasteVersion):

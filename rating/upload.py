@@ -14,8 +14,8 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from rating import jobs
-from rating.admin import job_widget
 from rating.imports import staging_root
+from rating.job_views import job_widget
 from rating.models import Job, Source, db, site_setting, utcnow
 from rating.pool import ImportTally, size_text
 

@@ -50,7 +50,7 @@ def test_a_vivid_loving_rater_prefers_its_taste_lora_blind(tmp_path):
         job_id = STATUS.search(answer).group(1)
 
         def ended():
-            html = rater.client.get(f"/taste/jobs/{job_id}", headers={"HX-Request": "true"})
+            html = rater.client.get(f"/jobs/{job_id}", headers={"HX-Request": "true"})
             html = html.get_data(as_text=True)
             return STATUS.search(html).group(2) in ("succeeded", "failed", "cancelled") and html
 

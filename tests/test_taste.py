@@ -69,7 +69,7 @@ def wait_for(check, what: str, timeout: float = JOB_SECONDS):
 
 def widget(site: Site, job_id: int) -> tuple[str, str, str]:
     """Fetch a job's widget as htmx polls it; return (html, status, phase)."""
-    html = site.client.get(f"/taste/jobs/{job_id}", headers={"HX-Request": "true"}).get_data(
+    html = site.client.get(f"/jobs/{job_id}", headers={"HX-Request": "true"}).get_data(
         as_text=True
     )
     _, status, phase = STATUS.search(html).groups()
@@ -313,11 +313,11 @@ def others_see_nothing_until_it_is_public(app, ada: Site, version: TasteVersion,
     bob.register("bob")
     base = f"/taste/versions/{version.id}"
     private = [f"{base}", f"{base}/download/lora", f"{base}/download/scorer",
-               f"{base}/download/latents", f"{base}/grid/0.png", f"/taste/jobs/{job_id}",
+               f"{base}/download/latents", f"{base}/grid/0.png", f"/jobs/{job_id}",
                f"/taste/refined/{app.config['REFINE_JOB']}/after.png"]  # fmt: skip
     for url in private:
         assert bob.client.get(url).status_code == 404, url
-    for url in (f"{base}/public", f"{base}/delete", f"/taste/jobs/{job_id}/cancel"):
+    for url in (f"{base}/public", f"{base}/delete", f"/jobs/{job_id}/cancel"):
         assert bob.post(url, {"public": "1"}).status_code == 404, url
     assert "v1" not in bob.client.get("/taste/").get_data(as_text=True)
 
@@ -351,7 +351,7 @@ def others_see_nothing_until_it_is_public(app, ada: Site, version: TasteVersion,
         assert b"latents" not in response.data or response.status_code != 200
     assert "latents + my stars" not in visitor.get(page).get_data(as_text=True)
     assert bob.post(f"{base}/delete").status_code == 404  # public is not theirs to delete
-    assert bob.client.get(f"/taste/jobs/{job_id}").status_code == 404
+    assert bob.client.get(f"/jobs/{job_id}").status_code == 404
     ada.post(f"{base}/public", {"public": "1", "share_scorer": "1"})  # already public: same link
     ada.post(f"{base}/public", {"public": "0"})
     assert (
@@ -382,7 +382,7 @@ def test_cancel_works_during_each_phase(site_app, gate, phase):
     refused = site.post(f"/taste/versions/{version.id}/delete", follow_redirects=True)
     assert "still training" in refused.get_data(as_text=True)
 
-    pressed = site.post(f"/taste/jobs/{job_id}/cancel", htmx=True).get_data(as_text=True)
+    pressed = site.post(f"/jobs/{job_id}/cancel", htmx=True).get_data(as_text=True)
     assert 'data-status="running"' in pressed  # it stops at its next report
     gate.release.set()
     html, status, shown = wait_until_done(site, job_id)
@@ -568,9 +568,9 @@ def test_while_a_version_trains_my_taste_lists_it_with_its_counts(site_app, gate
         assert "No versions yet" not in row and 'class="status-running">training<' in row
         assert f"<td>{RATED}</td>" in row  # its ratings, counted when the run began
         # The widget tells the page when the phase it showed has moved on: the list refreshes.
-        moved = site.client.get(f"/taste/jobs/{job_id}?phase=", headers={"HX-Request": "1"})
+        moved = site.client.get(f"/jobs/{job_id}?phase=", headers={"HX-Request": "1"})
         assert moved.headers.get("HX-Trigger") == "job-phase"
-        same = site.client.get(f"/taste/jobs/{job_id}?phase=encode", headers={"HX-Request": "1"})
+        same = site.client.get(f"/jobs/{job_id}?phase=encode", headers={"HX-Request": "1"})
         assert "HX-Trigger" not in same.headers
     finally:
         gate.release.set()
@@ -589,7 +589,7 @@ def test_a_started_job_says_what_it_does_before_its_first_phase(app, site):
         db.session.add(job)
         db.session.commit()
         job_id = job.id
-    html = site.client.get(f"/taste/jobs/{job_id}").get_data(as_text=True)
+    html = site.client.get(f"/jobs/{job_id}").get_data(as_text=True)
     assert "Starting: loading torch and the model code" in html and "Waiting for" not in html
     queued = jobs.waiting_text("train_taste")
     assert "GPU" not in queued and "one training at a time" in queued  # true on any machine
@@ -617,7 +617,7 @@ def test_while_a_training_runs_the_button_says_so_and_links_to_it(app, site):
         job_id = job.id
     page = site.client.get("/taste/").get_data(as_text=True)
     assert re.search(r'id="train-button" data-ready="false"\s*disabled[^>]*>Training…<', page)
-    assert f'href="/taste/jobs/{job_id}"' in page and "Your taste is training now" in page
+    assert f'href="/jobs/{job_id}"' in page and "Your taste is training now" in page
 
 
 def test_the_button_is_disabled_below_the_minimum_with_the_reason(app, site):
@@ -676,7 +676,7 @@ def test_the_crowd_model_trains_on_all_ratings_and_personal_scorers_start_from_i
     gate.phase = "lora"  # the scorer is all this test needs
     job_id = click_train(fan)
     assert gate.reached.wait(JOB_SECONDS)
-    fan.post(f"/taste/jobs/{job_id}/cancel")
+    fan.post(f"/jobs/{job_id}/cancel")
     gate.release.set()
     assert wait_until_done(fan, job_id)[1] == "cancelled"
     assert version_of(site_app, job_id).metrics["scorer"]["init"] == "the crowd model"
