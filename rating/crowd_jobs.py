@@ -13,7 +13,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from rating.gpu_work import base_model, encode_pictures, gpu_job, plain
-from rating.jobs import JobCancelled, JobProgress
+from rating.jobs import JobProgress
 from rating.models import Image, Job, Rating, db
 from rating.settings import storage_root
 from trainer.formats import safetensors_metadata
@@ -39,8 +39,7 @@ def train_crowd(job: Job, progress: JobProgress) -> dict:
         raise RuntimeError("nobody has rated anything yet")
     with gpu_job():
         trained = _crowd_model(ratings, progress)
-    if progress.should_stop():
-        raise JobCancelled()
+    progress.check()
     path = crowd_model_path(current_app.config["BASE_MODEL"])
     path.parent.mkdir(parents=True, exist_ok=True)
     scorer.save_scorer(path, trained)
@@ -64,7 +63,7 @@ def _crowd_model(ratings: list, progress: JobProgress):
         select(Image).where(Image.id.in_({r.image_id for r in ratings})).order_by(Image.id)
     ).all()
     base = base_model(config["BASE_MODEL"])
-    encoded = encode_pictures(base, images, progress)
+    encoded = encode_pictures(base, images, progress.report, progress.should_stop)
     base = None  # the scorer trains without it: give its GPU memory back first
     gc.collect()
     if torch.cuda.is_available():
@@ -85,7 +84,7 @@ def _crowd_model(ratings: list, progress: JobProgress):
         [float(r.stars) for r in ratings],
         scorer.ScorerConfig.from_dict(config["TASTE_SCORER"]),
         init=config["SCORER_INIT"] or None,
-        progress=progress,
+        progress=progress.report,
         should_stop=progress.should_stop,
     )
 

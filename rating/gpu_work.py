@@ -44,7 +44,7 @@ def gpu_job():
             torch.cuda.empty_cache()  # the next job (or a refine) starts from a clean slate
 
 
-def encode_pictures(base, images, progress):
+def encode_pictures(base, images, progress, should_stop):
     """Encode pool images (Image rows) through the base model's VAE, only the VAE on the GPU,
     each image once ever (the latents cache under the storage root)."""
     from trainer.base import only_vae_on_gpu
@@ -62,6 +62,7 @@ def encode_pictures(base, images, progress):
             resolution=base.resolution,
             config=LatentsConfig.from_dict(settings),
             progress=progress,
+            should_stop=should_stop,
         )
 
 

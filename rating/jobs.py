@@ -22,6 +22,7 @@ from huey import MemoryHuey, RedisHuey, SqliteHuey
 from sqlalchemy.exc import IntegrityError
 
 from rating.models import Job, db, utcnow
+from trainer.callbacks import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,21 @@ class JobProgress:
         self.job = job
         self._last_commit = self._last_check = 0.0
 
-    def __call__(self, step: int, total: int, message: str = "", *, stop: bool = True) -> None:
-        """Record progress, commit it now and then, and raise JobCancelled if asked to stop.
+    def __call__(self, step: int, total: int, message: str = "") -> None:
+        """Record progress and raise JobCancelled if Cancel was pressed: for the job's own
+        loops. Trainer code gets `report` and `should_stop` (trainer/callbacks.py)."""
+        self.report(step, total, message)
+        self.check()
 
-        `stop=False` only records: for trainer loops that end themselves on should_stop()
-        and return what they finished.
-        """
+    def check(self, *, fresh: bool = False) -> None:
+        """Raise JobCancelled if Cancel was pressed (read at most twice a second, or now)."""
+        if fresh:
+            self._sync(time.monotonic())
+        if self.should_stop():
+            raise JobCancelled()
+
+    def report(self, step: int, total: int, message: str = "") -> None:
+        """Record progress and commit it now and then; never raises."""
         if step == 0 or total != self.job.total:
             # A count starts: the phase's pace, and so its ETA, is measured from now, not
             # from the loading and setup before it.
@@ -106,8 +116,6 @@ class JobProgress:
             if message:
                 self.log(message)
             self._sync(now)
-            if stop and self.job.stop_requested:
-                raise JobCancelled()
 
     def _sync(self, now: float) -> None:
         """Commit what changed (a heartbeat too), then read whether Cancel was pressed."""
@@ -246,7 +254,7 @@ def run_job(job_id: int) -> None:
     try:
         job.result = HANDLERS[job.kind](job, JobProgress(job)) or {}
         status, message = "succeeded", job.message or "Done."
-    except JobCancelled:
+    except (JobCancelled, Stopped):  # the job's own check, or a trainer's (callbacks.py)
         status, message = "cancelled", "Cancelled. What finished before the cancel is kept."
     except Exception as exc:
         log.exception("job %s (%s) failed", job.id, job.kind)

@@ -8,7 +8,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from rating.gpu_work import base_model, gpu_job, plain
-from rating.jobs import JobCancelled, JobProgress
+from rating.jobs import JobProgress
 from rating.media import image_store
 from rating.models import Image, Job, TasteVersion, User, db
 from rating.settings import storage_root
@@ -38,8 +38,7 @@ def refine_image(job: Job, progress: JobProgress) -> dict:
     progress.phase("refine", f"Loading {version.base_model}")
     with gpu_job():
         refined = _refine(version, image, progress)
-    if progress.should_stop():
-        raise JobCancelled()
+    progress.check()
     folder = refine_folder(job)
     folder.mkdir(parents=True, exist_ok=True)
     refined.before.save(folder / "before.png")
@@ -76,6 +75,6 @@ def _refine(version: TasteVersion, image: Image, progress: JobProgress):
         model,
         picture,
         config=sample.RefineConfig.from_dict(settings) if settings else None,
-        progress=progress,
+        progress=progress.report,
         should_stop=progress.should_stop,
     )

@@ -191,7 +191,8 @@ class TasteRun:
         encoded = encode_pictures(
             self.base,
             images,
-            lambda step, total, said: self.progress(step, total, f"{what}: {said}"),
+            lambda step, total, said: self.progress.report(step, total, f"{what}: {said}"),
+            self.progress.should_stop,
         )
         n, known = len(rated), len(rated) + len(picked)
         if rated:
@@ -261,11 +262,10 @@ class TasteRun:
             scorer.ScorerConfig.from_dict(self.config["TASTE_SCORER"]),
             picks=self.picks,
             init=init,
-            progress=self.progress,
+            progress=self.progress.report,
             should_stop=self.progress.should_stop,
         )
-        if self.progress.should_stop():
-            raise JobCancelled()
+        self.progress.check()
         scorer.save_scorer(self.folder / SCORER, trained)
         self.version.scorer_file = SCORER
         love, hate, active, spread = [], [], {}, None
@@ -309,7 +309,7 @@ class TasteRun:
             self.base,
             self.folder / SCORER,
             self.folder / LORA,
-            progress=functools.partial(self.progress, stop=False),  # it ends itself on Cancel
+            progress=self.progress.report,
             should_stop=self.progress.should_stop,
         )
         result = None
@@ -366,11 +366,10 @@ class TasteRun:
             lora_folder=self.folder / self.version.lora_dir,
             strengths=STRENGTHS,
             steps=int(self.config["TASTE_SAMPLE_STEPS"]),
-            progress=self.progress,
+            progress=self.progress.report,
             should_stop=self.progress.should_stop,
         )
-        if self.progress.should_stop():
-            raise JobCancelled()
+        self.progress.check()
         cells_dir = self.folder / GRID_CELLS
         cells_dir.mkdir(exist_ok=True)
         cells = []
@@ -414,8 +413,7 @@ class TasteRun:
         lora_folder = self.folder / self.version.lora_dir
         pairs, same = [], 0
         for done, spec in enumerate(specs):
-            if self.progress.should_stop():
-                raise JobCancelled()
+            self.progress.check()
             self.progress(done, len(specs), f"blind check: pair {done + 1} of {len(specs)}")
             drawn = [
                 sample.images(
@@ -539,6 +537,7 @@ def _timed(run: TasteRun, timings: dict, name: str, step) -> None:
     started = time.monotonic()
     run.progress.phase(name, PHASES[name])
     step()
+    run.progress.check(fresh=True)  # Cancel pressed during the phase ends the job in it
     timings[name] = round(time.monotonic() - started, 1)
     run.record(seconds=timings)
 

@@ -283,3 +283,15 @@ def test_cli_reports_bad_files(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         lt.main(["info", str(bad)])
     assert exit_info.value.code == 2 and "never unpickled" in capsys.readouterr().err
+
+
+def test_a_stop_between_batches_ends_encoding_and_keeps_what_is_cached(vae, images, tmp_path):
+    from trainer.callbacks import Stopped
+
+    config = lt.LatentsConfig(batch_size=1, cache_dir=str(tmp_path / "cache"))
+    asked = iter([False, True])  # go on for the first image, then stop
+    with pytest.raises(Stopped, match="after encoding 1 images"):
+        lt.encode_images(
+            images, vae, resolution=RESOLUTION, config=config, should_stop=lambda: next(asked)
+        )
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1  # not lost, not redone

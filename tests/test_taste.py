@@ -69,9 +69,7 @@ def wait_for(check, what: str, timeout: float = JOB_SECONDS):
 
 def widget(site: Site, job_id: int) -> tuple[str, str, str]:
     """Fetch a job's widget as htmx polls it; return (html, status, phase)."""
-    html = site.client.get(f"/jobs/{job_id}", headers={"HX-Request": "true"}).get_data(
-        as_text=True
-    )
+    html = site.client.get(f"/jobs/{job_id}", headers={"HX-Request": "true"}).get_data(as_text=True)
     _, status, phase = STATUS.search(html).groups()
     return html, status, phase or ""
 
@@ -161,15 +159,15 @@ class Gate:
 def gate(monkeypatch):
     """Let a test press Cancel while the job is certainly inside the phase it names."""
     held = Gate()
-    report = JobProgress.__call__
+    report = JobProgress.report  # every report: the job's own and the trainers'
 
-    def waiting(self, step, total, message="", *, stop=True):
+    def waiting(self, step, total, message=""):
         if self.job.kind == "train_taste" and self.job.phase == held.phase:
             held.reached.set()
             held.release.wait(timeout=JOB_SECONDS)
-        return report(self, step, total, message, stop=stop)
+        return report(self, step, total, message)
 
-    monkeypatch.setattr(JobProgress, "__call__", waiting)
+    monkeypatch.setattr(JobProgress, "report", waiting)
     yield held
     held.release.set()
 

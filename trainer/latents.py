@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 
-from trainer.callbacks import Progress, no_progress
+from trainer.callbacks import Progress, StopCheck, Stopped, never_stop, no_progress
 from trainer.configs import FromDict
 from trainer.tensorfiles import read_safetensors, write_atomic
 
@@ -158,6 +158,7 @@ def encode_images(
     config: LatentsConfig | None = None,
     identity: str | None = None,
     progress: Progress = no_progress,
+    should_stop: StopCheck = never_stop,
 ) -> EncodedImages:
     """Encode image files to scaled latents (and mirrored latents), using the cache if set.
 
@@ -182,6 +183,8 @@ def encode_images(
         missing[i : i + config.batch_size] for i in range(0, len(missing), config.batch_size)
     ]
     for step, batch in enumerate(batches):
+        if should_stop():  # what is encoded so far stays in the cache
+            raise Stopped(f"stopped after encoding {step * config.batch_size} images")
         first = step * config.batch_size
         progress(  # counted in images, as the message says
             first,
