@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import shutil
 import socket
 import sqlite3
@@ -31,7 +30,7 @@ import requests
 from rating_load import PASSWORD, TOKEN, Rater, prepare, start_server, wait_until_up
 from taste_flow import wait_for
 
-STATUS = re.compile(r'id="job-(\d+)" data-status="(\w+)" data-phase="(\w*)"')
+from tests.widgets import job_state as widget_state  # on the path once taste_flow put it there
 
 
 class RecordingRater(Rater):
@@ -112,13 +111,14 @@ def train(http: requests.Session, base: str, token: str) -> int:
     headers = {"HX-Request": "true", "X-CSRFToken": token}
     answer = http.post(f"{base}/taste/train", headers=headers, timeout=60)
     answer.raise_for_status()
-    return int(STATUS.search(answer.text).group(1))
+    return widget_state(answer.text).id
 
 
 def job_state(http: requests.Session, base: str, job_id: int) -> tuple[str, str, str]:
     """(status, phase, widget html) as the page's poll sees them."""
     html = http.get(f"{base}/jobs/{job_id}", headers={"HX-Request": "true"}, timeout=60).text
-    _, status, phase = STATUS.search(html).groups()
+    state = widget_state(html)
+    status, phase = state.status, state.phase
     return status, phase, html
 
 

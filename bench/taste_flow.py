@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -30,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' Site 
 from tests.blind_rater import take_blind_check  # noqa: E402
 from tests.conftest import Site  # noqa: E402
 from tests.images import saturation, saturation_stars  # noqa: E402
+from tests.widgets import job_state  # noqa: E402
 
 FINAL = ("succeeded", "failed", "cancelled")
-STATUS = re.compile(r'id="job-(\d+)" data-status="(\w+)"')
 
 
 def wait_for(check, what: str, timeout: float):
@@ -75,11 +74,11 @@ def main() -> None:
             person.post(f"/rate/{image_id}", {"stars": stars})
         started = time.monotonic()
         answer = person.post("/taste/train", htmx=True).get_data(as_text=True)
-        job_id = int(STATUS.search(answer).group(1))
+        job_id = job_state(answer).id
 
         def finished():
             html = person.client.get(f"/jobs/{job_id}", headers={"HX-Request": "true"})
-            return STATUS.search(html.get_data(as_text=True)).group(2) in FINAL
+            return job_state(html.get_data(as_text=True)).done
 
         wait_for(finished, "the taste job", 3600)
         figures["train my taste, click to done"] = round(time.monotonic() - started, 1)

@@ -16,9 +16,9 @@ from tests.blind_rater import fetched, take_blind_check
 from tests.conftest import Site
 from tests.images import saturation, saturation_stars
 from tests.test_taste import wait_for
+from tests.widgets import job_state
 
 POOL, RATED, PAIRS = 300, 40, 24  # as bench/taste_flow.py, with twice the pairs: a surer rate
-STATUS = re.compile(r'id="job-(\d+)" data-status="(\w+)"')
 VERSION = re.compile(r'href="/taste/versions/(\d+)"')
 
 
@@ -47,12 +47,12 @@ def test_a_vivid_loving_rater_prefers_its_taste_lora_blind(tmp_path):
             stars = saturation_stars(fetched(rater, f"/img/{sha256}.jpg"))
             assert rater.post(f"/rate/{image_id}", {"stars": stars}).status_code == 200
         answer = rater.post("/taste/train", htmx=True).get_data(as_text=True)
-        job_id = STATUS.search(answer).group(1)
+        job_id = job_state(answer).id
 
         def ended():
             html = rater.client.get(f"/jobs/{job_id}", headers={"HX-Request": "true"})
             html = html.get_data(as_text=True)
-            return STATUS.search(html).group(2) in ("succeeded", "failed", "cancelled") and html
+            return job_state(html).done and html
 
         html = wait_for(ended, "the taste job", 900)
         assert 'data-status="succeeded"' in html, html

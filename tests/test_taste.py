@@ -27,6 +27,7 @@ from rating import jobs, taste_jobs
 from rating.jobs import JobProgress
 from rating.models import Image, Job, TasteVersion, User, db, utcnow
 from tests.conftest import Site
+from tests.widgets import job_state
 
 # Small enough that a whole run takes seconds on one CPU thread.
 TINY = {
@@ -51,7 +52,6 @@ TINY = {
 POOL = 48
 RATED = 40
 JOB_SECONDS = 180  # the longest any one job may take before a test gives up
-STATUS = re.compile(r'class="job [^"]*" id="job-(\d+)" data-status="(\w+)"(?: data-phase="(\w*)")?')
 FINAL = ("succeeded", "failed", "cancelled")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +70,8 @@ def wait_for(check, what: str, timeout: float = JOB_SECONDS):
 def widget(site: Site, job_id: int) -> tuple[str, str, str]:
     """Fetch a job's widget as htmx polls it; return (html, status, phase)."""
     html = site.client.get(f"/jobs/{job_id}", headers={"HX-Request": "true"}).get_data(as_text=True)
-    _, status, phase = STATUS.search(html).groups()
-    return html, status, phase or ""
+    state = job_state(html)
+    return html, state.status, state.phase
 
 
 def fetch(site: Site, url: str):
@@ -85,7 +85,7 @@ def click_train(site: Site) -> int:
     """Press "Train my taste"; return the job id the widget shows."""
     response = site.post("/taste/train", htmx=True)
     assert response.status_code == 200, response.get_data(as_text=True)
-    return int(STATUS.search(response.get_data(as_text=True)).group(1))
+    return job_state(response.get_data(as_text=True)).id
 
 
 def wait_until_done(site: Site, job_id: int) -> tuple[str, str, str]:
@@ -293,7 +293,7 @@ def improve_an_image(app, site: Site) -> None:
     page = site.client.get(f"/taste/images/{image_id}").get_data(as_text=True)
     assert re.search(r'id="improve-button"\s*>', page)  # enabled: I have a scorer
     response = site.post(f"/taste/images/{image_id}/improve", htmx=True)
-    job_id = int(STATUS.search(response.get_data(as_text=True)).group(1))
+    job_id = job_state(response.get_data(as_text=True)).id
     html, status, _ = wait_until_done(site, job_id)
     assert status == "succeeded", html
     before = float(re.search(r'class="score-before">([\d.]+)<', html).group(1))
