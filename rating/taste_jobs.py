@@ -36,7 +36,7 @@ from trainer.formats import (
 )
 
 PHASES = {
-    "encode": "Encode my rated images",
+    "encode": "Encode my images",
     "scorer": "Train my scorer",
     "lora": "Train my taste LoRA",
     "results": "Render the results",
