@@ -14,15 +14,15 @@ from rating.media import image_store
 from rating.settings import storage_root
 
 
-def base_model(spec: str):
+def base_model(spec: str, *, vae_only: bool = False):
     """Load a base model as the settings say: BASE_MODEL_CONFIG describes a single-file
-    checkpoint offline (a diffusers folder of its configs), DEVICE picks the GPU."""
-    from trainer.base import load_base
+    checkpoint offline (a diffusers folder of its configs), DEVICE picks the GPU. `vae_only`:
+    just what encoding and decoding need on the device (trainer.base.load_vae)."""
+    from trainer.base import load_base, load_vae
 
     config = current_app.config
-    return load_base(
-        spec, device=config["DEVICE"] or None, config=config["BASE_MODEL_CONFIG"] or None
-    )
+    load = load_vae if vae_only else load_base
+    return load(spec, device=config["DEVICE"] or None, config=config["BASE_MODEL_CONFIG"] or None)
 
 
 @contextmanager

@@ -64,7 +64,7 @@ def _refine(version: TasteVersion, image: Image, progress: JobProgress):
     from trainer import sample
     from trainer.scorer import load_scorer
 
-    base = base_model(version.base_model)
+    base = base_model(version.base_model, vae_only=True)  # refining needs no UNet
     model, _ = load_scorer(version_path(version, version.scorer_file))
     model.to(base.pipeline.device)
     with PILImage.open(image_store().original_path(image.sha256, image.original_ext)) as opened:

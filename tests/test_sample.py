@@ -11,7 +11,7 @@ from PIL import Image
 
 from trainer import lora
 from trainer import sample as sm
-from trainer.base import DEMO, load_base
+from trainer.base import DEMO, load_base, load_vae
 from trainer.demo_world import load_world
 from trainer.latents import encode_pixels, load_pixels
 from trainer.prompts import DEMO_PROMPTS_FILE, read_prompts
@@ -319,3 +319,12 @@ def test_images_cli_refuses_a_file_that_is_not_a_lora(tmp_path, capsys):
 )
 def test_seed_lists(text, seeds):
     assert sm._seed_list(text) == seeds
+
+
+def test_refine_needs_only_the_vae_on_the_device(base, scorer, picture):
+    light = load_vae(DEMO, device="cpu")  # what "Improve this image" loads
+    assert not hasattr(light.pipeline, "unet") and light.resolution == base.resolution
+    config = sm.RefineConfig(steps=3, step_size=0.05, max_change=0.2)
+    full, vae_only = (sm.refine(b, scorer, picture, config=config) for b in (base, light))
+    assert vae_only.after_score == pytest.approx(full.after_score)
+    assert np.array_equal(np.asarray(vae_only.after), np.asarray(full.after))

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -322,6 +322,29 @@ def load_base(
     is_demo = spec == DEMO
     prompts = DEMO_PROMPTS_FILE if is_demo else PROMPTS_FILE
     return BaseModel(pipeline, spec, is_demo, resolution, prompts)
+
+
+class VaePipeline:
+    """What encoding and decoding use of a pipeline: its VAE and its image processor."""
+
+    def __init__(self, vae: torch.nn.Module, image_processor):
+        self.vae, self.image_processor = vae, image_processor
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+
+def load_vae(
+    spec: str, *, device: torch.device | str | None = None, config: str | Path | None = None
+) -> BaseModel:
+    """Load a base model to encode and decode only ("Improve this image"): the model is read
+    on the CPU and only its VAE goes to the device (SD 1.x: 160 MB in fp16, not 2 GB)."""
+    device = torch.device(device) if device is not None else pick_device()
+    dtype = half_dtype(device) if device.type == "cuda" else torch.float32
+    base = load_base(spec, device="cpu", dtype=dtype, config=config)
+    light = VaePipeline(base.pipeline.vae.to(device), base.pipeline.image_processor)
+    return replace(base, pipeline=light)
 
 
 def summarize(base: BaseModel) -> dict:
