@@ -38,8 +38,9 @@ def _source(job: Job) -> Source:
 
 
 def _report(job: Job, tally: ImportTally, progress: JobProgress, step: int, total: int) -> None:
-    job.result = tally.as_dict()  # a new dict, so the JSON column notices the change
-    progress(step, total, tally.line())
+    job.result = tally.as_dict()  # a new dict, so the JSON column notices the change; the
+    # widget shows it as the tally, so the message says how far the list is
+    progress(step, total, f"{step} of {total} done")
 
 
 def import_urls(job: Job, progress: JobProgress) -> dict:
