@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flask import current_app
@@ -122,6 +122,51 @@ def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> di
     }
 
 
+@dataclass(frozen=True)
+class Judged:
+    """What a person's scorer learns from, and the pool images it guesses at."""
+
+    rated: list  # (Image, stars), by image id
+    picked: list[Image]  # images of their picks they never rated
+    unrated: list[Image]  # a random sample of the pool they haven't judged
+    comparisons: list  # (image a id, image b id, outcome)
+
+    @classmethod
+    def of(cls, owner: int, sample: int) -> Judged:
+        """Read a person's ratings and picks, and sample up to `sample` unjudged images."""
+        rated = db.session.execute(
+            select(Image, Rating.stars)
+            .join(Rating, Rating.image_id == Image.id)
+            .where(Rating.user_id == owner)
+            .order_by(Image.id)
+        ).all()
+        comparisons = db.session.execute(
+            select(Comparison.image_a_id, Comparison.image_b_id, Comparison.outcome).where(
+                Comparison.user_id == owner
+            )
+        ).all()
+        rated_ids = {image.id for image, _ in rated}
+        picked_ids = {i for a, b, _ in comparisons for i in (a, b)} - rated_ids
+        picked = db.session.scalars(select(Image).where(Image.id.in_(picked_ids))).all()
+        mine = select(Rating.image_id).where(Rating.user_id == owner)
+        unrated = db.session.scalars(
+            select(Image)
+            .where(Image.hidden.is_(False), Image.id.not_in(mine), Image.id.not_in(picked_ids))
+            .order_by(func.random())
+            .limit(sample)
+        ).all()
+        return cls(list(rated), list(picked), list(unrated), list(comparisons))
+
+    def description(self) -> str:
+        """Say what is encoded, as the progress bar shows it."""
+        said = f"{len(self.rated)} rated images"
+        if self.picked:
+            said += f", {len(self.picked)} only in my picks"
+        if self.unrated:
+            said += f" and {len(self.unrated)} unrated ones, to guess what I'd love and hate"
+        return said
+
+
 class TasteRun:
     """One train_taste job: the version it fills, the base model, what phases pass on."""
 
@@ -155,38 +200,15 @@ class TasteRun:
 
         from trainer.latents import LatentsFile, save_latents_file
 
-        owner = self.job.owner_id
-        rated = db.session.execute(
-            select(Image, Rating.stars)
-            .join(Rating, Rating.image_id == Image.id)
-            .where(Rating.user_id == owner)
-            .order_by(Image.id)
-        ).all()
-        comparisons = db.session.execute(
-            select(Comparison.image_a_id, Comparison.image_b_id, Comparison.outcome).where(
-                Comparison.user_id == owner
-            )
-        ).all()
-        rated_ids = {image.id for image, _ in rated}
-        picked_ids = {i for a, b, _ in comparisons for i in (a, b)} - rated_ids
-        picked = db.session.scalars(select(Image).where(Image.id.in_(picked_ids))).all()
-        mine = select(Rating.image_id).where(Rating.user_id == owner)
-        unrated = db.session.scalars(
-            select(Image)
-            .where(Image.hidden.is_(False), Image.id.not_in(mine), Image.id.not_in(picked_ids))
-            .order_by(func.random())
-            .limit(int(self.config["TASTE_PREDICT_POOL"]))
-        ).all()
-        images = [image for image, _ in rated] + list(picked) + list(unrated)
-        what = (
-            f"{len(rated)} rated images"
-            + (f", {len(picked)} only in my picks" if picked else "")
-            + (
-                f" and {len(unrated)} unrated ones, to guess what I'd love and hate"
-                if unrated
-                else ""
-            )
+        judged = Judged.of(self.job.owner_id, int(self.config["TASTE_PREDICT_POOL"]))
+        rated, picked, unrated, comparisons = (
+            judged.rated,
+            judged.picked,
+            judged.unrated,
+            judged.comparisons,
         )
+        images = [image for image, _ in rated] + list(picked) + list(unrated)
+        what = judged.description()
         self.progress(0, len(images), f"{what}: looking in the cache")
         encoded = encode_pictures(
             self.base,
