@@ -190,7 +190,13 @@ class TasteRun:
         """Load the configured base model (the demo builds in a second, offline)."""
         self.progress.log(f"loading the base model {self.version.base_model}")
         self.base = base_model(self.version.base_model)
-        self.record(resolution=self.base.resolution, device=str(self.base.pipeline.device))
+        from trainer.families import NAMES
+
+        self.record(
+            resolution=self.base.resolution,
+            device=str(self.base.pipeline.device),
+            family=NAMES[self.base.family],
+        )
 
     def encode(self) -> None:
         """Encode my rated images, the images of my picks I never rated, and a sample of

@@ -6,17 +6,20 @@ site passes to the loader); the memory they lead to is counted by bench/gpu_memo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor
 
 from rating import gpu_work
 from trainer import base as bases
 from trainer import device as devices
 from trainer import lora
-from trainer.base import DEMO, ddim_scheduler, load_base
+from trainer.base import DEMO, BaseModelNotFound, ddim_scheduler, load_base
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +129,42 @@ def test_the_site_passes_its_single_file_config_and_device_to_the_loader(app, mo
         "device": "cuda:1",
         "config": "/models/sd15-configs",
     }
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "scheduler", "family"),
+    [
+        ("StableDiffusionXLPipeline", "EulerDiscreteScheduler", "SDXL family"),
+        ("StableDiffusionXLPipeline", "EDMDPMSolverMultistepScheduler", "Playground v2.5"),
+    ],
+)
+def test_an_sdxl_family_folder_is_refused_by_name_before_any_weight_loads(
+    tmp_path, pipeline, scheduler, family
+):
+    index = {"_class_name": pipeline, "scheduler": ["diffusers", scheduler]}
+    index |= {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))  # configs only, no weights
+    with pytest.raises(BaseModelNotFound, match=family) as caught:
+        load_base(str(tmp_path), device="cpu")
+    assert "tastebud trains taste LoRAs for Stable Diffusion 1.x and Stable Diffusion 2.x" in str(
+        caught.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "family"),
+    [
+        ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", "SDXL family"),
+        ("edm_mean", "Playground v2.5"),
+    ],
+)
+def test_an_sdxl_family_checkpoint_is_refused_from_its_header(tmp_path, key, family):
+    path = tmp_path / "civitai-model.safetensors"
+    save_file({key: torch.zeros(4)}, str(path))
+    with pytest.raises(BaseModelNotFound, match=family):
+        load_base(str(path), device="cpu")
+
+
+def test_the_family_is_part_of_a_base_models_summary(sd_folder):
+    loaded = load_base(str(sd_folder), device="cpu")
+    assert loaded.family == "sd1" and bases.summarize(loaded)["family"] == "sd1"

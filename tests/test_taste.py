@@ -202,6 +202,7 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     assert active["informative"] and active["edge_of_top"] and 1 <= active["top_edge_stars"] <= 5
     assert active["coin_flips"] and all(len(pair) == 2 for pair in active["coin_flips"])
     assert set(version.metrics["seconds"]) == {"encode", "scorer", "lora", "results"}
+    assert version.metrics["family"] == "Stable Diffusion 1.x"  # the demo world's structure
 
     # The results: a grid of base vs LoRA at 0.5, 1 and −1, each image with its score.
     page = ada.client.get("/taste/").get_data(as_text=True)

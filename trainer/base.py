@@ -24,10 +24,18 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders.single_file_utils import SingleFileComponentError
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from trainer.device import half_dtype, pick_device
+from trainer.families import (
+    UnsupportedFamily,
+    family_of_checkpoint,
+    family_of_configs,
+    family_of_folder,
+    refuse_unless_supported,
+)
 from trainer.prompts import DEMO_PROMPTS_FILE, PROMPTS_FILE
 
 DEMO = "demo"
@@ -65,6 +73,7 @@ class BaseModel:
     is_demo: bool
     resolution: int  # image side in pixels: 512 for SD 1.x, 32 for the demo world
     prompts_file: Path  # the prompt set LoRAs train and evaluate on unless told otherwise
+    family: str = "sd1"  # trainer.families: sd1 or sd2 (the families the trainer supports)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -298,6 +307,11 @@ def load_base(
     # wrong in half precision.
     dtype = dtype or (half_dtype(device) if device.type == "cuda" else torch.float32)
     spec = spec.strip()
+    family = family_of(spec)
+    try:
+        refuse_unless_supported(family, spec)
+    except UnsupportedFamily as error:
+        raise BaseModelNotFound(str(error)) from None
     if spec == DEMO:
         from trainer.demo_world import DemoWorldError, load_world  # it builds on this module
 
@@ -321,7 +335,26 @@ def load_base(
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     is_demo = spec == DEMO
     prompts = DEMO_PROMPTS_FILE if is_demo else PROMPTS_FILE
-    return BaseModel(pipeline, spec, is_demo, resolution, prompts)
+    return BaseModel(pipeline, spec, is_demo, resolution, prompts, family)
+
+
+def family_of(spec: str) -> str:
+    """The family of the base model a spec names, from configs or a header, before loading
+    (trainer.families); "sd1" when that can't be told yet (the loader then says why)."""
+    path = Path(spec).expanduser()
+    if spec == DEMO:
+        return "sd1"
+    if spec.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return family_of_checkpoint(path) if path.is_file() else "sd1"
+    if (path / "model_index.json").is_file():
+        return family_of_folder(path)
+    if _looks_like_path(spec) or not spec:
+        return "sd1"
+    try:  # a hub id: its model_index.json, from the cache, else (online) the hub
+        found = hf_hub_download(spec, "model_index.json", local_files_only=_offline())
+        return family_of_configs(json.loads(Path(found).read_text()))
+    except (OSError, ValueError, HFValidationError):
+        return "sd1"
 
 
 class VaePipeline:
@@ -360,6 +393,7 @@ def summarize(base: BaseModel) -> dict:
         "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
         "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "family": base.family,
         "prompts_file": str(base.prompts_file),
         "demo_world": _world_record() if base.is_demo else None,
     }
