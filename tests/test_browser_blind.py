@@ -83,4 +83,9 @@ def test_the_top_bar_keeps_every_link_in_view_at_phone_width(
         assert "Admin" in names and "Crowd" in names, names
         assert all(seen for _, seen in links), (path, links)
     shoot(page, screenshots, "27-phone-width")
+    version = checkable_version(live_server.app, "ada")  # the check, on a phone
+    page.goto(f"/taste/versions/{version.id}/blind/")
+    pictures = page.locator("#blind-card img.generated").evaluate_all(IN_VIEW)
+    assert len(pictures) == 2 and all(seen for _, seen in pictures), pictures
+    shoot(page, screenshots, "28-phone-blind-pair")
     assert not problems, problems
