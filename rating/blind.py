@@ -15,24 +15,31 @@ import io
 import math
 import secrets
 
-from flask import Blueprint, abort, render_template, request, send_file
+from flask import Blueprint, abort, request, send_file
 from flask_login import current_user, login_required
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from rating.media import image_store
 from rating.models import GENERATED, Comparison, Image, Source, TasteVersion, db, get_or_404
+from rating.rate import page_or_fragment
 from rating.ratings import save_pick
 
 bp = Blueprint("blind", __name__, url_prefix="/taste/versions/<int:version_id>/blind")
 
 SEED_OFFSET = 1000  # the check's seeds: past the grid's and the LoRA evaluation's own
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
+COUNTS = ("wins", "ties", "losses")  # the LoRA's, per strength
+
+
+def prefix(version: TasteVersion) -> str:
+    """What the comparison tokens of a version's check start with."""
+    return f"blind-{version.id}-"
 
 
 def token(version: TasteVersion, index: int) -> str:
     """The comparison token of pair `index`: one pick per pair, and how its picks are found."""
-    return f"blind-{version.id}-{index}"
+    return f"{prefix(version)}{index}"
 
 
 def chosen_strengths(lora: dict, configured) -> list[float]:
@@ -116,7 +123,7 @@ def answered(version: TasteVersion):
         select(Comparison)
         .where(
             Comparison.user_id == version.owner_id,
-            Comparison.token.startswith(f"blind-{version.id}-"),
+            Comparison.token.startswith(prefix(version)),
         )
         .order_by(Comparison.id)
     )
@@ -127,10 +134,9 @@ def picks_of(version: TasteVersion) -> dict[int, str]:
 
     Only a comparison of exactly that pair's two pictures, in their sides' order, counts.
     """
-    pairs, prefix = pairs_of(version), f"blind-{version.id}-"
-    found = {}
+    pairs, found = pairs_of(version), {}
     for comparison in db.session.scalars(answered(version)):
-        index = comparison.token.removeprefix(prefix)
+        index = comparison.token.removeprefix(prefix(version))
         if index.isdigit() and int(index) < len(pairs):
             if sides(pairs[int(index)]) == (comparison.image_a_id, comparison.image_b_id):
                 found[int(index)] = comparison.outcome
@@ -147,6 +153,12 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def record(won: float, answered: int) -> dict:
+    """A win record: pairs answered, pairs won (ties as half), the rate and its interval."""
+    low, high = wilson(won, answered)
+    return {"answered": answered, "won": won, "rate": won / answered, "low": low, "high": high}
+
+
 def results(version: TasteVersion) -> list[dict]:
     """The LoRA's blind record per strength checked: wins, ties, losses, rate and interval.
 
@@ -159,19 +171,15 @@ def results(version: TasteVersion) -> list[dict]:
         if outcome is None:
             continue
         tally = by_strength.setdefault(
-            pair["strength"], {"strength": pair["strength"], "wins": 0, "ties": 0, "losses": 0}
+            pair["strength"], {"strength": pair["strength"]} | dict.fromkeys(COUNTS, 0)
         )
         lora_side = "a" if pair["lora_left"] else "b"
         key = "ties" if outcome == "tie" else "wins" if outcome == lora_side else "losses"
         tally[key] += 1
-    found = []
-    for tally in sorted(by_strength.values(), key=lambda t: t["strength"]):
-        n = tally["wins"] + tally["ties"] + tally["losses"]
-        won = tally["wins"] + tally["ties"] / 2
-        low, high = wilson(won, n)
-        rate = {"answered": n, "won": won, "rate": won / n, "low": low, "high": high}
-        found.append(tally | rate)
-    return found
+    return [
+        tally | record(tally["wins"] + tally["ties"] / 2, sum(tally[k] for k in COUNTS))
+        for tally in sorted(by_strength.values(), key=lambda t: t["strength"])
+    ]
 
 
 def summary(version: TasteVersion) -> dict | None:
@@ -179,10 +187,7 @@ def summary(version: TasteVersion) -> dict | None:
     found = results(version)
     if not found:
         return None
-    n = sum(r["answered"] for r in found)
-    won = sum(r["wins"] + r["ties"] / 2 for r in found)
-    low, high = wilson(won, n)
-    return {"answered": n, "won": won, "rate": won / n, "low": low, "high": high}
+    return record(sum(r["won"] for r in found), sum(r["answered"] for r in found))
 
 
 def own_version_or_404(version_id: int) -> TasteVersion:
@@ -205,8 +210,7 @@ def render_check(version: TasteVersion, notice: str = ""):
         results=results(version),
         notice=notice,
     )
-    template = "taste/_blind_card.html" if request.headers.get("HX-Request") else "taste/blind.html"
-    return render_template(template, **context)
+    return page_or_fragment("taste/blind.html", "taste/_blind_card.html", **context)
 
 
 @bp.get("/")

@@ -3,7 +3,6 @@ kept per base model; personal scorers start from its trunk."""
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import re
@@ -12,7 +11,7 @@ from pathlib import Path
 from flask import current_app
 from sqlalchemy import select
 
-from rating.gpu_work import base_model, encode_pictures, gpu_job, plain
+from rating.gpu_work import base_model, encode_pictures, gpu_job, plain, release_memory
 from rating.jobs import JobProgress
 from rating.models import Image, Job, Rating, db
 from rating.settings import storage_root
@@ -65,9 +64,7 @@ def _crowd_model(ratings: list, progress: JobProgress):
     base = base_model(config["BASE_MODEL"])
     encoded = encode_pictures(base, images, progress.report, progress.should_stop)
     base = None  # the scorer trains without it: give its GPU memory back first
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     row = {image.id: k for k, image in enumerate(images)}
     data = LatentsFile(
         latents=encoded.latents,

@@ -39,9 +39,16 @@ def gpu_job():
         yield
     finally:
         torch.set_num_threads(before)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the next job (or a refine) starts from a clean slate
+        release_memory()  # the next job (or a refine) starts from a clean slate
+
+
+def release_memory() -> None:
+    """Collect what nothing refers to any more, and hand the GPU's cached memory back."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def encode_pictures(base, images, progress, should_stop):

@@ -47,8 +47,7 @@ def download_sizes(version: TasteVersion) -> dict[str, int]:
 
 bp.add_app_template_global(work.bundle_name, "bundle_stem")
 bp.add_app_template_global(blind.pairs_of, "blind_pairs")
-bp.add_app_template_global(verdict.verdict, "version_verdict")
-bp.add_app_template_global(verdict.judgements, "judgements")
+bp.add_app_template_global(verdict, "verdicts")  # the verdict, its counts and thresholds
 
 
 @bp.app_template_global()
@@ -124,7 +123,6 @@ def job_context(job: Job | None) -> dict:
     return dict(
         job=job,
         version=version,
-        image=db.session.get(Image, job.params.get("image_id") or 0),  # "Improve this image"
         phases=phase_states(job),
         guesses=guesses(version),
         checkpoints=work.checkpoint_history(version) if job.phase == "lora" else [],
@@ -152,8 +150,13 @@ def taste_context(user_id: int) -> dict:
     ) | job_context(latest_job(user_id, "train_taste"))
 
 
+def refine_context(job: Job) -> dict:
+    """What an "Improve this image" widget shows besides the job: the image it refines."""
+    return {"image": db.session.get(Image, job.params["image_id"])}
+
+
 widget("train_taste", "taste/_train_job.html", job_context)
-widget("refine_image", "taste/_refine_job.html", job_context)
+widget("refine_image", "taste/_refine_job.html", refine_context)
 
 
 @bp.get("/")

@@ -8,7 +8,6 @@ process never needs it.
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import json
 import math
@@ -22,7 +21,7 @@ from sqlalchemy import func, select
 
 from rating import blind
 from rating.crowd_jobs import crowd_model_path
-from rating.gpu_work import base_model, encode_pictures, gpu_job, plain
+from rating.gpu_work import base_model, encode_pictures, gpu_job, plain, release_memory
 from rating.jobs import JobCancelled, JobProgress
 from rating.models import Comparison, Image, Job, Rating, TasteVersion, db
 from rating.rate import PICKS_COUNT, RATED_COUNT
@@ -188,10 +187,10 @@ class TasteRun:
 
     def load_base(self) -> None:
         """Load the configured base model (the demo builds in a second, offline)."""
-        self.progress.log(f"loading the base model {self.version.base_model}")
-        self.base = base_model(self.version.base_model)
         from trainer.families import NAMES
 
+        self.progress.log(f"loading the base model {self.version.base_model}")
+        self.base = base_model(self.version.base_model)
         self.record(
             resolution=self.base.resolution,
             device=str(self.base.pipeline.device),
@@ -207,13 +206,8 @@ class TasteRun:
         from trainer.latents import LatentsFile, save_latents_file
 
         judged = Judged.of(self.job.owner_id, int(self.config["TASTE_PREDICT_POOL"]))
-        rated, picked, unrated, comparisons = (
-            judged.rated,
-            judged.picked,
-            judged.unrated,
-            judged.comparisons,
-        )
-        images = [image for image, _ in rated] + list(picked) + list(unrated)
+        rated, picked, unrated = judged.rated, judged.picked, judged.unrated
+        images = [image for image, _ in rated] + picked + unrated
         what = judged.description()
         self.progress(0, len(images), f"{what}: looking in the cache")
         encoded = encode_pictures(
@@ -247,7 +241,7 @@ class TasteRun:
         self.unrated_ids = [image.id for image in unrated]
         self.unrated_latents = encoded.latents[known:]
         rows = {image.id: row for row, image in enumerate(images[:known])}
-        self.picks = [(rows[a], rows[b], OUTCOMES[o]) for a, b, o in comparisons]
+        self.picks = [(rows[a], rows[b], OUTCOMES[o]) for a, b, o in judged.comparisons]
         self.version.ratings_count, self.version.picks_count = n, len(self.picks)
         cached = len(set(encoded.sha256s)) - encoded.encoded
         self.progress.log(
@@ -355,9 +349,7 @@ class TasteRun:
             self.progress.log(said)
             self.job.message = said
             self.record(notes=[said])
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
             try:
                 result = train(config)
             except torch.OutOfMemoryError as error:
@@ -437,24 +429,34 @@ class TasteRun:
             self.version.metrics.get("lora") or {}, self.config["TASTE_BLIND_STRENGTHS"]
         )
         specs = blind.plan(read_prompts("eval", self.prompts_file), wanted, strengths)
-        source = blind.generated_source(self.version)
+        steps = int(self.config["TASTE_SAMPLE_STEPS"])
         lora_folder = self.folder / self.version.lora_dir
-        pairs, same = [], 0
-        for done, spec in enumerate(specs):
-            self.progress.check()
-            self.progress(done, len(specs), f"blind check: pair {done + 1} of {len(specs)}")
-            drawn = [
-                sample.images(
-                    self.base,
-                    [spec["prompt"]],
-                    [spec["seed"]],
-                    lora=lora_folder if strength else None,
-                    strength=strength,
-                    steps=int(self.config["TASTE_SAMPLE_STEPS"]),
-                )[0].image
-                for strength in (0.0, spec["strength"])
+        pictures = {}  # (strength, pair index) → picture; each strength's adapter loaded once
+        for strength in (0.0, *strengths):
+            rows = [
+                k for k, spec in enumerate(specs) if not strength or spec["strength"] == strength
             ]
-            base_id, lora_id = (blind.keep_picture(p, source, spec["prompt"]) for p in drawn)
+            said = "base model" if strength == 0 else f"LoRA at {strength:g}"
+            drawn = sample.drawn(
+                self.base,
+                [(specs[k]["prompt"], [specs[k]["seed"]]) for k in rows],
+                lora=lora_folder if strength else None,
+                strength=strength,
+                steps=steps,
+                progress=lambda done, total, _, said=said: self.progress.report(
+                    done, total, f"blind check, {said}: pair {done} of {total}"
+                ),
+                should_stop=self.progress.should_stop,
+            )
+            self.progress.check()
+            pictures |= {(strength, k): made.image for k, made in zip(rows, drawn, strict=True)}
+        source = blind.generated_source(self.version)
+        pairs, same = [], 0
+        for k, spec in enumerate(specs):
+            base_id, lora_id = (
+                blind.keep_picture(pictures[key, k], source, spec["prompt"])
+                for key in (0.0, spec["strength"])
+            )
             if base_id == lora_id:  # the LoRA changed nothing here: no choice to offer
                 same += 1
                 continue

@@ -174,17 +174,46 @@ def images(
     A seed gives the same starting noise whatever the LoRA, so samples with and without it
     differ only by the LoRA. The pipeline is left with no taste adapter loaded.
     """
+    groups = [(prompt, seeds) for prompt in prompts]
+    return drawn(
+        base,
+        groups,
+        lora=lora,
+        strength=strength,
+        scorer=scorer,
+        steps=steps,
+        guidance=guidance,
+        progress=progress,
+    )
+
+
+def drawn(
+    base: BaseModel,
+    groups: Sequence[tuple[str, Sequence[int]]],
+    *,
+    lora: str | Path | None = None,
+    strength: float = 1.0,
+    scorer: Scorer | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    progress: Progress = no_progress,
+    should_stop: StopCheck = never_stop,
+) -> list[Sample]:
+    """Render each prompt with its own seeds (one batch per prompt), the taste LoRA loaded
+    once; stop early, with the samples made so far, when `should_stop` says so."""
     pipeline = base.pipeline
     out = []
     try:
         use_taste(pipeline, lora, strength)
-        for done, prompt in enumerate(prompts, start=1):
+        for done, (prompt, seeds) in enumerate(groups, start=1):
+            if should_stop():
+                break
             latents = render(pipeline, prompt, seeds, base.resolution, steps, guidance)
             scores = predict(scorer, latents.float()).tolist() if scorer else [None] * len(seeds)
             pictures = decode(pipeline, latents)
             for seed, image, x, score in zip(seeds, pictures, latents, scores, strict=True):
                 out.append(Sample(prompt, seed, image, x.float().cpu(), score))
-            progress(done, len(prompts), f"prompt {done} of {len(prompts)}")
+            progress(done, len(groups), f"prompt {done} of {len(groups)}")
     finally:
         _remove_taste(pipeline)
     return out
