@@ -3,7 +3,7 @@ the scorer asks for, against a page that only explores. SYNTHETIC (the battery's
 
 A simulated sitting: the person rates `--start` images drawn at random and trains their taste;
 from then on each batch of 8 images (the page's PICK_AHEAD) holds the share of images the
-scorer asks for (`rating.taste_jobs.active_candidates` on `--guess-pool` unrated images, as
+scorer asks for (`rating.taste_data.active_candidates` on `--guess-pool` unrated images, as
 the taste job computes them, taken in turn as `rating.picking.active_ids` does), the rest drawn
 at random; they retrain at each checkpoint. The scorer is the product's (`trainer.scorer`,
 default settings); SRCC is against the rater's stars on held-out images.
@@ -21,7 +21,7 @@ import torch
 from scorer_battery import Rater, data_file, fields, srcc, tastes
 
 from rating.picking import in_turn
-from rating.taste_jobs import active_candidates
+from rating.taste_data import active_candidates
 from trainer import scorer as sc
 
 BATCH = 8  # images the rating page picks ahead at a time

@@ -10,7 +10,8 @@ beside every figure.
 For each rater and each N, a scorer is trained on N of their ratings (from scratch, and with
 `--trunk` from a crowd trunk trained on other raters mixing the same tastes) and scored on held-out
 images against their stars. The baseline is ridge regression (alpha by 5-fold cross-validation) on
-`trainer.scorer.latent_stats`, generic multi-scale statistics that know nothing of the tastes.
+`trainer.scorer.latent_stats(x, version=1)`, generic multi-scale pooled statistics that know
+nothing of the tastes (the summary the scorer's own statistics extend with layout maps).
 
     .venv/bin/python bench/scorer_battery.py        # --side 64 --sizes 10 30 100 300 1000 --trunk
 """
@@ -123,7 +124,7 @@ def srcc(a, b) -> float:
 
 
 def stats_matrix(x: torch.Tensor) -> np.ndarray:
-    return sc.stats_of(x).double().numpy()
+    return sc.stats_of(x, version=1).double().numpy()
 
 
 def ridge(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) -> np.ndarray:

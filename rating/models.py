@@ -230,7 +230,7 @@ class Job(db.Model):
 class TasteVersion(db.Model):
     """One run of "Train my taste": the scorer and taste LoRA made from a person's ratings.
 
-    Its files live in their own folder (see rating.taste_jobs.version_folder); the *_file
+    Its files live in their own folder (see rating.taste_files.version_folder); the *_file
     columns name them relative to it, and stay empty until that file is complete.
     """
 

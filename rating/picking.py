@@ -65,7 +65,7 @@ def next_image_ids(user_id: int, exclude: list[int], count: int) -> list[int]:
 
 
 def _active(user_id: int) -> dict:
-    """What the person's newest scorer asked for (taste_jobs.active_candidates), or {}."""
+    """What the person's newest scorer asked for (taste_data.active_candidates), or {}."""
     metrics = db.session.scalar(
         select(TasteVersion.metrics)
         .where(TasteVersion.owner_id == user_id, TasteVersion.scorer_file.is_not(None))

@@ -12,7 +12,7 @@ from rating.jobs import JobProgress
 from rating.media import image_store
 from rating.models import Image, Job, TasteVersion, User, db
 from rating.settings import storage_root
-from rating.taste_jobs import version_path
+from rating.taste_files import version_path
 
 
 def refine_folder(job: Job) -> Path:

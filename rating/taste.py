@@ -19,10 +19,11 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from rating import blind, jobs, refine_jobs, sharing, verdict
-from rating import taste_jobs as work
+from rating import taste_files as files
 from rating.job_views import job_widget, widget
 from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
 from rating.rate import PICKS_COUNT, RATED_COUNT, page_or_fragment, visible_image_or_404
+from rating.taste_jobs import PHASES
 
 bp = Blueprint("taste", __name__, url_prefix="/taste")
 
@@ -39,13 +40,13 @@ def download_sizes(version: TasteVersion) -> dict[str, int]:
     """The size in bytes of each of a version's downloads that exists."""
     sizes = {}
     for what, (column, _, _) in DOWNLOADS.items():
-        path = work.version_path(version, getattr(version, column))
+        path = files.version_path(version, getattr(version, column))
         if path is not None and path.is_file():
             sizes[what] = path.stat().st_size
     return sizes
 
 
-bp.add_app_template_global(work.bundle_name, "bundle_stem")
+bp.add_app_template_global(files.bundle_name, "bundle_stem")
 bp.add_app_template_global(blind.pairs_of, "blind_pairs")
 bp.add_app_template_global(verdict, "verdicts")  # the verdict, its counts and thresholds
 
@@ -75,7 +76,7 @@ def latest_job(user_id: int, kind: str, **params) -> Job | None:
 
 def phase_states(job: Job) -> list[tuple[str, str, str]]:
     """Return (name, label, state) per phase: done, running, waiting, failed or cancelled."""
-    names = list(work.PHASES)
+    names = list(PHASES)
     current = names.index(job.phase) if job.phase in names else -1
     states = []
     for index, name in enumerate(names):
@@ -85,7 +86,7 @@ def phase_states(job: Job) -> list[tuple[str, str, str]]:
             state = "running" if job.status == "running" else job.status
         else:
             state = "waiting"
-        states.append((name, work.PHASES[name], state))
+        states.append((name, PHASES[name], state))
     return states
 
 
@@ -125,7 +126,7 @@ def job_context(job: Job | None) -> dict:
         version=version,
         phases=phase_states(job),
         guesses=guesses(version),
-        checkpoints=work.checkpoint_history(version) if job.phase == "lora" else [],
+        checkpoints=files.checkpoint_history(version) if job.phase == "lora" else [],
     )
 
 
@@ -231,7 +232,7 @@ def delete(version_id: int):
     if found.training:
         flash("That version is still training: cancel it first, then delete it.")
         return redirect(url_for("taste.version", version_id=found.id))
-    shutil.rmtree(work.version_folder(found), ignore_errors=True)
+    shutil.rmtree(files.version_folder(found), ignore_errors=True)
     db.session.delete(found)
     db.session.commit()
     flash(f"Deleted taste version {found.number} and its files.")
@@ -243,10 +244,10 @@ def send_download(found: TasteVersion, what: str):
     if what not in sharing.downloads_for(found):
         abort(404)
     column, suffix, mimetype = DOWNLOADS[what]
-    path = work.version_path(found, getattr(found, column))
+    path = files.version_path(found, getattr(found, column))
     if path is None or not path.is_file():
         abort(404)
-    name = work.bundle_name(found) + suffix
+    name = files.bundle_name(found) + suffix
     return send_file(path, mimetype=mimetype, as_attachment=True, download_name=name)
 
 
@@ -268,7 +269,7 @@ def send_grid_cell(found: TasteVersion, index: int):
     cells = (found.metrics.get("grid") or {}).get("cells", [])
     if not found.grid_file or not 0 <= index < len(cells):
         abort(404)
-    path = work.version_path(found, cells[index]["file"])
+    path = files.version_path(found, cells[index]["file"])
     return send_file(path, mimetype="image/png", max_age=3600)
 
 

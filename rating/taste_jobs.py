@@ -1,19 +1,17 @@
-"""The "Train my taste" job (latents → scorer → taste LoRA → results) and "Improve this image".
+"""The "Train my taste" job: latents → scorer → taste LoRA → results, one phase each.
 
-Both are GPU jobs: they run on the GPU queue, one at a time per worker. Trainer modules are
-imported inside the jobs, not at the top: diffusers takes seconds to import, and the web
-process never needs it.
+A GPU job: it runs on the GPU queue, one at a time per worker. What it learns from is
+gathered by `rating.taste_data`; where its files go, and what a stopped run keeps, is
+`rating.taste_files`. Trainer modules are imported inside the phases, not at the top:
+diffusers takes seconds to import, and the web process never needs it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import math
-import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from flask import current_app
@@ -23,16 +21,21 @@ from rating import blind
 from rating.crowd_jobs import crowd_model_path
 from rating.gpu_work import base_model, encode_pictures, gpu_job, plain, release_memory
 from rating.jobs import JobCancelled, JobProgress
-from rating.models import Comparison, Image, Job, Rating, TasteVersion, db
+from rating.models import Job, TasteVersion, db
 from rating.rate import PICKS_COUNT, RATED_COUNT
-from rating.settings import storage_root
-from trainer.formats import (
-    STRENGTHS,
-    checkpoint_folders,
-    read_history,
-    safetensors_metadata,
-    sanitize_name,
+from rating.taste_data import Judged, active_candidates
+from rating.taste_files import (
+    GRID_CELLS,
+    GRID_IMAGE,
+    LATENTS,
+    LORA,
+    SCORER,
+    remove_partial_files,
+    salvage,
+    version_folder,
+    write_bundle,
 )
+from trainer.formats import STRENGTHS, safetensors_metadata
 
 PHASES = {
     "encode": "Encode my images",
@@ -41,31 +44,6 @@ PHASES = {
     "results": "Render the results",
 }
 LOVE_HATE = 8  # unrated images shown as the scorer's best and worst guesses
-ACTIVE_KEPT = 50  # unrated images kept per list for the rating page to mix in
-# A version folder's entries (see version_folder); LORA holds checkpoint-NNNNNN folders.
-LATENTS = "latents.safetensors"
-SCORER = "scorer.safetensors"
-LORA = "lora"
-BUNDLE = "bundle"
-BUNDLE_ZIP = "bundle.zip"
-GRID_IMAGE = "grid.png"
-GRID_CELLS = "grid"
-OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5}
-
-
-def version_folder(version: TasteVersion) -> Path:
-    """Return the folder of a taste version's files (made from ids, never from a request)."""
-    return storage_root() / "taste" / str(version.owner_id) / f"v{version.id}"
-
-
-def version_path(version: TasteVersion, name: str | None) -> Path | None:
-    """Return the path of one of a version's recorded files, or None when it has none."""
-    return version_folder(version) / name if name else None
-
-
-def bundle_name(version: TasteVersion) -> str:
-    """Return the file-name stem of a version's downloads: tastebud-ada-taste-v3."""
-    return sanitize_name(f"tastebud-{version.owner.username}-taste-v{version.number}")
 
 
 def new_version(job: Job) -> TasteVersion:
@@ -92,78 +70,6 @@ def new_version(job: Job) -> TasteVersion:
     job.params = {**job.params, "version_id": version.id}
     db.session.commit()
     return version
-
-
-def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> dict:
-    """The unrated images most worth rating next, by id: those whose rating would teach the
-    scorer most (`value`, see trainer.scorer.rating_value), and those whose predicted score
-    sits nearest the edge of the person's top fifth (where a rating best separates what they
-    love from what they merely like), least sure first; and the pairs whose outcome the scorer
-    finds closest to a coin flip (nearly equal predicted scores, least sure first), for the
-    compare page."""
-    import torch
-
-    rated = stars[torch.isfinite(stars)]
-    edge = float(rated.quantile(0.8)) if len(rated) else 4.0
-    informative = sorted(guesses, key=lambda g: -g["value"])
-    near_top = sorted(guesses, key=lambda g: abs(g["score"] - edge) - 0.5 * g["spread"])
-    by_score = sorted(guesses, key=lambda g: g["score"])
-    neighbours = list(zip(by_score, by_score[1:], strict=False))
-    close = sorted(
-        neighbours,
-        key=lambda p: p[1]["score"] - p[0]["score"] - 0.25 * (p[0]["spread"] + p[1]["spread"]),
-    )
-    return {
-        "informative": [g["image_id"] for g in informative[:keep]],
-        "edge_of_top": [g["image_id"] for g in near_top[:keep]],
-        "top_edge_stars": round(edge, 2),
-        "coin_flips": [[a["image_id"], b["image_id"]] for a, b in close[: keep // 2]],
-    }
-
-
-@dataclass(frozen=True)
-class Judged:
-    """What a person's scorer learns from, and the pool images it guesses at."""
-
-    rated: list  # (Image, stars), by image id
-    picked: list[Image]  # images of their picks they never rated
-    unrated: list[Image]  # a random sample of the pool they haven't judged
-    comparisons: list  # (image a id, image b id, outcome)
-
-    @classmethod
-    def of(cls, owner: int, sample: int) -> Judged:
-        """Read a person's ratings and picks, and sample up to `sample` unjudged images."""
-        rated = db.session.execute(
-            select(Image, Rating.stars)
-            .join(Rating, Rating.image_id == Image.id)
-            .where(Rating.user_id == owner)
-            .order_by(Image.id)
-        ).all()
-        comparisons = db.session.execute(
-            select(Comparison.image_a_id, Comparison.image_b_id, Comparison.outcome).where(
-                Comparison.user_id == owner
-            )
-        ).all()
-        rated_ids = {image.id for image, _ in rated}
-        picked_ids = {i for a, b, _ in comparisons for i in (a, b)} - rated_ids
-        picked = db.session.scalars(select(Image).where(Image.id.in_(picked_ids))).all()
-        mine = select(Rating.image_id).where(Rating.user_id == owner)
-        unrated = db.session.scalars(
-            select(Image)
-            .where(Image.hidden.is_(False), Image.id.not_in(mine), Image.id.not_in(picked_ids))
-            .order_by(func.random())
-            .limit(sample)
-        ).all()
-        return cls(list(rated), list(picked), list(unrated), list(comparisons))
-
-    def description(self) -> str:
-        """Say what is encoded, as the progress bar shows it."""
-        said = f"{len(self.rated)} rated images"
-        if self.picked:
-            said += f", {len(self.picked)} only in my picks"
-        if self.unrated:
-            said += f" and {len(self.unrated)} unrated ones, to guess what I'd love and hate"
-        return said
 
 
 class TasteRun:
@@ -201,61 +107,44 @@ class TasteRun:
         """Encode my rated images, the images of my picks I never rated, and a sample of
         unrated ones (new ones only; the rest come from the cache); write my latents+scores
         file (the rated ones: it carries my stars)."""
-        import torch
-
-        from trainer.latents import LatentsFile, save_latents_file
-
         judged = Judged.of(self.job.owner_id, int(self.config["TASTE_PREDICT_POOL"]))
-        rated, picked, unrated = judged.rated, judged.picked, judged.unrated
-        images = [image for image, _ in rated] + picked + unrated
         what = judged.description()
-        self.progress(0, len(images), f"{what}: looking in the cache")
+        self.progress(0, len(judged.images), f"{what}: looking in the cache")
         encoded = encode_pictures(
             self.base,
-            images,
+            judged.images,
             lambda step, total, said: self.progress.report(step, total, f"{what}: {said}"),
             self.progress.should_stop,
         )
-        n, known = len(rated), len(rated) + len(picked)
-        if rated:
-            flipped = encoded.flipped[:n] if encoded.flipped is not None else None
-            save_latents_file(
-                self.folder / LATENTS,
-                encoded.latents[:n],
-                [float(stars) for _, stars in rated],
-                [image.sha256 for image, _ in rated],
-                flipped=flipped,
-                metadata={
-                    "base_model": self.version.base_model,
-                    "owner": self.version.owner.username,
-                },
-            )
-            self.version.latents_file = LATENTS
-        self.judged = LatentsFile(
-            latents=encoded.latents[:known],
-            scores=torch.tensor([float(stars) for _, stars in rated] + [math.nan] * len(picked)),
-            flipped=encoded.flipped[:known] if encoded.flipped is not None else None,
-            sha256s=[image.sha256 for image in images[:known]],
-            metadata={},
-        )
-        self.unrated_ids = [image.id for image in unrated]
-        self.unrated_latents = encoded.latents[known:]
-        rows = {image.id: row for row, image in enumerate(images[:known])}
-        self.picks = [(rows[a], rows[b], OUTCOMES[o]) for a, b, o in judged.comparisons]
-        self.version.ratings_count, self.version.picks_count = n, len(self.picks)
+        if judged.rated:
+            self.save_latents(judged, encoded)
+        self.judged = judged.learning_data(encoded.latents, encoded.flipped)
+        self.picks = judged.picks()
+        self.unrated_ids = [image.id for image in judged.unrated]
+        self.unrated_latents = encoded.latents[judged.known :]
+        self.version.ratings_count, self.version.picks_count = len(judged.rated), len(self.picks)
         cached = len(set(encoded.sha256s)) - encoded.encoded
         self.progress.log(
-            f"encoded {encoded.encoded} new images ({len(picked)} only in my picks); "
+            f"encoded {encoded.encoded} new images ({len(judged.picked)} only in my picks); "
             f"{cached} came from the cache"
         )
-        self.record(
-            encoded={
-                "new": encoded.encoded,
-                "cached": cached,
-                "picked_only": len(picked),
-                "unrated": len(unrated),
-            }
+        counts = {"new": encoded.encoded, "cached": cached, "picked_only": len(judged.picked)}
+        self.record(encoded={**counts, "unrated": len(judged.unrated)})
+
+    def save_latents(self, judged: Judged, encoded) -> None:
+        """Write my latents + stars file: the rated rows, for download and reuse."""
+        from trainer.latents import save_latents_file
+
+        n = len(judged.rated)
+        save_latents_file(
+            self.folder / LATENTS,
+            encoded.latents[:n],
+            judged.stars,
+            [image.sha256 for image, _ in judged.rated],
+            flipped=encoded.flipped[:n] if encoded.flipped is not None else None,
+            metadata={"base_model": self.version.base_model, "owner": self.version.owner.username},
         )
+        self.version.latents_file = LATENTS
 
     def scorer_init(self, shape: list[int]) -> tuple[str | None, str]:
         """Pick the trunk to start from: the configured file, else a fitting crowd model.
@@ -475,94 +364,6 @@ def smaller(config):
     )
 
 
-def checkpoint_history(version: TasteVersion | None) -> list[dict]:
-    """Return the held-out figures at each LoRA checkpoint so far (read while it trains)."""
-    if version is None:
-        return []
-    for folder in reversed(checkpoint_folders(version_folder(version) / LORA)):
-        try:  # the newest holds the whole history
-            return read_history(folder)
-        except (OSError, ValueError):
-            continue  # being written or pruned right now
-    return []
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """Return the newest complete LoRA checkpoint in a version's lora folder, if any."""
-    from trainer.lora import LoraFileError, read_state
-
-    for checkpoint in reversed(checkpoint_folders(folder)):
-        try:
-            read_state(checkpoint)
-        except LoraFileError:
-            continue
-        return checkpoint
-    return None
-
-
-def salvage(version: TasteVersion, log) -> None:
-    """After a stop or failure mid-run, keep the last completed LoRA checkpoint downloadable."""
-    folder = version_folder(version)
-    if not version.scorer_file or version.bundle_file:
-        return
-    if not version.lora_dir:
-        checkpoint = latest_checkpoint(folder / LORA)
-        if checkpoint is None:
-            return
-        version.lora_dir = checkpoint.relative_to(folder).as_posix()
-        log(f"kept the last completed checkpoint, {checkpoint.name}")
-        db.session.commit()
-    try:
-        write_bundle(version, preview=None)
-    except Exception as error:  # the checkpoint itself stays; only the zip is missing
-        db.session.rollback()
-        log(f"could not bundle {version.lora_dir}: {error}")
-
-
-def write_bundle(version: TasteVersion, preview) -> None:
-    """Write a version's LoRA bundle (kohya and diffusers files, preview, sidecar, README), zip
-    it, and record the zip."""
-    from trainer import export
-
-    folder = version_folder(version)
-    with open(folder / SCORER, "rb") as file:
-        scorer_sha256 = hashlib.file_digest(file, "sha256").hexdigest()
-    lora = version.metrics.get("lora") or {}
-    info = {
-        "base_model": version.base_model,
-        "resolution": version.metrics.get("resolution", 512),
-        "scorer_sha256": scorer_sha256,
-        "ratings": version.ratings_count,
-        "score_gain": lora.get("score_gain"),
-        "config": lora.get("config") or {},
-        "author": version.owner.username,
-    }
-    export.write_bundle(
-        folder / version.lora_dir,
-        folder / BUNDLE,
-        name=bundle_name(version),
-        preview=preview,
-        info=info,
-    )
-    export.zip_bundle(folder / BUNDLE, folder / BUNDLE_ZIP)
-    version.bundle_file = BUNDLE_ZIP
-    db.session.commit()
-
-
-def remove_partial_files(version: TasteVersion) -> None:
-    """Delete what the version does not record (half-written files), keeping LoRA checkpoints."""
-    folder = version_folder(version)
-    recorded = (version.latents_file, version.scorer_file, version.grid_file, version.bundle_file)
-    keep = {LORA} | {name for name in recorded if name}
-    if version.grid_file:
-        keep.add(GRID_CELLS)
-    if version.bundle_file:
-        keep.add(BUNDLE)
-    for entry in folder.iterdir() if folder.is_dir() else ():
-        if entry.name not in keep:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
-
-
 def _timed(run: TasteRun, timings: dict, name: str, step) -> None:
     started = time.monotonic()
     run.progress.phase(name, PHASES[name])
@@ -570,14 +371,6 @@ def _timed(run: TasteRun, timings: dict, name: str, step) -> None:
     run.progress.check(fresh=True)  # Cancel pressed during the phase ends the job in it
     timings[name] = round(time.monotonic() - started, 1)
     run.record(seconds=timings)
-
-
-def salvage_orphan(job: Job) -> None:
-    """When a train_taste job's worker died: keep its last completed LoRA checkpoint."""
-    version = db.session.scalar(select(TasteVersion).where(TasteVersion.job_id == job.id))
-    if version is not None:
-        salvage(version, lambda line: None)
-        remove_partial_files(version)
 
 
 def train_taste(job: Job, progress: JobProgress) -> dict:

@@ -8,13 +8,16 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from trainer import scorer as sc
 from trainer.latents import LatentsFile, save_latents_file
 
 # Tiny and quick: 4×8×8 latents, a narrow resnet18, a few epochs.
-TINY = sc.ScorerConfig(channels=(8, 16, 32, 64), epochs=8, batch_size=32, max_shift=1, min_steps=0)
+TINY = sc.ScorerConfig(
+    channels=(8, 16, 32, 64), epochs=8, batch_size=32, max_shift=1, min_steps=0, cnn_min_held_out=0
+)
 
 
 def synthetic(n: int = 160, side: int = 8, seed: int = 0) -> LatentsFile:
@@ -234,6 +237,57 @@ def test_a_scorer_file_from_before_the_statistics_head_still_loads(trained, tmp_
     assert loaded.stats_head is None
     x = synthetic(4, seed=2).latents
     assert torch.equal(sc.predict(loaded, x), sc.predict(old.model, x))
+
+
+def _spot_taste(n: int, seed: int) -> LatentsFile:
+    """Stars for how much is going on in one small spot off the centre and off the thirds,
+    against the whole frame: a liking for a place, which global statistics barely hold."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 4, 8, 8, generator=g)
+    latents = F.interpolate(coarse, size=(16, 16), mode="bilinear")
+    latents += 0.3 * torch.randn(n, 4, 16, 16, generator=g)
+    energy = latents.square().mean(1)
+    liking = energy[:, 2:6, 10:14].mean((1, 2)) - energy.mean((1, 2))
+    scores = (3 + 1.25 * (liking - liking.mean()) / liking.std()).clamp(1, 5).round()
+    return LatentsFile(latents=latents, scores=scores, flipped=None, sha256s=None, metadata={})
+
+
+def test_layout_maps_let_the_scorer_learn_a_liking_for_a_place_in_the_frame():
+    train, test = _spot_taste(400, seed=1), _spot_taste(300, seed=2)
+    found = {}
+    for stats in (1, 2):
+        trained = sc.train(train, replace(TINY, stats=stats, epochs=1, baseline_margin=9))
+        found[stats] = sc.metrics(sc.predict(trained.model, test.latents), test.scores)["srcc"]
+        if stats == 2:  # cross-validation gave the layout maps their say
+            layout = sc.layout_mask()
+            assert trained.model.stats_scale[layout].min() > 0
+            assert (trained.model.stats_scale[~layout] == 1).all()
+    assert found[2] > 0.85 and found[2] > found[1] + 0.05, found
+
+
+def test_for_a_global_taste_the_layout_maps_cost_little():
+    data, test = synthetic(240, seed=6), synthetic(300, seed=7)
+    found = {}
+    for stats in (1, 2):
+        trained = sc.train(data, replace(TINY, stats=stats, epochs=1, baseline_margin=9))
+        found[stats] = sc.metrics(sc.predict(trained.model, test.latents), test.scores)["srcc"]
+    assert found[2] > found[1] - 0.03, found
+
+
+def test_a_scorer_file_from_before_the_layout_maps_still_loads(tmp_path):
+    trained = sc.train(synthetic(), replace(TINY, stats=1, epochs=1))
+    path = tmp_path / "v2.safetensors"
+    sc.save_scorer(path, trained)
+    from trainer.tensorfiles import read_safetensors, write_atomic
+
+    tensors, metadata = read_safetensors(path, sc.ScorerFileError)
+    config = {**json.loads(metadata["config"]), "stats": True}  # as format 2 wrote it
+    del tensors["stats_scale"], tensors["stats_alpha"]
+    write_atomic(path, tensors, {**metadata, "version": "2", "config": json.dumps(config)})
+    loaded, _ = sc.load_scorer(path)
+    assert loaded.stats_version == 1 and loaded.stats_head.in_features == sc.stats_width(1)
+    x = synthetic(4, seed=2).latents
+    assert torch.allclose(sc.predict(loaded, x), sc.predict(trained.model, x))
 
 
 def test_someone_who_only_compares_gets_a_scorer_that_ranks():

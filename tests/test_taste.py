@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app import create_app
-from rating import jobs, taste_jobs
+from rating import jobs, taste_files
 from rating.jobs import JobProgress
 from rating.models import Image, Job, TasteVersion, User, db, utcnow
 from tests.conftest import Site
@@ -229,7 +229,7 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     expected = {f"{stem}.safetensors", f"{stem}.json", f"{stem}.preview.png", "bundle/README.md"}
     assert names == expected  # only files every loader reads: no diffusers-format trap
     with site_app.app_context():
-        checkpoint = taste_jobs.version_folder(version) / version.lora_dir
+        checkpoint = taste_files.version_folder(version) / version.lora_dir
     assert_kohya_file_loads(tmp_path / "bundle", "tastebud-ada-taste-v1.safetensors", checkpoint)
     assert_other_downloads(ada, version, tmp_path)
     # What each download is, where it goes, and its size.
@@ -244,7 +244,7 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     deleted = ada.post(f"/taste/versions/{version.id}/delete")
     assert deleted.status_code == 302
     with site_app.app_context():
-        assert not taste_jobs.version_folder(version).exists()
+        assert not taste_files.version_folder(version).exists()
     assert ada.client.get(f"/taste/versions/{version.id}").status_code == 404
 
 
@@ -395,7 +395,7 @@ def test_cancel_works_during_each_phase(site_app, gate, phase):
     assert version.grid_file is None and not version.complete
     with site_app.app_context():
         assert db.session.get(Job, job_id).lock_key is None  # the button works again
-        folder = taste_jobs.version_folder(version)
+        folder = taste_files.version_folder(version)
         recorded = {version.latents_file, version.scorer_file, version.bundle_file}
         expected = {name for name in recorded if name} | {"lora", "bundle"}
         assert {entry.name for entry in folder.iterdir()} <= expected
@@ -447,7 +447,7 @@ def test_a_failure_says_why_removes_partial_files_and_keeps_the_checkpoint(site_
     version = version_of(site_app, job_id)
     with site_app.app_context():
         assert "RuntimeError" in db.session.get(Job, job_id).error
-        folder = taste_jobs.version_folder(version)
+        folder = taste_files.version_folder(version)
         assert not (folder / "grid.png").exists()  # the partial file is gone
         assert (folder / version.lora_dir / "pytorch_lora_weights.safetensors").is_file()
     assert fetch(site, f"/taste/versions/{version.id}/download/lora").status_code == 200
@@ -505,8 +505,8 @@ def taste_jobs_checkpoint(app, job_id: int) -> bool:
     if version is None:
         return False
     with app.app_context():
-        folder = taste_jobs.version_folder(version) / "lora"
-        return taste_jobs.latest_checkpoint(folder) is not None
+        folder = taste_files.version_folder(version) / "lora"
+        return taste_files.latest_checkpoint(folder) is not None
 
 
 # ---- the queues ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from trainer.latents import LatentsFile, LatentsFileError, load_latents_file
 from trainer.tensorfiles import read_safetensors, write_atomic
 
 FORMAT = "tastebud.scorer"
-FORMAT_VERSION = "2"  # 2: the statistics head (stats_* tensors); 1 files still load
+FORMAT_VERSION = "3"  # 3: layout maps in the statistics; 2: the statistics head; all still load
 STARS = 5
 BOOTSTRAP = 8  # resampled ridge fits a scorer keeps for its uncertainty
 Pick = tuple[int, int, float]  # (row i, row j, outcome): 1 = i wins, 0 = j wins, 0.5 = tie
@@ -78,18 +78,31 @@ class ScorerConfig(FromDict):
     # It starts as a ridge regression fitted in closed form on the training ratings, and from
     # scratch the CNN's last layer starts at zero: training begins at that baseline, and the
     # held-out check before the first epoch keeps it if the CNN never does better.
-    stats: bool = True
+    # 0: no statistics head; 1: the summary statistics; 2: those and the layout maps (where a
+    # picture's energy sits, on 4×4 to 32×32 grids), whose weight in the ridge fit is chosen by
+    # cross-validation, so a taste for composition is within reach without costing the others
+    stats: int = 2
     baseline_margin: float = 0.01  # held-out SRCC a trained epoch must add to replace it
+    # held-out images needed before the CNN trains at all beside the fitted statistics head:
+    # with fewer, "did an epoch beat the head?" is a coin toss on a handful of images, and a
+    # lucky toss would swap a sound fit for a worse one; the head alone is then the scorer
+    cnn_min_held_out: int = 40
 
 
-def latent_stats(x: torch.Tensor) -> torch.Tensor:
+LAYOUT_GRIDS = (4, 8, 16, 32)  # where the energy sits, coarse to fine (composition)
+LAYOUT_SCALES = (0.0, 0.3, 1.0)  # the layout maps' weight against the summary, chosen by CV
+
+
+def latent_stats(x: torch.Tensor, version: int = 2) -> torch.Tensor:
     """[N,4,H,W] latents → [N,K] statistics a taste may weigh, whatever the latent size.
 
-    Per channel: the mean on 1×1, 2×2, 3×3 and 4×4 grids (colour, and where it sits: centre,
-    border, top, thirds); the root mean square on 3×3, 5×5 and 6×6 grids (where the energy
-    sits); the spread on 1×1 and 2×2 (contrast); first-difference and Laplacian energy on 1×1
-    and 2×2 (detail against smoothness); and, between channels, the covariances, the gaps
-    between their means and the products of their means (balance, and a liked middle level).
+    Summary (version 1), per channel: the mean on 1×1, 2×2, 3×3 and 4×4 grids (colour, and
+    where it sits: centre, border, top, thirds); the root mean square on 3×3, 5×5, 6×6 and 9×9
+    grids (where the energy sits); the spread on 1×1 and 2×2 (contrast); first-difference and
+    Laplacian energy on 1×1 and 2×2 (detail against smoothness); and, between channels, the
+    covariances, the gaps between their means and the products of their means (balance, and
+    a liked middle level). Version 2 adds the layout maps: the mean energy over the channels
+    on `LAYOUT_GRIDS` grids, fine enough to find a liking for any place in the frame.
     """
     x = x.float()
     parts = [F.adaptive_avg_pool2d(x, grid).flatten(1) for grid in (1, 2, 3, 4)]
@@ -110,17 +123,27 @@ def latent_stats(x: torch.Tensor) -> torch.Tensor:
     means = x.mean((2, 3))
     a, b = torch.triu_indices(x.shape[1], x.shape[1])  # pairs with repeats: squares too
     parts += [covariance[:, i, j], (means[:, i] - means[:, j]).abs(), means[:, a] * means[:, b]]
+    if version >= 2:
+        energy = x.square().mean(1, keepdim=True)
+        parts += [F.adaptive_avg_pool2d(energy, grid).flatten(1) for grid in LAYOUT_GRIDS]
     return torch.cat(parts, 1)
 
 
-def stats_of(latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def stats_of(latents: torch.Tensor, version: int = 2, batch: int = 256) -> torch.Tensor:
     """`latent_stats` of many latents, a batch at a time, on the CPU."""
-    return torch.cat([latent_stats(part) for part in latents.cpu().split(batch)])
+    return torch.cat([latent_stats(part, version) for part in latents.cpu().split(batch)])
 
 
-def stats_width(channels: int = 4) -> int:
+def stats_width(version: int = 2, channels: int = 4) -> int:
     """How many statistics `latent_stats` gives for latents of `channels` channels."""
-    return latent_stats(torch.zeros(1, channels, 8, 8)).shape[1]
+    return latent_stats(torch.zeros(1, channels, 8, 8), version).shape[1]
+
+
+def layout_mask(version: int = 2, channels: int = 4) -> torch.Tensor:
+    """Which of the statistics are layout maps (their weight is chosen apart)."""
+    mask = torch.zeros(stats_width(version, channels), dtype=torch.bool)
+    mask[stats_width(1, channels) :] = True
+    return mask
 
 
 class Scorer(nn.Module):
@@ -140,8 +163,9 @@ class Scorer(nn.Module):
             raise ValueError(f"{config.arch!r} is not a timm ResNet (it has no layer4)")
         self.register_buffer("stars", torch.arange(1.0, STARS + 1), persistent=False)
         self.stats_head: nn.Linear | None = None
+        self.stats_version = int(config.stats)
         if config.stats:
-            width = stats_width()
+            width = stats_width(self.stats_version)
             self.stats_head = nn.Linear(width, STARS)
             nn.init.zeros_(self.stats_head.weight)  # starts as the CNN alone
             nn.init.zeros_(self.stats_head.bias)
@@ -150,25 +174,33 @@ class Scorer(nn.Module):
             # ridge fits on bootstrap resamples of the ratings ([weights, intercept] rows):
             # how far they disagree on an image is how unsure the scorer is of it
             self.register_buffer("stats_bootstrap", torch.zeros(BOOTSTRAP, width + 1))
+            # the ridge fit's choices: each statistic's weight (the layout maps' share) and
+            # the penalty, kept so that what to rate next is judged by the same fit
+            self.register_buffer("stats_scale", torch.ones(width))
+            self.register_buffer("stats_alpha", torch.tensor(RIDGE_ALPHAS[-1]))
 
     def fit_stats(self, latents: torch.Tensor) -> None:
         """Standardise the statistics head's inputs on these latents (all of them: no labels)."""
         if self.stats_head is not None:
-            found = stats_of(latents)
+            found = stats_of(latents, self.stats_version)
             self.stats_mean.copy_(found.mean(0))
             self.stats_std.copy_(found.std(0).clamp_min(1e-4) if len(found) > 1 else 1)
 
     def standardised_stats(self, latents: torch.Tensor) -> torch.Tensor:
         """The statistics head's inputs for raw latents, on the CPU."""
-        return (stats_of(latents) - self.stats_mean.cpu()) / self.stats_std.cpu()
+        return (
+            stats_of(latents, self.stats_version) - self.stats_mean.cpu()
+        ) / self.stats_std.cpu()
 
     def _stats_logits(self, stats: torch.Tensor) -> torch.Tensor:
-        return self.stats_head((stats - self.stats_mean) / self.stats_std)
+        return self.stats_head((stats - self.stats_mean) / self.stats_std * self.stats_scale)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Five star-bin logits for raw latents."""
         out = self.net(x)
-        return out if self.stats_head is None else out + self._stats_logits(latent_stats(x))
+        if self.stats_head is None:
+            return out
+        return out + self._stats_logits(latent_stats(x, self.stats_version))
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the last stage: the part frozen and cached when finetuning.
@@ -181,7 +213,7 @@ class Scorer(nn.Module):
         self._feature_shape = features.shape[1:]
         packed = [features.flatten(1)]
         if self.stats_head is not None:
-            packed.append(latent_stats(x))
+            packed.append(latent_stats(x, self.stats_version))
         return torch.cat(packed, 1)
 
     def head_logits(self, packed: torch.Tensor) -> torch.Tensor:
@@ -205,28 +237,58 @@ FEW_FOR_CV = 20  # under this many rated training rows, no cross-validation: the
 OWN_FIT_MIN_HELD_OUT = 40  # held-out images needed before a crowd start may drop the crowd
 
 
+def _ridge_path(z: torch.Tensor, r: torch.Tensor, alphas: Sequence[float]) -> list[torch.Tensor]:
+    """Ridge weights of centred targets r on z for each penalty, from one eigendecomposition
+    (of the n×n kernel when there are fewer rows than statistics, else of the p×p Gram)."""
+    if len(z) < z.shape[1]:
+        lam, u = torch.linalg.eigh(z @ z.T)
+        ur = u.T @ r
+        return [z.T @ (u @ (ur / (lam + alpha))) for alpha in alphas]
+    lam, v = torch.linalg.eigh(z.T @ z)
+    vr = v.T @ (z.T @ r)
+    return [v @ (vr / (lam + alpha)) for alpha in alphas]
+
+
 def ridge(z: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge regression of y on standardised z: (weights, intercept), in closed form."""
     z, y = z.double(), y.double()
     mean = y.mean()
-    gram = z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype)
-    weights = torch.linalg.solve(gram, z.T @ (y - mean))
-    return weights.float(), mean.float()
+    return _ridge_path(z, y - mean, [alpha])[0].float(), mean.float()
 
 
-def ridge_alpha(z: torch.Tensor, y: torch.Tensor, folds: int = 5) -> float:
-    """The ridge penalty with the best cross-validated rank correlation."""
-    if len(y) < FEW_FOR_CV:
-        return RIDGE_ALPHAS[-1]
+def ridge_choice(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    layout: torch.Tensor,
+    shares: Sequence[float] = LAYOUT_SCALES,
+    folds: int = 5,
+) -> tuple[float, torch.Tensor]:
+    """The ridge penalty and the layout maps' weight (`layout` marks them; one of `shares`)
+    with the best cross-validated rank correlation; returned as (alpha, per-statistic scale)."""
+
+    def scale_of(share: float) -> torch.Tensor:
+        return torch.where(layout, share, 1.0).double()
+
+    shares = shares if layout.any() else (1.0,)
+    if len(y) < FEW_FOR_CV:  # too few to judge: the largest penalty, the least layout
+        return RIDGE_ALPHAS[-1], scale_of(min(shares)).float()
+    z, y = z.double(), y.double()
     fold = torch.arange(len(y)) % folds
+    target = torch.from_numpy(rankdata(y))
     found = {}
-    for alpha in RIDGE_ALPHAS:
-        right = torch.zeros(len(y))
+    for share in shares:
+        scaled = z * scale_of(share)
+        right = torch.zeros(len(RIDGE_ALPHAS), len(y), dtype=torch.float64)
         for k in range(folds):
-            w, b = ridge(z[fold != k], y[fold != k], alpha)
-            right[fold == k] = z[fold == k] @ w + b
-        found[alpha] = _pearson(torch.from_numpy(rankdata(right)), torch.from_numpy(rankdata(y)))
-    return max(found, key=found.get)
+            fit, out = fold != k, fold == k
+            mean = y[fit].mean()
+            paths = _ridge_path(scaled[fit], y[fit] - mean, RIDGE_ALPHAS)
+            for a, weights in enumerate(paths):
+                right[a, out] = scaled[out] @ weights + mean
+        for a, alpha in enumerate(RIDGE_ALPHAS):
+            found[alpha, share] = _pearson(torch.from_numpy(rankdata(right[a])), target)
+    alpha, share = max(found, key=found.get)
+    return alpha, scale_of(share).float()
 
 
 def fit_stats_head(
@@ -235,6 +297,7 @@ def fit_stats_head(
     scores: torch.Tensor,
     rows: torch.Tensor,
     on_top: bool = False,
+    picks: Sequence[Pick] = (),
 ) -> None:
     """Set the statistics head to a ridge regression of the stars on the statistics.
 
@@ -242,31 +305,57 @@ def fit_stats_head(
     bins then rises with r and stays near it (≈ 3 + (r−3) for moderate r), so training starts
     from the baseline's ranking. With `on_top` (a crowd model's head is loaded) the ridge fits
     what the whole model's scores leave unexplained and is added to that head: with few
-    ratings the penalty keeps it near the crowd, with many it moves to the person.
+    ratings the penalty keeps it near the crowd, with many it moves to the person. The
+    penalty and the layout maps' weight are chosen by cross-validation (`ridge_choice`).
+
+    Someone with no stars yet but `picks` (rows of the same latents) gets a ridge fit of the
+    picks instead: each pick's statistics difference against one star for its winner.
     """
     rows = rows[torch.isfinite(scores[rows])]
-    if len(rows) < 2:
-        return
     with torch.no_grad():
-        z, y = model.standardised_stats(latents[rows]), scores[rows].float()
+        if len(rows) >= 2:
+            z, y = model.standardised_stats(latents[rows]), scores[rows].float()
+        elif len(picks) >= 2 and not on_top:
+            z, y = _pick_differences(model, latents, picks)
+        else:
+            return
         start = 3.0
         if on_top:
             model.eval()
             start = torch.cat([model(part) for part in latents[rows].split(256)])
-        alpha = ridge_alpha(z, y - start)
+        layout = layout_mask(model.stats_version)
+        # on top of a loaded head the statistics keep the weights that head was fitted with
+        shares = model.stats_scale[layout][:1].tolist() if on_top else LAYOUT_SCALES
+        alpha, scale = ridge_choice(z, y - start, layout, shares)
+        z = z * scale
         weights, intercept = ridge(z, y - start, alpha)
-        generator = torch.Generator().manual_seed(len(rows))
+        generator = torch.Generator().manual_seed(len(y))
         for b in range(BOOTSTRAP):
-            drawn = torch.randint(len(rows), (len(rows),), generator=generator)
+            drawn = torch.randint(len(y), (len(y),), generator=generator)
             w, c = ridge(z[drawn], (y - start)[drawn], alpha)
             model.stats_bootstrap[b] = torch.cat([w, c.view(1)])
+        model.stats_scale.copy_(scale)
+        model.stats_alpha.fill_(alpha)
         bins = 0.5 * (model.stars - 3)
         head = model.stats_head
         if not on_top:
             head.weight.zero_()
             head.bias.zero_()
-        head.weight += bins[:, None] * weights[None, :]
-        head.bias += bins * intercept
+        head.weight += bins[:, None] * weights[None, :]  # on the scaled statistics
+        head.bias += bins * (intercept if len(rows) >= 2 else 0.0)  # differences: no level
+
+
+def _pick_differences(
+    model: Scorer, latents: torch.Tensor, picks: Sequence[Pick]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Picks as ridge rows: the two sides' statistics difference, and the star gap it implies
+    (+1 for the first side's win, −1 for its loss, 0 for a tie), every other pick turned
+    round so the targets centre on zero."""
+    pairs = torch.tensor(picks, dtype=torch.float32).view(-1, 3)
+    first, second = pairs[:, 0].long(), pairs[:, 1].long()
+    z = model.standardised_stats(latents[first]) - model.standardised_stats(latents[second])
+    sign = 1 - 2 * (torch.arange(len(pairs)) % 2).float()
+    return z * sign[:, None], (2 * pairs[:, 2] - 1) * sign
 
 
 @dataclass
@@ -448,7 +537,8 @@ def uncertainty(model: Scorer, latents: torch.Tensor) -> torch.Tensor:
     fits' predictions (zeros for a scorer without a statistics head)."""
     if model.stats_head is None:
         return torch.zeros(len(latents))
-    z, fits = model.standardised_stats(latents), model.stats_bootstrap.cpu()
+    z = model.standardised_stats(latents) * model.stats_scale.cpu()
+    fits = model.stats_bootstrap.cpu()
     guesses = z @ fits[:, :-1].T + fits[:, -1]  # [N, BOOTSTRAP]
     return guesses.std(1)
 
@@ -463,9 +553,10 @@ def rating_value(
     if model.stats_head is None or not len(candidates):
         return torch.zeros(len(candidates))
     known = torch.isfinite(stars)
-    zr = model.standardised_stats(rated[known]).double()
-    zc = model.standardised_stats(candidates).double()
-    alpha = ridge_alpha(zr.float(), stars[known].float()) if known.sum() > 1 else RIDGE_ALPHAS[-1]
+    scale = model.stats_scale.cpu().double()
+    zr = model.standardised_stats(rated[known]).double() * scale
+    zc = model.standardised_stats(candidates).double() * scale
+    alpha = float(model.stats_alpha)
     inverse = torch.linalg.inv(zr.T @ zr + alpha * torch.eye(zr.shape[1], dtype=zr.dtype))
     spread = zc.T @ zc / len(zc)  # the candidates stand for the images to be scored
     ax = zc @ inverse  # A⁻¹x for each candidate
@@ -522,7 +613,7 @@ def train(
     if model.stats_head is not None:
         if not crowd_head:  # the crowd's head keeps its own standardisation
             model.fit_stats(latents)
-        fit_stats_head(model, latents, scores, train_rows, on_top=crowd_head)
+        fit_stats_head(model, latents, scores, train_rows, crowd_head, train_picks)
         if init is None:  # from scratch the CNN adds to the fitted head, from nothing
             nn.init.zeros_(model.net.fc.weight)
             nn.init.zeros_(model.net.fc.bias)
@@ -545,7 +636,9 @@ def train(
     steps_per_epoch = len(_batches(train_rows, config.batch_size, torch.Generator()))
     epochs = max(config.epochs, math.ceil(config.min_steps / max(steps_per_epoch, 1)))
     patience = math.ceil(config.patience * epochs / config.epochs)
-    total = steps_per_epoch * epochs
+    if model.stats_head is not None and len(val_rows) < config.cnn_min_held_out:
+        epochs = 0  # too few held-out images to tell a better epoch from luck: the head alone
+    total = max(steps_per_epoch * epochs, 1)
     best, best_state, best_epoch, stale, step, epochs_run = None, None, 0, 0, 0, 0
     dropped_crowd = False  # whether a crowd start did better as the person's own fit alone
     if len(val_rows) and model.stats_head is not None:  # the fitted head alone, as a baseline
@@ -613,7 +706,8 @@ def train(
     if best_epoch == 0 and model.stats_head is not None and not crowd_head:
         # the fitted head alone did best: fit it again on every rating, held-out ones too
         # (the figures stay those measured on the held-out images before this refit)
-        fit_stats_head(model.cpu(), data.latents, data.scores, torch.arange(len(data.scores)))
+        every = torch.arange(len(data.scores))
+        fit_stats_head(model.cpu(), data.latents, data.scores, every, picks=picks)
     model.eval()
     result = dict(best or {})
     result.update(
@@ -748,6 +842,8 @@ def scorer_tensors(model: Scorer) -> dict[str, torch.Tensor]:
             stats_mean=model.stats_mean,
             stats_std=model.stats_std,
             stats_bootstrap=model.stats_bootstrap,
+            stats_scale=model.stats_scale,
+            stats_alpha=model.stats_alpha,
         )
     return {k: v.detach().cpu() for k, v in tensors.items()}
 
@@ -762,8 +858,10 @@ def _load_stats(model: Scorer, tensors: dict[str, torch.Tensor]) -> bool:
         head.bias.copy_(tensors["stats_head_bias"])
         model.stats_mean.copy_(tensors["stats_mean"])
         model.stats_std.copy_(tensors["stats_std"])
-        if tensors.get("stats_bootstrap", torch.empty(0)).shape == model.stats_bootstrap.shape:
-            model.stats_bootstrap.copy_(tensors["stats_bootstrap"])
+        for name in ("stats_bootstrap", "stats_scale", "stats_alpha"):  # not in older files
+            mine = getattr(model, name)
+            if tensors.get(name, torch.empty(0)).shape == mine.shape:
+                mine.copy_(tensors[name])
     return True
 
 
