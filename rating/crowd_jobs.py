@@ -71,7 +71,7 @@ def _crowd_model(ratings: list, progress: JobProgress):
         scores=torch.zeros(len(images)),  # unused: the crowd targets come from the ratings
         flipped=encoded.flipped,
         sha256s=[image.sha256 for image in images],
-        metadata={},
+        metadata={"family": base.family},
     )
     progress.phase("scorer", "Training the crowd model")
     return crowd.train_crowd(

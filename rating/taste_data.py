@@ -107,9 +107,10 @@ class Judged:
         rows = {image.id: row for row, image in enumerate(self.images[: self.known])}
         return [(rows[a], rows[b], OUTCOMES[o]) for a, b, o in self.comparisons]
 
-    def learning_data(self, latents, flipped):
-        """The scorer's data (trainer.latents.LatentsFile) from the encoded `images`' latents:
-        the rated and picked-only rows, stars for the rated and NaN for the rest."""
+    def learning_data(self, latents, flipped, family: str):
+        """The scorer's data (trainer.latents.LatentsFile) from the encoded `images`' latents
+        (of a base model of this family): the rated and picked-only rows, stars for the
+        rated and NaN for the rest."""
         import torch
 
         from trainer.latents import LatentsFile
@@ -120,5 +121,5 @@ class Judged:
             scores=torch.tensor(self.stars + [math.nan] * len(self.picked)),
             flipped=flipped[:known] if flipped is not None else None,
             sha256s=[image.sha256 for image in self.images[:known]],
-            metadata={},
+            metadata={"family": family},
         )

@@ -118,7 +118,7 @@ class TasteRun:
         )
         if judged.rated:
             self.save_latents(judged, encoded)
-        self.judged = judged.learning_data(encoded.latents, encoded.flipped)
+        self.judged = judged.learning_data(encoded.latents, encoded.flipped, self.base.family)
         self.picks = judged.picks()
         self.unrated_ids = [image.id for image in judged.unrated]
         self.unrated_latents = encoded.latents[judged.known :]
@@ -142,7 +142,11 @@ class TasteRun:
             judged.stars,
             [image.sha256 for image, _ in judged.rated],
             flipped=encoded.flipped[:n] if encoded.flipped is not None else None,
-            metadata={"base_model": self.version.base_model, "owner": self.version.owner.username},
+            metadata={
+                "base_model": self.version.base_model,
+                "family": self.base.family,
+                "owner": self.version.owner.username,
+            },
         )
         self.version.latents_file = LATENTS
 
@@ -156,8 +160,9 @@ class TasteRun:
         crowd = crowd_model_path(self.version.base_model)
         if not crowd.is_file():
             return None, "scratch"
-        fits = json.loads(safetensors_metadata(crowd).get("input_shape", "null")) == shape
-        if not fits:
+        metadata = safetensors_metadata(crowd)
+        fits = json.loads(metadata.get("input_shape", "null")) == shape
+        if not fits or metadata.get("family", self.base.family) != self.base.family:
             self.progress.log("the crowd model was trained on other latents; starting afresh")
             return None, "scratch"
         return str(crowd), "the crowd model"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderTiny
+from diffusers.configuration_utils import FrozenDict
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
@@ -62,6 +64,56 @@ def test_shapes_and_scaling(vae, images):
         mean = vae.encode(pixels[None]).latent_dist.mean[0]
     assert torch.allclose(out.latents[0], mean * vae.config.scaling_factor, atol=1e-5)
     assert not torch.allclose(out.latents[0], mean, atol=1e-3)
+
+
+FAMILY_VAES = {  # the VAE configs' scaling conventions, as the families' own configs set them
+    "sd1": {"scaling_factor": 0.18215},
+    "sdxl": {"scaling_factor": 0.13025},
+    "playground-v2.5": {
+        "scaling_factor": 0.5,
+        "latents_mean": [-1.6574, 1.886, -1.383, 2.5155],
+        "latents_std": [8.4927, 5.9022, 6.5498, 5.2299],
+    },
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_VAES)
+def test_each_family_scales_latents_its_own_way_and_decoding_undoes_it(family):
+    config = FrozenDict(FAMILY_VAES[family])
+    raw = torch.randn(2, 4, 8, 8) * 5
+    scaled = lt.scale_latents(raw, config)
+    if "latents_mean" in config:  # per channel: (x − mean) · scale / std
+        mean = torch.tensor(config["latents_mean"]).view(1, 4, 1, 1)
+        std = torch.tensor(config["latents_std"]).view(1, 4, 1, 1)
+        assert torch.allclose(scaled, (raw - mean) * 0.5 / std)
+    else:
+        assert torch.allclose(scaled, raw * config["scaling_factor"])
+    assert torch.allclose(lt.unscale_latents(scaled, config), raw, atol=1e-5)
+
+
+class _Fp16OverflowVae(torch.nn.Module):
+    """Encodes like a VAE, except that in fp16 its activations overflow (as SDXL's do)."""
+
+    config = FrozenDict(scaling_factor=0.13025)
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.dtypes = []
+
+    def encode(self, pixels):
+        self.dtypes.append(self.weight.dtype)
+        mean = pixels[:, :3].mean(1, keepdim=True).repeat(1, 4, 1, 1)[..., ::8, ::8].float()
+        if self.weight.dtype == torch.float16:
+            mean = mean * float("inf")
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
+
+
+def test_a_vae_that_overflows_in_fp16_encodes_again_in_fp32():
+    vae = _Fp16OverflowVae().half()
+    latents = lt.encode_pixels(torch.rand(2, 3, 64, 64) * 2 - 1, vae)
+    assert torch.isfinite(latents).all() and latents.shape == (2, 4, 8, 8)
+    assert vae.dtypes == [torch.float16, torch.float32] and vae.weight.dtype == torch.float16
 
 
 def test_encoding_is_deterministic(vae, images):
@@ -275,6 +327,7 @@ def test_cli_exports_and_describes(images, tmp_path, capsys, monkeypatch):
     lt.main(["info", str(out)])
     info = json.loads(capsys.readouterr().out)
     assert info["count"] == 3 and info["flipped"] and info["metadata"]["base"] == "demo"
+    assert info["metadata"]["family"] == "sd1"  # so a scorer can refuse another family's
 
 
 def test_cli_reports_bad_files(tmp_path, capsys):

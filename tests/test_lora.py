@@ -27,13 +27,14 @@ QUICK = lora.TasteLoraConfig(
 )
 
 
-def save_random_scorer(path, shape=(4, 8, 8), seed=0):
+def save_random_scorer(path, shape=(4, 8, 8), seed=0, family=None):
     """A tiny untrained scorer: any differentiable score will do for the loop to climb."""
     config = sc.ScorerConfig(channels=(8, 16, 32, 64))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = sc.Scorer(config).eval()
-    sc.save_scorer(path, sc.TrainedScorer(model, config, {}, list(shape), 0, 0, "scratch"))
+    trained = sc.TrainedScorer(model, config, {}, list(shape), 0, 0, "scratch", family)
+    sc.save_scorer(path, trained)
     return path
 
 
@@ -166,6 +167,9 @@ def test_bad_inputs_are_refused_with_a_clear_message(base, scorer_file, tmp_path
     wrong = save_random_scorer(tmp_path / "wide.safetensors", shape=(4, 64, 64))
     with pytest.raises(lora.TasteLoraError, match=r"shape \[4, 64, 64\].*makes \[4, 8, 8\]"):
         lora.train(base, wrong, tmp_path / "b", QUICK)
+    sdxl = save_random_scorer(tmp_path / "sdxl.safetensors", family="sdxl")  # the same shape
+    with pytest.raises(lora.TasteLoraError, match="trained on SDXL family.*Stable Diffusion 1"):
+        lora.train(base, sdxl, tmp_path / "x", QUICK)
     pickled = tmp_path / "scorer.ckpt"
     pickled.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
     with pytest.raises(sc.ScorerFileError, match="never unpickled"):

@@ -123,16 +123,58 @@ def encode_pixels(pixels: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
     step = 1 if weight.device.type == "cuda" else len(pixels)
     parts = []
     for chunk in pixels.split(max(step, 1)):
-        output = vae.encode(chunk.to(device=weight.device, dtype=weight.dtype))
-        if hasattr(output, "latent_dist"):
-            # The mean, not a sample: the same image must always give the same latents, so
-            # the cache is exact and a scorer sees one target per image (a sample adds noise).
-            parts.append(output.latent_dist.mean)
-        else:  # AutoencoderTiny and friends return latents directly
-            parts.append(output.latents)
-    latents = torch.cat(parts)
-    shift = vae.config.get("shift_factor") or 0.0  # SD 1.x has none; SD3/Flux VAEs do
-    return ((latents - shift) * vae.config.scaling_factor).float().cpu()
+        latents = _encode_chunk(vae, chunk)
+        if weight.dtype == torch.float16 and not torch.isfinite(latents).all():
+            # SDXL's VAE overflows in fp16 (its config says force_upcast): this chunk again,
+            # in fp32, as diffusers' SDXL pipelines upcast it to decode
+            vae.to(torch.float32)
+            try:
+                latents = _encode_chunk(vae, chunk)
+            finally:
+                vae.to(torch.float16)
+        parts.append(latents.float())
+    return scale_latents(torch.cat(parts), vae.config).cpu()
+
+
+def _encode_chunk(vae: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+    weight = next(vae.parameters())
+    output = vae.encode(chunk.to(device=weight.device, dtype=weight.dtype))
+    if hasattr(output, "latent_dist"):
+        # The mean, not a sample: the same image must always give the same latents, so the
+        # cache is exact and a scorer sees one target per image (a sample adds noise).
+        return output.latent_dist.mean
+    return output.latents  # AutoencoderTiny and friends return latents directly
+
+
+def scale_latents(latents: torch.Tensor, config) -> torch.Tensor:
+    """The VAE's raw latents as the UNet sees them, by the family's convention (from the VAE's
+    config): × 0.18215 for SD 1.x, × 0.13025 for SDXL; per channel (x − mean) × scale / std
+    where the config has `latents_mean`/`latents_std` (Playground v2.5); (x − shift) × scale
+    where it has a `shift_factor` (SD3, Flux)."""
+    per_channel = _per_channel(config, latents)
+    if per_channel is not None:
+        mean, std = per_channel
+        return (latents - mean) * config.scaling_factor / std
+    return (latents - (config.get("shift_factor") or 0.0)) * config.scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, config) -> torch.Tensor:
+    """The inverse of `scale_latents`: what the VAE's decoder takes."""
+    per_channel = _per_channel(config, latents)
+    if per_channel is not None:
+        mean, std = per_channel
+        return latents * std / config.scaling_factor + mean
+    return latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+
+
+def _per_channel(config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A VAE config's per-channel latents mean and std, shaped to broadcast over `like`."""
+    values = config.get("latents_mean"), config.get("latents_std")
+    if None in values:
+        return None
+    return tuple(
+        torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1) for v in values
+    )
 
 
 def _cache_path(cache_dir: Path, identity: str, resolution: int, sha256: str) -> Path:
@@ -335,9 +377,11 @@ def export(
     config: LatentsConfig | None = None,
     identity: str | None = None,
     base_name: str = "",
+    family: str = "",
     progress: Progress = no_progress,
 ) -> dict:
-    """Encode the scored images and write a latents file; return a JSON-ready summary."""
+    """Encode the scored images and write a latents file; return a JSON-ready summary.
+    `family` (trainer.families) is recorded, so a scorer refuses another family's latents."""
     config = config or LatentsConfig()
     scores = read_scores_csv(scores_csv)
     listed = list_images(images)
@@ -361,6 +405,8 @@ def export(
         "base": base_name,
         "config": json.dumps(asdict(config)),
     }
+    if family:
+        metadata["family"] = family
     save_latents_file(
         out, encoded.latents, values, encoded.sha256s, flipped=encoded.flipped, metadata=metadata
     )
@@ -436,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
                 resolution=base.resolution,
                 config=config,
                 base_name=base.name,
+                family=base.family,
             )
     except (LatentsFileError, BaseModelNotFound, ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")

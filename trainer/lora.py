@@ -45,7 +45,7 @@ from trainer.formats import (
     checkpoint_name,
 )
 from trainer.prompts import read_prompts
-from trainer.scorer import ScorerFileError, load_scorer
+from trainer.scorer import ScorerFileError, check_family, load_scorer
 from trainer.tensorfiles import (
     folder_written_whole,
     optimizer_state,
@@ -584,6 +584,10 @@ def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) 
     side = base.resolution // pipe.vae_scale_factor
     shape = [pipe.unet.config.in_channels, side, side]
     scorer, metadata = load_scorer(scorer_path)
+    try:
+        check_family(metadata, base.family, f"the scorer {scorer_path}")
+    except ScorerFileError as error:
+        raise TasteLoraError(str(error)) from None
     if json.loads(metadata.get("input_shape", "null")) != shape:
         raise TasteLoraError(
             f"the scorer was trained on latents of shape {metadata.get('input_shape')}, but"

@@ -16,7 +16,6 @@ head train: that is what makes a personal scorer from 1,000 ratings quick on a C
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -234,7 +233,6 @@ class Scorer(nn.Module):
 
 RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 FEW_FOR_CV = 20  # under this many rated training rows, no cross-validation: the largest alpha
-OWN_FIT_MIN_HELD_OUT = 40  # held-out images needed before a crowd start may drop the crowd
 
 
 def _ridge_path(z: torch.Tensor, r: torch.Tensor, alphas: Sequence[float]) -> list[torch.Tensor]:
@@ -261,34 +259,39 @@ def ridge_choice(
     y: torch.Tensor,
     layout: torch.Tensor,
     shares: Sequence[float] = LAYOUT_SCALES,
+    start: torch.Tensor | float = 0.0,
     folds: int = 5,
-) -> tuple[float, torch.Tensor]:
-    """The ridge penalty and the layout maps' weight (`layout` marks them; one of `shares`)
-    with the best cross-validated rank correlation; returned as (alpha, per-statistic scale)."""
+) -> tuple[float, float, torch.Tensor]:
+    """Fit y as `start` plus a ridge regression on z: the penalty and the layout maps' weight
+    (`layout` marks them; one of `shares`) with the best cross-validated rank correlation of
+    the whole prediction. Returns (that correlation, alpha, per-statistic scale); with too
+    few rows to judge, (nan, the largest penalty, the least layout)."""
 
     def scale_of(share: float) -> torch.Tensor:
         return torch.where(layout, share, 1.0).double()
 
     shares = shares if layout.any() else (1.0,)
-    if len(y) < FEW_FOR_CV:  # too few to judge: the largest penalty, the least layout
-        return RIDGE_ALPHAS[-1], scale_of(min(shares)).float()
+    if len(y) < FEW_FOR_CV:
+        return math.nan, RIDGE_ALPHAS[-1], scale_of(min(shares)).float()
     z, y = z.double(), y.double()
+    start = torch.as_tensor(start, dtype=torch.float64).expand(len(y))
     fold = torch.arange(len(y)) % folds
     target = torch.from_numpy(rankdata(y))
     found = {}
     for share in shares:
         scaled = z * scale_of(share)
-        right = torch.zeros(len(RIDGE_ALPHAS), len(y), dtype=torch.float64)
+        right = start.repeat(len(RIDGE_ALPHAS), 1)
         for k in range(folds):
             fit, out = fold != k, fold == k
-            mean = y[fit].mean()
-            paths = _ridge_path(scaled[fit], y[fit] - mean, RIDGE_ALPHAS)
+            residual = y[fit] - start[fit]
+            mean = residual.mean()
+            paths = _ridge_path(scaled[fit], residual - mean, RIDGE_ALPHAS)
             for a, weights in enumerate(paths):
-                right[a, out] = scaled[out] @ weights + mean
+                right[a, out] += scaled[out] @ weights + mean
         for a, alpha in enumerate(RIDGE_ALPHAS):
             found[alpha, share] = _pearson(torch.from_numpy(rankdata(right[a])), target)
     alpha, share = max(found, key=found.get)
-    return alpha, scale_of(share).float()
+    return found[alpha, share], alpha, scale_of(share).float()
 
 
 def fit_stats_head(
@@ -304,9 +307,11 @@ def fit_stats_head(
     Logit k gets ½·(k−3)·(r−3) for a ridge prediction r (in stars): the softmax mean over the
     bins then rises with r and stays near it (≈ 3 + (r−3) for moderate r), so training starts
     from the baseline's ranking. With `on_top` (a crowd model's head is loaded) the ridge fits
-    what the whole model's scores leave unexplained and is added to that head: with few
-    ratings the penalty keeps it near the crowd, with many it moves to the person. The
+    what the crowd model's scores leave unexplained and is added to that head; how much of
+    the crowd's say to keep (`CROWD_WEIGHTS`: all, half, none) is chosen by cross-validation
+    on these ratings with the rest, so a taste unlike the crowd's sets the crowd aside. The
     penalty and the layout maps' weight are chosen by cross-validation (`ridge_choice`).
+    Returns the crowd weight kept (1 without a crowd).
 
     Someone with no stars yet but `picks` (rows of the same latents) gets a ridge fit of the
     picks instead: each pick's statistics difference against one star for its winner.
@@ -318,15 +323,13 @@ def fit_stats_head(
         elif len(picks) >= 2 and not on_top:
             z, y = _pick_differences(model, latents, picks)
         else:
-            return
-        start = 3.0
-        if on_top:
-            model.eval()
-            start = torch.cat([model(part) for part in latents[rows].split(256)])
+            return 1.0
         layout = layout_mask(model.stats_version)
-        # on top of a loaded head the statistics keep the weights that head was fitted with
-        shares = model.stats_scale[layout][:1].tolist() if on_top else LAYOUT_SCALES
-        alpha, scale = ridge_choice(z, y - start, layout, shares)
+        if on_top:
+            kept, start, shares = _crowd_weight(model, latents[rows], z, y, layout)
+        else:
+            kept, start, shares = 1.0, 3.0, LAYOUT_SCALES
+        _, alpha, scale = ridge_choice(z, y, layout, shares, start)
         z = z * scale
         weights, intercept = ridge(z, y - start, alpha)
         generator = torch.Generator().manual_seed(len(y))
@@ -343,6 +346,38 @@ def fit_stats_head(
             head.bias.zero_()
         head.weight += bins[:, None] * weights[None, :]  # on the scaled statistics
         head.bias += bins * (intercept if len(rows) >= 2 else 0.0)  # differences: no level
+    return kept
+
+
+CROWD_WEIGHTS = (1.0, 0.5, 0.0)  # how much of a crowd model's say a personal fit may keep
+
+
+def _crowd_weight(
+    model: Scorer, latents: torch.Tensor, z: torch.Tensor, y: torch.Tensor, layout: torch.Tensor
+) -> tuple[float, torch.Tensor | float, Sequence[float]]:
+    """Scale a crowd-started model's own say (its last layer and statistics head) to the
+    weight in `CROWD_WEIGHTS` whose scores, plus a personal ridge fit, best predict y in
+    cross-validation. Returns that weight, the scaled model's scores of `latents` (the start
+    the personal fit adds to) and the layout shares that fit may use."""
+    model.eval()
+    parts = [model.net.fc.weight, model.net.fc.bias, model.stats_head.weight, model.stats_head.bias]
+    crowd = [part.detach().clone() for part in parts]
+    crowd_share = model.stats_scale[layout][:1].tolist()  # the share the crowd's head was fit on
+
+    def weigh(weight: float) -> torch.Tensor:
+        for part, value in zip(parts, crowd, strict=True):
+            part.copy_(value * weight)
+        return torch.cat([model(chunk) for chunk in latents.split(256)])
+
+    found = {}
+    for weight in CROWD_WEIGHTS:
+        start = weigh(weight)
+        shares = crowd_share if weight else LAYOUT_SCALES  # no crowd head left: choose afresh
+        found[weight] = (ridge_choice(z, y, layout, shares, start)[0], start, shares)
+    judged = {w: f for w, f in found.items() if not math.isnan(f[0])}
+    best = max(judged, key=lambda w: judged[w][0]) if judged else CROWD_WEIGHTS[0]
+    weigh(best)
+    return best, found[best][1], found[best][2]
 
 
 def _pick_differences(
@@ -369,6 +404,7 @@ class TrainedScorer:
     ratings: int  # star ratings it learnt from (train and held-out)
     pairs: int  # explicit picks it learnt from
     init: str  # "scratch", or the trunk file it started from
+    family: str | None = None  # the base model family of its latents (trainer.families)
 
 
 # ---- losses ---------------------------------------------------------------------------------
@@ -595,8 +631,9 @@ def train(
     a same-arch timm state dict) the trunk is frozen and only the last stage and head train.
     """
     config = config or ScorerConfig()
+    family = data.metadata.get("family")
     if init is not None:
-        config = _config_of(init, config)
+        config = _config_of(init, config, family)
     started = time.perf_counter()
     device = pick_device()
     generator = torch.Generator().manual_seed(config.seed)
@@ -610,10 +647,12 @@ def train(
         len(latents), config.val_fraction, generator, data.sha256s
     )
     train_picks, val_picks = _split_picks(picks, train_rows, val_rows)
+    crowd_weight = None  # with a crowd model's head: how much of its say the scorer keeps
     if model.stats_head is not None:
         if not crowd_head:  # the crowd's head keeps its own standardisation
             model.fit_stats(latents)
-        fit_stats_head(model, latents, scores, train_rows, crowd_head, train_picks)
+        kept = fit_stats_head(model, latents, scores, train_rows, crowd_head, train_picks)
+        crowd_weight = kept if crowd_head else None
         if init is None:  # from scratch the CNN adds to the fitted head, from nothing
             nn.init.zeros_(model.net.fc.weight)
             nn.init.zeros_(model.net.fc.bias)
@@ -640,23 +679,10 @@ def train(
         epochs = 0  # too few held-out images to tell a better epoch from luck: the head alone
     total = max(steps_per_epoch * epochs, 1)
     best, best_state, best_epoch, stale, step, epochs_run = None, None, 0, 0, 0, 0
-    dropped_crowd = False  # whether a crowd start did better as the person's own fit alone
     if len(val_rows) and model.stats_head is not None:  # the fitted head alone, as a baseline
         model.eval()
         best = _evaluate(model, latents[val_rows], scores[val_rows], val_picks, cached, device)
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if crowd_head and len(val_rows) >= OWN_FIT_MIN_HELD_OUT:
-            # is the crowd still worth its place? Try the person's own fit alone (with few
-            # held-out images that comparison is noise, and the crowd's prior is the safer bet)
-            own = _own_fit(model, data, train_rows)
-            found = _evaluate(own, latents[val_rows], scores[val_rows], val_picks, cached, device)
-            if _quality(found) > _quality(best):
-                dropped_crowd = True
-                model.load_state_dict(own.state_dict())
-                best, best_state = (
-                    found,
-                    {k: v.detach().clone() for k, v in own.state_dict().items()},
-                )
     for epoch in range(epochs):
         if should_stop():
             break
@@ -716,7 +742,8 @@ def train(
         train_size=len(train_rows),
         val_size=len(val_rows),
         seconds=round(time.perf_counter() - started, 2),
-        dropped_crowd=dropped_crowd,
+        crowd_weight=crowd_weight,
+        dropped_crowd=crowd_weight == 0,
     )
     progress(total, total, f"done: held-out SRCC {result.get('srcc')}")
     rated = int(torch.isfinite(data.scores).sum())
@@ -728,20 +755,8 @@ def train(
         ratings=rated,
         pairs=len(picks),
         init=str(init) if init is not None else "scratch",
+        family=family,
     )
-
-
-def _own_fit(model: Scorer, data: LatentsFile, rows: torch.Tensor) -> Scorer:
-    """A copy of a crowd-started scorer without the crowd's say: its last layer at zero and
-    its statistics head fitted to the person's ratings alone (what scratch starts from)."""
-    own = copy.deepcopy(model).cpu()
-    with torch.no_grad():
-        own.net.fc.weight.zero_()
-        own.net.fc.bias.zero_()
-        own.stats_head.weight.zero_()
-        own.stats_head.bias.zero_()
-    fit_stats_head(own, data.latents, data.scores, rows)
-    return own.to(next(model.parameters()).device)
 
 
 def _split_picks(
@@ -806,11 +821,25 @@ def _quality(found: dict) -> float:
 # ---- files ----------------------------------------------------------------------------------
 
 
-def _config_of(init: str | Path, config: ScorerConfig) -> ScorerConfig:
+def check_family(metadata: dict, family: str | None, what: str) -> None:
+    """Refuse a scorer file's use on latents of another base-model family: an SDXL scorer
+    reads SD 1.x latents (same shape at some sizes) as nonsense, without an error."""
+    from trainer.families import NAMES
+
+    mine = metadata.get("family")
+    if mine and family and mine != family:
+        raise ScorerFileError(
+            f"{what} was trained on {NAMES.get(mine, mine)} latents, and these are"
+            f" {NAMES.get(family, family)} latents; train a scorer on this base model's latents"
+        )
+
+
+def _config_of(init: str | Path, config: ScorerConfig, family: str | None) -> ScorerConfig:
     """Take the arch and widths from a scorer file being finetuned; other settings stay."""
     _, metadata = read_safetensors(init, ScorerFileError)
     if metadata.get("format") != FORMAT:
         return config  # a plain state dict: it must fit the configured arch
+    check_family(metadata, family, f"the trunk {init}")
     saved = ScorerConfig.from_dict(json.loads(metadata["config"]))
     return replace(config, arch=saved.arch, channels=saved.channels)
 
@@ -828,6 +857,8 @@ def save_scorer(path: str | Path, trained: TrainedScorer) -> None:
         "pairs": str(trained.pairs),
         "init": trained.init,
     }
+    if trained.family:
+        metadata["family"] = trained.family
     write_atomic(Path(path), scorer_tensors(trained.model), metadata)
 
 
@@ -908,7 +939,8 @@ def main(argv: list[str] | None = None) -> None:
             save_scorer(args.out, trained)
             summary = {**trained.metrics, "out": args.out, "init": trained.init}
         else:
-            model, _ = load_scorer(args.model)
+            model, metadata = load_scorer(args.model)
+            check_family(metadata, data.metadata.get("family"), f"the scorer {args.model}")
             summary = {"scores": [round(float(s), 4) for s in predict(model, data.latents)]}
             if data.sha256s is not None:
                 summary["sha256s"] = data.sha256s
