@@ -165,3 +165,47 @@ def test_cli_trains_from_a_ratings_csv(tmp_path, capsys):
         )
     assert exit_info.value.code == 2
     assert "error: " in capsys.readouterr().err
+
+
+def _three_tastes(n: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Latents, and three unrelated tastes of them: where channel 0's weight sits (top over
+    bottom), how much channel 1 there is, and how busy channel 2 is (each z-scored)."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, 4, 8, 8, generator=g) * torch.rand(n, 4, 1, 1, generator=g).add(0.3)
+    latents += torch.randn(n, 4, 1, 1, generator=g)
+    raw = [
+        latents[:, 0, :4].mean((1, 2)) - latents[:, 0, 4:].mean((1, 2)),
+        latents[:, 1].mean((1, 2)),
+        latents[:, 2].std((1, 2)),
+    ]
+    return latents, [(t - t.mean()) / t.std() for t in raw]
+
+
+def test_a_newcomer_with_a_taste_from_the_crowd_is_read_from_fewer_ratings(tmp_path):
+    latents, tastes = _three_tastes(600, seed=1)
+    g = torch.Generator().manual_seed(2)
+    ids, rows, stars = [], [], []
+    for rater in range(12):  # four raters of each taste, 150 ratings each
+        seen = torch.randperm(len(latents), generator=g)[:150]
+        liking = tastes[rater % 3][seen] + 0.4 * torch.randn(150, generator=g)
+        ids += [rater] * 150
+        rows += seen.tolist()
+        stars += (3 + liking).round().clamp(1, 5).tolist()
+    data = LatentsFile(latents, torch.zeros(len(latents)), None, None, {})
+    trained = crowd.train_crowd(data, ids, rows, stars, TINY)
+    assert trained.metrics["crowd"]["taste_directions"] == 8
+    assert torch.allclose(trained.model.stats_tastes.norm(dim=1), torch.ones(8), atol=1e-4)
+    path = tmp_path / "crowd.safetensors"
+    sc.save_scorer(path, trained)
+    assert torch.equal(sc.load_scorer(path)[0].stats_tastes, trained.model.stats_tastes)
+
+    # a newcomer who likes channel 1, the crowd's average taste or not, rates 30 images
+    mine = (3 + tastes[1][:30] + 0.4 * torch.randn(30, generator=g)).round().clamp(1, 5)
+    newcomer = LatentsFile(latents[:30], mine, None, None, {})
+    test_latents, test_tastes = _three_tastes(300, seed=3)
+    found = {}
+    for start, init in (("scratch", None), ("crowd", path)):
+        tuned = sc.train(newcomer, TINY, init=init)
+        predicted = sc.predict(tuned.model, test_latents)
+        found[start] = sc.metrics(predicted, test_tastes[1])["srcc"]
+    assert found["crowd"] > 0.8 and found["crowd"] > found["scratch"] + 0.1, found

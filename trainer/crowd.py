@@ -31,9 +31,14 @@ import torch
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.latents import LatentsFile, LatentsFileError, load_latents_file
 from trainer.scorer import (
+    TASTES,
+    RidgeDesign,
+    Scorer,
     ScorerConfig,
     ScorerFileError,
     TrainedScorer,
+    ridge,
+    ridge_choice,
     save_scorer,
     train,
 )
@@ -171,9 +176,54 @@ def train_crowd(
     )
     progress(0, 1, f"crowd targets: {account['ratings']} ratings from {account['raters']} raters")
     trained = train(crowd, config, init=init, progress=progress, should_stop=should_stop)
+    model = trained.model
+    if model.stats_head is not None:
+        found = taste_directions(model, data.latents, rater_ids, rows, stars)
+        model.stats_tastes.zero_()
+        model.stats_tastes[: len(found)] = found
+        account = {**account, "taste_directions": len(found)}
     return replace(
         trained, metrics={**trained.metrics, "crowd": account}, ratings=account["ratings"]
     )
+
+
+MIN_TASTE_RATINGS = 20  # a rater's ratings before their taste counts towards the directions
+
+
+def taste_directions(
+    model: Scorer,
+    latents: torch.Tensor,
+    rater_ids: Sequence[int],
+    rows: Sequence[int],
+    stars: Sequence[float],
+    keep: int = TASTES,
+) -> torch.Tensor:
+    """The directions the crowd's tastes span, in the model's scaled statistics: each rater
+    with `MIN_TASTE_RATINGS` or more gets a ridge fit of their own stars; the top right
+    singular vectors of those fits (each of unit length) are the directions, [≤ keep, width].
+
+    A personal scorer started from this model may lean on them (`trainer.scorer.designs`): a
+    newcomer whose taste is like some of the crowd's then needs far fewer ratings to be read.
+    """
+    by_rater: dict[int, list[tuple[int, float]]] = {}
+    for rater, row, given in zip(rater_ids, rows, stars, strict=True):
+        by_rater.setdefault(rater, []).append((row, float(given)))
+    z = model.standardised_stats(latents)
+    design = RidgeDesign(model.stats_scale.cpu())
+    fits = []
+    for judged in by_rater.values():
+        y = torch.tensor([given for _, given in judged])
+        if len(judged) < MIN_TASTE_RATINGS or y.std() == 0:
+            continue
+        mine = z[[row for row, _ in judged]]
+        _, alpha, _ = ridge_choice(mine, y, [design])
+        weights, _ = ridge(design.features(mine), y, alpha)
+        if weights.norm() > 0:
+            fits.append(weights / weights.norm())
+    if len(fits) < 2:
+        return torch.zeros(0, z.shape[1])
+    _, _, directions = torch.linalg.svd(torch.stack(fits).double(), full_matrices=False)
+    return directions[:keep].float()
 
 
 # ---- command line ---------------------------------------------------------------------------

@@ -177,6 +177,8 @@ class Scorer(nn.Module):
             # the penalty, kept so that what to rate next is judged by the same fit
             self.register_buffer("stats_scale", torch.ones(width))
             self.register_buffer("stats_alpha", torch.tensor(RIDGE_ALPHAS[-1]))
+            # a crowd model's: the directions its raters' tastes span (zeros: none known)
+            self.register_buffer("stats_tastes", torch.zeros(TASTES, width))
 
     def fit_stats(self, latents: torch.Tensor) -> None:
         """Standardise the statistics head's inputs on these latents (all of them: no labels)."""
@@ -254,44 +256,80 @@ def ridge(z: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor,
     return _ridge_path(z, y - mean, [alpha])[0].float(), mean.float()
 
 
+TASTE_WEIGHTS = (0.0, 10.0, 30.0, 100.0)  # how far a fit may lean on the crowd's tastes
+TASTES = 8  # taste directions a crowd model keeps (see trainer.crowd.taste_directions)
+
+
+@dataclass(frozen=True)
+class RidgeDesign:
+    """How the statistics become a ridge fit's features: each statistic's scale (the layout
+    maps' share), and, from a crowd, the directions its raters' tastes span, as extra
+    features with their own weight: a prior that a person's taste is likely one of theirs."""
+
+    scale: torch.Tensor  # [width]
+    tastes: torch.Tensor | None = None  # [k, width], in the scaled statistics
+    taste_weight: float = 0.0
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        scaled = z * self.scale.to(z.dtype)
+        if self.tastes is None or not self.taste_weight:
+            return scaled
+        return torch.cat([scaled, self.taste_weight * scaled @ self.tastes.to(z.dtype).T], 1)
+
+    def fold(self, weights: torch.Tensor) -> torch.Tensor:
+        """Weights on `features` → the same fit's weights on the scaled statistics."""
+        width = len(self.scale)
+        if self.tastes is None or not self.taste_weight:
+            return weights
+        extra = self.tastes.to(weights.dtype).T @ weights[width:]
+        return weights[:width] + self.taste_weight * extra
+
+
+def designs(
+    layout: torch.Tensor, shares: Sequence[float], tastes: torch.Tensor | None = None
+) -> list[RidgeDesign]:
+    """Every design to try: each layout share, with each taste weight when there are tastes."""
+    shares = shares if layout.any() else (1.0,)
+    found = tastes is not None and bool(tastes.any())
+    return [
+        RidgeDesign(torch.where(layout, share, 1.0), tastes if found else None, weight)
+        for share in shares
+        for weight in (TASTE_WEIGHTS if found else (0.0,))
+    ]
+
+
 def ridge_choice(
     z: torch.Tensor,
     y: torch.Tensor,
-    layout: torch.Tensor,
-    shares: Sequence[float] = LAYOUT_SCALES,
+    candidates: Sequence[RidgeDesign],
     start: torch.Tensor | float = 0.0,
     folds: int = 5,
-) -> tuple[float, float, torch.Tensor]:
-    """Fit y as `start` plus a ridge regression on z: the penalty and the layout maps' weight
-    (`layout` marks them; one of `shares`) with the best cross-validated rank correlation of
-    the whole prediction. Returns (that correlation, alpha, per-statistic scale); with too
-    few rows to judge, (nan, the largest penalty, the least layout)."""
-
-    def scale_of(share: float) -> torch.Tensor:
-        return torch.where(layout, share, 1.0).double()
-
-    shares = shares if layout.any() else (1.0,)
+) -> tuple[float, float, RidgeDesign]:
+    """Fit y as `start` plus a ridge regression on the statistics z: the penalty and the
+    design (of `candidates`) with the best cross-validated rank correlation of the whole
+    prediction. Returns (that correlation, alpha, design); with too few rows to judge, (nan,
+    the largest penalty, the first design)."""
     if len(y) < FEW_FOR_CV:
-        return math.nan, RIDGE_ALPHAS[-1], scale_of(min(shares)).float()
+        return math.nan, RIDGE_ALPHAS[-1], candidates[0]
     z, y = z.double(), y.double()
     start = torch.as_tensor(start, dtype=torch.float64).expand(len(y))
     fold = torch.arange(len(y)) % folds
     target = torch.from_numpy(rankdata(y))
     found = {}
-    for share in shares:
-        scaled = z * scale_of(share)
+    for d, design in enumerate(candidates):
+        x = design.features(z)
         right = start.repeat(len(RIDGE_ALPHAS), 1)
         for k in range(folds):
             fit, out = fold != k, fold == k
             residual = y[fit] - start[fit]
             mean = residual.mean()
-            paths = _ridge_path(scaled[fit], residual - mean, RIDGE_ALPHAS)
+            paths = _ridge_path(x[fit], residual - mean, RIDGE_ALPHAS)
             for a, weights in enumerate(paths):
-                right[a, out] += scaled[out] @ weights + mean
+                right[a, out] += x[out] @ weights + mean
         for a, alpha in enumerate(RIDGE_ALPHAS):
-            found[alpha, share] = _pearson(torch.from_numpy(rankdata(right[a])), target)
-    alpha, share = max(found, key=found.get)
-    return found[alpha, share], alpha, scale_of(share).float()
+            found[alpha, d] = _pearson(torch.from_numpy(rankdata(right[a])), target)
+    alpha, d = max(found, key=found.get)
+    return found[alpha, d], alpha, candidates[d]
 
 
 def fit_stats_head(
@@ -326,18 +364,19 @@ def fit_stats_head(
             return 1.0
         layout = layout_mask(model.stats_version)
         if on_top:
-            kept, start, shares = _crowd_weight(model, latents[rows], z, y, layout)
+            kept, start, candidates = _crowd_weight(model, latents[rows], z, y, layout)
         else:
-            kept, start, shares = 1.0, 3.0, LAYOUT_SCALES
-        _, alpha, scale = ridge_choice(z, y, layout, shares, start)
-        z = z * scale
-        weights, intercept = ridge(z, y - start, alpha)
+            kept, start, candidates = 1.0, 3.0, designs(layout, LAYOUT_SCALES)
+        _, alpha, design = ridge_choice(z, y, candidates, start)
+        x = design.features(z)
+        weights, intercept = ridge(x, y - start, alpha)
+        weights = design.fold(weights)
         generator = torch.Generator().manual_seed(len(y))
         for b in range(BOOTSTRAP):
             drawn = torch.randint(len(y), (len(y),), generator=generator)
-            w, c = ridge(z[drawn], (y - start)[drawn], alpha)
-            model.stats_bootstrap[b] = torch.cat([w, c.view(1)])
-        model.stats_scale.copy_(scale)
+            w, c = ridge(x[drawn], (y - start)[drawn], alpha)
+            model.stats_bootstrap[b] = torch.cat([design.fold(w), c.view(1)])
+        model.stats_scale.copy_(design.scale)
         model.stats_alpha.fill_(alpha)
         bins = 0.5 * (model.stars - 3)
         head = model.stats_head
@@ -354,11 +393,11 @@ CROWD_WEIGHTS = (1.0, 0.5, 0.0)  # how much of a crowd model's say a personal fi
 
 def _crowd_weight(
     model: Scorer, latents: torch.Tensor, z: torch.Tensor, y: torch.Tensor, layout: torch.Tensor
-) -> tuple[float, torch.Tensor | float, Sequence[float]]:
+) -> tuple[float, torch.Tensor | float, list[RidgeDesign]]:
     """Scale a crowd-started model's own say (its last layer and statistics head) to the
     weight in `CROWD_WEIGHTS` whose scores, plus a personal ridge fit, best predict y in
     cross-validation. Returns that weight, the scaled model's scores of `latents` (the start
-    the personal fit adds to) and the layout shares that fit may use."""
+    the personal fit adds to) and the designs that fit may choose from (`designs`)."""
     model.eval()
     parts = [model.net.fc.weight, model.net.fc.bias, model.stats_head.weight, model.stats_head.bias]
     crowd = [part.detach().clone() for part in parts]
@@ -370,10 +409,12 @@ def _crowd_weight(
         return torch.cat([model(chunk) for chunk in latents.split(256)])
 
     found = {}
+    tastes = model.stats_tastes
     for weight in CROWD_WEIGHTS:
         start = weigh(weight)
         shares = crowd_share if weight else LAYOUT_SCALES  # no crowd head left: choose afresh
-        found[weight] = (ridge_choice(z, y, layout, shares, start)[0], start, shares)
+        candidates = designs(layout, shares, tastes)
+        found[weight] = (ridge_choice(z, y, candidates, start)[0], start, candidates)
     judged = {w: f for w, f in found.items() if not math.isnan(f[0])}
     best = max(judged, key=lambda w: judged[w][0]) if judged else CROWD_WEIGHTS[0]
     weigh(best)
@@ -875,6 +916,7 @@ def scorer_tensors(model: Scorer) -> dict[str, torch.Tensor]:
             stats_bootstrap=model.stats_bootstrap,
             stats_scale=model.stats_scale,
             stats_alpha=model.stats_alpha,
+            stats_tastes=model.stats_tastes,
         )
     return {k: v.detach().cpu() for k, v in tensors.items()}
 
@@ -889,7 +931,7 @@ def _load_stats(model: Scorer, tensors: dict[str, torch.Tensor]) -> bool:
         head.bias.copy_(tensors["stats_head_bias"])
         model.stats_mean.copy_(tensors["stats_mean"])
         model.stats_std.copy_(tensors["stats_std"])
-        for name in ("stats_bootstrap", "stats_scale", "stats_alpha"):  # not in older files
+        for name in ("stats_bootstrap", "stats_scale", "stats_alpha", "stats_tastes"):  # newer
             mine = getattr(model, name)
             if tensors.get(name, torch.empty(0)).shape == mine.shape:
                 mine.copy_(tensors[name])
