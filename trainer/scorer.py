@@ -234,7 +234,9 @@ class Scorer(nn.Module):
 
 
 RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
-FEW_FOR_CV = 20  # under this many rated training rows, no cross-validation: the largest alpha
+FEW_FOR_CV = 8  # under this many rated training rows, no cross-validation: the largest alpha
+# (5 folds of 8 rows are noisy, but the choice between a crowd's say and none is one comparison,
+# and the largest alpha alone let a crowd unlike the person outvote their first ratings)
 
 
 def _ridge_path(z: torch.Tensor, r: torch.Tensor, alphas: Sequence[float]) -> list[torch.Tensor]:
