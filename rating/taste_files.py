@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from rating.models import Job, TasteVersion, db
 from rating.settings import storage_root
-from trainer.formats import checkpoint_folders, read_history, sanitize_name
+from trainer.formats import checkpoint_folders, read_history, safetensors_metadata, sanitize_name
 
 # A version folder's entries (see version_folder); LORA holds checkpoint-NNNNNN folders.
 LATENTS = "latents.safetensors"
@@ -97,6 +97,7 @@ def write_bundle(version: TasteVersion, preview) -> None:
     lora = version.metrics.get("lora") or {}
     info = {
         "base_model": version.base_model,
+        "family": safetensors_metadata(folder / SCORER).get("family", "sd1"),
         "resolution": version.metrics.get("resolution", 512),
         "scorer_sha256": scorer_sha256,
         "ratings": version.ratings_count,

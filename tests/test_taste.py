@@ -697,3 +697,43 @@ def test_embedded_job_threads_run_below_the_servers_priority(site_app):
         assert done.result["nice"] == min(server + jobs.WORKER_NICENESS, 19)
     # this thread, like the server's, is untouched
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == server
+
+
+# ---- an SDXL-family base --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_my_taste_on_an_sdxl_family_base_gives_sdxl_files(site_app, tmp_path):
+    from safetensors import safe_open
+
+    from tests.tiny_sdxl import build_tiny_sdxl
+
+    folder = tmp_path / "tiny-sdxl"
+    build_tiny_sdxl().save_pretrained(folder)
+    site_app.config["BASE_MODEL"] = str(folder)
+    try:
+        xl = person(site_app, "xl-fan")
+        job_id = click_train(xl)
+        html, status, _ = wait_until_done(xl, job_id)
+    finally:
+        site_app.config["BASE_MODEL"] = "demo"
+    assert status == "succeeded", html
+    version = version_of(site_app, job_id)
+    assert version.complete and version.metrics["family"].startswith("SDXL family")
+    page = xl.client.get(f"/taste/versions/{version.id}").get_data(as_text=True)
+    assert "SDXL family" in page
+    zipped = fetch(xl, f"/taste/versions/{version.id}/download/lora")
+    with zipfile.ZipFile(io.BytesIO(zipped.data)) as archive:
+        archive.extractall(tmp_path)
+    stem = tmp_path / "bundle" / "tastebud-xl-fan-taste-v1"
+    with safe_open(f"{stem}.safetensors", framework="pt") as file:
+        meta = file.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert json.loads(Path(f"{stem}.json").read_text())["sd version"] == "SDXL"
+    with site_app.app_context():
+        latents = taste_files.version_folder(version) / taste_files.LATENTS
+        scorer = taste_files.version_folder(version) / taste_files.SCORER
+    for path in (latents, scorer):
+        with safe_open(str(path), framework="pt") as file:
+            assert file.metadata()["family"] == "sdxl", path

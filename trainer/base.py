@@ -21,6 +21,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.loaders.single_file_utils import SingleFileComponentError
@@ -73,7 +74,7 @@ class BaseModel:
     is_demo: bool
     resolution: int  # image side in pixels: 512 for SD 1.x, 32 for the demo world
     prompts_file: Path  # the prompt set LoRAs train and evaluate on unless told otherwise
-    family: str = "sd1"  # trainer.families: sd1 or sd2 (the families the trainer supports)
+    family: str = "sd1"  # trainer.families: sd1, sd2 or sdxl (the families the trainer supports)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -209,6 +210,12 @@ def ddim_scheduler(config) -> DDIMScheduler:
 # Never load SD's safety checker: 304 M parameters (0.57 GiB in fp16, a 1.2 GB download) on
 # the GPU beside the UNet, and nothing here ever runs it.
 NO_SAFETY_CHECKER = {"safety_checker": None, "requires_safety_checker": False}
+# The pipeline class each family the trainer supports is loaded as, and what it is told.
+PIPELINES = {
+    "sd1": (StableDiffusionPipeline, NO_SAFETY_CHECKER),
+    "sd2": (StableDiffusionPipeline, NO_SAFETY_CHECKER),
+    "sdxl": (StableDiffusionXLPipeline, {}),  # SDXL pipelines have no safety checker
+}
 
 
 def _offline() -> bool:
@@ -228,13 +235,12 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+def _load_folder(folder: Path, dtype: torch.dtype, family: str) -> StableDiffusionPipeline:
     if not (folder / "model_index.json").is_file():
         raise BaseModelNotFound(f"{folder} is not a diffusers folder (no model_index.json); {FIX}")
+    pipeline, told = PIPELINES[family]
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, **NO_SAFETY_CHECKER
-        )
+        return pipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **told)
     except (OSError, ValueError) as error:
         raise BaseModelNotFound(
             f"could not load the diffusers folder {folder}: {error}; {FIX}"
@@ -242,20 +248,21 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
 
 
 def _load_single_file(
-    path: Path, dtype: torch.dtype, config: str | Path | None
+    path: Path, dtype: torch.dtype, config: str | Path | None, family: str
 ) -> StableDiffusionPipeline:
     if not path.is_file():
         raise BaseModelNotFound(f"no checkpoint file at {path}; {FIX}")
     if config is not None and not Path(config, "model_index.json").is_file():
         raise BaseModelNotFound(f"config {config} is not a diffusers folder (no model_index.json)")
     local_only = config is not None or _offline()
+    pipeline, told = PIPELINES[family]
     try:
-        return StableDiffusionPipeline.from_single_file(
+        return pipeline.from_single_file(
             str(path),
             config=str(config) if config is not None else None,
             dtype=dtype,
             local_files_only=local_only,
-            **NO_SAFETY_CHECKER,
+            **told,
         )
     # KeyError and SingleFileComponentError: the file is not an SD checkpoint diffusers knows.
     except (OSError, ValueError, KeyError, SingleFileComponentError) as error:
@@ -268,12 +275,11 @@ def _load_single_file(
         raise BaseModelNotFound(f"could not load {path}{hint}: {error}; {FIX}") from error
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+def _load_hub(repo_id: str, dtype: torch.dtype, family: str) -> StableDiffusionPipeline:
+    pipeline, told = PIPELINES[family]
     # The local cache first: fast, and the only option offline.
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            repo_id, dtype=dtype, local_files_only=True, **NO_SAFETY_CHECKER
-        )
+        return pipeline.from_pretrained(repo_id, dtype=dtype, local_files_only=True, **told)
     except (OSError, ValueError) as error:
         if isinstance(error, HFValidationError):
             raise BaseModelNotFound(f"{repo_id!r} is neither a hub id nor a path; {FIX}") from None
@@ -282,7 +288,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
                 f"{FIX}; hub id {repo_id} is not in the local cache and this machine is offline"
             ) from None
     try:
-        return StableDiffusionPipeline.from_pretrained(repo_id, dtype=dtype, **NO_SAFETY_CHECKER)
+        return pipeline.from_pretrained(repo_id, dtype=dtype, **told)
     except (OSError, ValueError) as error:
         raise BaseModelNotFound(
             f"{FIX}; hub id {repo_id} is not in the local cache and could not be downloaded"
@@ -322,13 +328,13 @@ def load_base(
         if dtype != torch.float32:  # loaders get dtype directly; only the demo is cast
             pipeline = pipeline.to(dtype=dtype)
     elif spec.lower().endswith(SINGLE_FILE_SUFFIXES):
-        pipeline = _load_single_file(Path(spec).expanduser(), dtype, config)
+        pipeline = _load_single_file(Path(spec).expanduser(), dtype, config, family)
     elif Path(spec).expanduser().is_dir():
-        pipeline = _load_folder(Path(spec).expanduser(), dtype)
+        pipeline = _load_folder(Path(spec).expanduser(), dtype, family)
     elif _looks_like_path(spec) or not spec:
         raise BaseModelNotFound(f"no base model at {spec!r}; {FIX}")
     else:
-        pipeline = _load_hub(spec, dtype)
+        pipeline = _load_hub(spec, dtype, family)
     pipeline.scheduler = ddim_scheduler(pipeline.scheduler.config)
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)

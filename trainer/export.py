@@ -46,7 +46,14 @@ from trainer.lora import LoraFileError, read_state
 from trainer.tensorfiles import FILE_MODE, folder_written_whole, read_safetensors, write_atomic
 
 KOHYA_KEY = re.compile(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)")
-ARCHITECTURE = "stable-diffusion-v1/lora"  # SAI ModelSpec id; also what the demo base mimics
+# What the files say of the base each family is: kohya's ss_base_model_version (sd-scripts'
+# values), the SAI ModelSpec architecture id, and the "sd version" of A1111's LoRA card.
+# The demo base mimics SD 1.x.
+FAMILY_TAGS = {
+    "sd1": ("sd_v1", "stable-diffusion-v1/lora", "SD1"),
+    "sd2": ("sd_v2_768_v", "stable-diffusion-v2-768-v/lora", "SD2"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "SDXL"),
+}
 # Names Windows won't create as files, whatever the extension.
 
 
@@ -67,6 +74,14 @@ class ExportInfo:
     description: str = ""  # a paragraph for people; a plain default when empty
     author: str = ""  # shown by UIs that read modelspec.author
     preferred_weight: float = 1.0  # the strength A1111 inserts with `<lora:name:weight>`
+    family: str = "sd1"  # trainer.families: the base's family (one of FAMILY_TAGS)
+
+    @property
+    def tags(self) -> tuple[str, str, str]:
+        """(ss_base_model_version, modelspec.architecture, A1111's sd version)."""
+        if self.family not in FAMILY_TAGS:
+            raise ExportError(f"no LoRA file format is known for base family {self.family!r}")
+        return FAMILY_TAGS[self.family]
 
     @property
     def is_demo(self) -> bool:
@@ -131,13 +146,14 @@ def kohya_metadata(
     digest = tensor_data_sha256(tensors)
     description = info.description or _default_description(info)
     side = info.resolution
+    base_version, architecture, _ = info.tags
     metadata = {
         # kohya's sd-scripts fields: A1111 shows them and detects the SD version from them.
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(state["rank"]),
         "ss_network_alpha": str(float(state["alpha"])),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": base_version,
+        "ss_v2": str(info.family == "sd2"),
         "ss_output_name": sanitize_name(name),
         "ss_training_comment": description,
         "ss_sd_model_name": info.base_model,
@@ -146,7 +162,7 @@ def kohya_metadata(
         "sshs_model_hash": digest,
         # SAI ModelSpec 1.0.0.
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE,
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
         "modelspec.description": description,
@@ -195,7 +211,7 @@ def a1111_sidecar(info: ExportInfo, description: str) -> dict:
     """Return the `<name>.json` A1111 reads for a LoRA card (its user-metadata editor's fields)."""
     return {
         "description": description,
-        "sd version": "SD1",
+        "sd version": info.tags[2],
         "activation text": "",  # no trigger word: the taste applies to every prompt
         "preferred weight": info.preferred_weight,
         "negative text": "",

@@ -1,9 +1,9 @@
 """Which model family a base model belongs to, told from its configs or a checkpoint's keys.
 
-The trainer's pipeline, LoRA loop and export are Stable Diffusion 1.x's (SD 2.x shares their
-structure). SDXL-family models (SDXL, Pony, Illustrious, NoobAI) and Playground v2.5 have two
-text encoders and other conditioning: they are recognised here and refused with a clear
-message until the trainer supports them, instead of failing somewhere inside diffusers.
+The trainer's pipeline, LoRA loop and export take Stable Diffusion 1.x and 2.x and the SDXL
+family (SDXL, Pony, Illustrious, NoobAI: two text encoders and added conditioning, see
+trainer.conditioning). Playground v2.5 (EDM) and the SDXL refiner are recognised here and
+refused with a clear message, instead of failing somewhere inside diffusers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ NAMES = {
     "playground-v2.5": "Playground v2.5",
     "other": "not a Stable Diffusion 1.x/2.x/XL model",
 }
-SUPPORTED = ("sd1", "sd2")
+SUPPORTED = ("sd1", "sd2", "sdxl")
 # diffusers' single-file model types → families (diffusers.loaders.single_file_utils)
 CHECKPOINT_TYPES = {
     "v1": "sd1",
@@ -44,7 +44,7 @@ def refuse_unless_supported(family: str, where: str) -> None:
         supported = " and ".join(NAMES[f] for f in SUPPORTED)
         raise UnsupportedFamily(
             f"{where} is {NAMES.get(family, family)}; tastebud trains taste LoRAs for"
-            f" {supported} base models (SDXL-family and Playground v2.5 support is planned)"
+            f" {supported} base models (Playground v2.5 and the SDXL refiner are not supported)"
         )
 
 
@@ -53,7 +53,10 @@ def family_of_configs(model_index: dict, scheduler: dict | None = None) -> str:
     pipeline = model_index.get("_class_name", "")
     if pipeline.startswith("StableDiffusionXL"):
         edm = "EDM" in str((model_index.get("scheduler") or ["", ""])[-1])
-        return "playground-v2.5" if edm or (scheduler or {}).get("sigma_data") else "sdxl"
+        if edm or (scheduler or {}).get("sigma_data"):
+            return "playground-v2.5"
+        # the refiner has only the second, larger text encoder
+        return "sdxl-refiner" if not (model_index.get("text_encoder") or [None])[-1] else "sdxl"
     if pipeline.startswith("StableDiffusion") and "text_encoder_2" not in model_index:
         v_prediction = (scheduler or {}).get("prediction_type") == "v_prediction"
         return "sd2" if v_prediction else "sd1"

@@ -36,6 +36,7 @@ from trainer.base import (
     load_base,
 )
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
+from trainer.conditioning import Conditioning, embed, text_encoders
 from trainer.configs import FromDict
 from trainer.device import half_dtype
 from trainer.formats import (
@@ -236,28 +237,28 @@ class _Run:
     scheduler: DDIMScheduler
     scorer: torch.nn.Module
     config: TasteLoraConfig
-    train_embeds: torch.Tensor  # [P, tokens, width] per training prompt
-    eval_embeds: torch.Tensor  # [E, tokens, width], one row per (eval prompt, seed)
-    uncond: torch.Tensor  # [1, tokens, width], the empty prompt
+    train_embeds: Conditioning  # one row per training prompt
+    eval_embeds: Conditioning  # one row per (eval prompt, seed)
+    uncond: Conditioning  # one row: the empty prompt
     eval_noise: torch.Tensor  # [E, 4, h, w]
     eval_groups: int  # eval prompts; rows are grouped prompt-major, len(eval_seeds) each
     device: torch.device
     half: torch.dtype | None  # autocast dtype on CUDA; None = plain fp32
     prior: torch.Tensor | None = None  # base-model clean latents for the prior loss
-    prior_embeds: torch.Tensor | None = None
+    prior_embeds: Conditioning | None = None
 
 
-def _eps(run: _Run, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+def _eps(run: _Run, x: torch.Tensor, t: torch.Tensor, embeds: Conditioning) -> torch.Tensor:
     """Classifier-free-guided noise prediction for a batch of latents at timestep t."""
-    uncond = run.uncond.expand(len(x), -1, -1)
+    both_embeds = run.uncond.expand(len(x)).cat(embeds)
     with torch.autocast(run.device.type, dtype=run.half, enabled=run.half is not None):
-        both = run.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, embeds]))
+        both = run.unet(torch.cat([x, x]), t, **both_embeds.unet_kwargs())
     uncond_eps, cond_eps = both.sample.float().chunk(2)
     return uncond_eps + run.config.guidance * (cond_eps - uncond_eps)
 
 
 @torch.no_grad()
-def _rollout(run: _Run, x: torch.Tensor, embeds: torch.Tensor, steps) -> torch.Tensor:
+def _rollout(run: _Run, x: torch.Tensor, embeds: Conditioning, steps) -> torch.Tensor:
     """Denoise x through the given schedule steps without gradient."""
     for t in steps:
         x = run.scheduler.step(_eps(run, x, t, embeds), t, x).prev_sample
@@ -310,7 +311,7 @@ def _prior_loss(run: _Run, g: torch.Generator) -> torch.Tensor:
     t = torch.randint(run.scheduler.config.num_train_timesteps, (1,), generator=g).to(run.device)
     noise = torch.randn(x0.shape, generator=g).to(run.device)
     with torch.autocast(run.device.type, dtype=run.half, enabled=run.half is not None):
-        pred = run.unet(run.scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds)
+        pred = run.unet(run.scheduler.add_noise(x0, noise, t), t, **embeds.unet_kwargs())
     return (pred.sample.float() - noise).pow(2).mean()
 
 
@@ -632,37 +633,20 @@ def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) 
         scheduler=scheduler,
         scorer=scorer,
         config=config,
-        train_embeds=_embed(pipe, train_prompts),
-        eval_embeds=_embed(pipe, eval_prompts).repeat_interleave(len(seeds), dim=0),
-        uncond=_embed(pipe, [""]),
+        train_embeds=embed(pipe, train_prompts, base.resolution),
+        eval_embeds=embed(pipe, eval_prompts, base.resolution).repeat_interleave(len(seeds)),
+        uncond=embed(pipe, [""], base.resolution),
         eval_noise=noise.repeat(len(eval_prompts), 1, 1, 1).to(device),
         eval_groups=len(eval_prompts),
         device=device,
         half=half,
     )
-    if device.type == "cuda":  # text encoder and VAE aren't needed while training
-        pipe.text_encoder.to("cpu")
-        pipe.vae.to("cpu")
+    if device.type == "cuda":  # text encoders and VAE aren't needed while training
+        for module in (*text_encoders(pipe), pipe.vae):
+            module.to("cpu")
     if config.prior_weight:
         _add_prior(run, train_prompts)
     return run
-
-
-@torch.no_grad()
-def _embed(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """CLIP embeddings of prompts, cut to the tokenizer's window (as the pipeline would)."""
-    tokenizer, device = pipe.tokenizer, pipe.text_encoder.device
-    parts = []
-    for start in range(0, len(prompts), 32):
-        ids = tokenizer(
-            prompts[start : start + 32],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        parts.append(pipe.text_encoder(ids.to(device))[0])
-    return torch.cat(parts).to(pipe.unet.device, pipe.unet.dtype)
 
 
 @torch.no_grad()
@@ -696,8 +680,8 @@ def _release(base: BaseModel) -> None:
         unet.disable_gradient_checkpointing()
     if ADAPTER in getattr(unet, "peft_config", {}):
         unet.delete_adapters(ADAPTER)
-    base.pipeline.text_encoder.to(unet.device)
-    base.pipeline.vae.to(unet.device)
+    for module in (*text_encoders(base.pipeline), base.pipeline.vae):
+        module.to(unet.device)
     unet.eval()
 
 
