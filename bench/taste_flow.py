@@ -50,10 +50,12 @@ def main() -> None:
     parser.add_argument("--ratings", type=int, default=40)
     parser.add_argument("--pool", type=int, default=300)
     parser.add_argument("--threads", type=int, default=0, help="TORCH_THREADS (0: half the cores)")
+    parser.add_argument("--scorer", default="{}", help="TASTE_SCORER settings, as JSON")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     instance = tempfile.mkdtemp(prefix="tastebud-flow-")
     config = {"SECRET_KEY": "bench", "TORCH_THREADS": args.threads, "DEMO_PACK_SIZE": args.pool}
+    config["TASTE_SCORER"] = json.loads(args.scorer)
     app = create_app(config, instance_path=instance)
     workers = jobs.start_embedded_worker(app)
     figures: dict = {}

@@ -120,7 +120,7 @@ def test_train_crowd_makes_a_trunk_for_personal_finetunes(tmp_path):
     assert json.loads(metadata["metrics"])["crowd"]["ratings"] == 400
 
     personal = replace_scores(rated_pool(seed=3)[0], seed=3)
-    config = sc.ScorerConfig(epochs=2, batch_size=32, cnn_min_held_out=0)
+    config = sc.ScorerConfig(epochs=2, batch_size=32)
     tuned = sc.train(personal, config, init=path)
     assert tuned.init == str(path) and tuned.config.channels == TINY.channels
     before, after = trained.model.net.state_dict(), tuned.model.net.state_dict()

@@ -15,9 +15,7 @@ from trainer import scorer as sc
 from trainer.latents import LatentsFile, save_latents_file
 
 # Tiny and quick: 4×8×8 latents, a narrow resnet18, a few epochs.
-TINY = sc.ScorerConfig(
-    channels=(8, 16, 32, 64), epochs=8, batch_size=32, max_shift=1, min_steps=0, cnn_min_held_out=0
-)
+TINY = sc.ScorerConfig(channels=(8, 16, 32, 64), epochs=8, batch_size=32, max_shift=1, min_steps=0)
 
 
 def synthetic(n: int = 160, side: int = 8, seed: int = 0) -> LatentsFile:

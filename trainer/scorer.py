@@ -82,10 +82,6 @@ class ScorerConfig(FromDict):
     # cross-validation, so a taste for composition is within reach without costing the others
     stats: int = 2
     baseline_margin: float = 0.01  # held-out SRCC a trained epoch must add to replace it
-    # held-out images needed before the CNN trains at all beside the fitted statistics head:
-    # with fewer, "did an epoch beat the head?" is a coin toss on a handful of images, and a
-    # lucky toss would swap a sound fit for a worse one; the head alone is then the scorer
-    cnn_min_held_out: int = 40
 
 
 LAYOUT_GRIDS = (4, 8, 16, 32)  # where the energy sits, coarse to fine (composition)
@@ -124,7 +120,12 @@ def latent_stats(x: torch.Tensor, version: int = 2) -> torch.Tensor:
     parts += [covariance[:, i, j], (means[:, i] - means[:, j]).abs(), means[:, a] * means[:, b]]
     if version >= 2:
         energy = x.square().mean(1, keepdim=True)
-        parts += [F.adaptive_avg_pool2d(energy, grid).flatten(1) for grid in LAYOUT_GRIDS]
+        for grid in LAYOUT_GRIDS:
+            # a grid finer than the latents would only repeat their pixels, and repeats weigh
+            # more in a ridge fit: the latents' own pixels, zeros for the rest (same width)
+            fine = min(grid, *x.shape[-2:])
+            pooled = F.adaptive_avg_pool2d(energy, fine).flatten(1)
+            parts.append(F.pad(pooled, (0, grid * grid - pooled.shape[1])))
     return torch.cat(parts, 1)
 
 
@@ -718,9 +719,7 @@ def train(
     steps_per_epoch = len(_batches(train_rows, config.batch_size, torch.Generator()))
     epochs = max(config.epochs, math.ceil(config.min_steps / max(steps_per_epoch, 1)))
     patience = math.ceil(config.patience * epochs / config.epochs)
-    if model.stats_head is not None and len(val_rows) < config.cnn_min_held_out:
-        epochs = 0  # too few held-out images to tell a better epoch from luck: the head alone
-    total = max(steps_per_epoch * epochs, 1)
+    total = steps_per_epoch * epochs
     best, best_state, best_epoch, stale, step, epochs_run = None, None, 0, 0, 0, 0
     if len(val_rows) and model.stats_head is not None:  # the fitted head alone, as a baseline
         model.eval()
