@@ -63,6 +63,7 @@ def _crowd_model(ratings: list, progress: JobProgress):
     ).all()
     base = base_model(config["BASE_MODEL"])
     encoded = encode_pictures(base, images, progress.report, progress.should_stop)
+    family = base.family
     base = None  # the scorer trains without it: give its GPU memory back first
     release_memory()
     row = {image.id: k for k, image in enumerate(images)}
@@ -71,7 +72,7 @@ def _crowd_model(ratings: list, progress: JobProgress):
         scores=torch.zeros(len(images)),  # unused: the crowd targets come from the ratings
         flipped=encoded.flipped,
         sha256s=[image.sha256 for image in images],
-        metadata={"family": base.family},
+        metadata={"family": family},
     )
     progress.phase("scorer", "Training the crowd model")
     return crowd.train_crowd(
