@@ -315,7 +315,11 @@ def test_someone_who_only_compares_gets_a_scorer_that_ranks():
     data = synthetic(200, seed=4)
     g = torch.Generator().manual_seed(1)
     pairs = torch.randint(200, (600, 2), generator=g).tolist()
-    picks = [(i, j, float(data.scores[i] > data.scores[j])) for i, j in pairs if i != j]
+    picks = [  # no pick between equal stars: which of two equals wins is a coin toss
+        (i, j, float(data.scores[i] > data.scores[j]))
+        for i, j in pairs
+        if data.scores[i] != data.scores[j]
+    ]
     no_stars = LatentsFile(
         latents=data.latents,
         scores=torch.full_like(data.scores, float("nan")),
@@ -325,8 +329,9 @@ def test_someone_who_only_compares_gets_a_scorer_that_ranks():
     )
     result = sc.train(no_stars, replace(TINY, epochs=12), picks=picks)
     assert result.ratings == 0 and result.metrics["srcc"] is None
-    assert result.metrics["pick_accuracy"] > 0.75, result.metrics
-    assert sc.metrics(sc.predict(result.model, data.latents), data.scores)["srcc"] > 0.6
+    assert result.metrics["pick_accuracy"] > 0.6, result.metrics  # ~20 held-out picks: rough
+    fresh = synthetic(300, seed=9)  # images it never saw, ranked against their stars
+    assert sc.metrics(sc.predict(result.model, fresh.latents), fresh.scores)["srcc"] > 0.8
 
 
 def test_the_scorer_is_less_sure_of_images_unlike_those_it_learnt_from(trained, tmp_path):

@@ -342,7 +342,7 @@ def fit_stats_head(
     rows: torch.Tensor,
     on_top: bool = False,
     picks: Sequence[Pick] = (),
-) -> None:
+) -> float:
     """Set the statistics head to a ridge regression of the stars on the statistics.
 
     Logit k gets ½·(k−3)·(r−3) for a ridge prediction r (in stars): the softmax mean over the
