@@ -214,8 +214,6 @@ class TasteRun:
 
     def train_lora(self) -> None:
         """Train my taste LoRA against my scorer; on GPU OOM retry once, smaller."""
-        import torch
-
         from trainer import lora
 
         preset = lora.preset_for(self.base) | {"prompts_file": str(self.prompts_file)}
@@ -228,31 +226,7 @@ class TasteRun:
             progress=self.progress.report,
             should_stop=self.progress.should_stop,
         )
-        result = None
-        try:
-            result = train(config)
-        except torch.OutOfMemoryError:
-            pass  # retried below: inside `except` the traceback would keep the failed
-            # attempt's frames, and with them its activations and graph, in GPU memory
-        if result is None:
-            config = smaller(config)
-            said = (
-                "Out of GPU memory: retrying once with gradient checkpointing on, batch size "
-                f"{config.batch_size} and {config.eval_prompts} evaluation prompts"
-            )
-            self.progress.log(said)
-            self.job.message = said
-            self.record(notes=[said])
-            release_memory()
-            try:
-                result = train(config)
-            except torch.OutOfMemoryError as error:
-                raise RuntimeError(
-                    f"out of GPU memory even with gradient checkpointing, batch size "
-                    f"{config.batch_size} and {config.eval_prompts} evaluation prompts. Lower "
-                    "rank, sample_steps or eval_seeds in TASTE_LORA, or use a GPU with more "
-                    "memory."
-                ) from error
+        result = self.smaller_after_oom(train, config)
         chosen = result.get("chosen_checkpoint")
         if chosen:
             self.version.lora_dir = Path(chosen).relative_to(self.folder).as_posix()
@@ -261,6 +235,35 @@ class TasteRun:
             if self.version.lora_dir:
                 write_bundle(self.version, preview=None)
             raise JobCancelled()
+
+    def smaller_after_oom(self, train, config) -> dict:
+        """`train(config)`; when the GPU runs out of memory, once more with `smaller(config)`,
+        saying so on the page."""
+        import torch
+
+        try:
+            return train(config)
+        except torch.OutOfMemoryError:
+            pass  # retried below: inside `except` the traceback would keep the failed
+            # attempt's frames, and with them its activations and graph, in GPU memory
+        config = smaller(config)
+        said = (
+            "Out of GPU memory: retrying once with gradient checkpointing on, batch size "
+            f"{config.batch_size} and {config.eval_prompts} evaluation prompts"
+        )
+        self.progress.log(said)
+        self.job.message = said
+        self.record(notes=[said])
+        release_memory()
+        try:
+            return train(config)
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(
+                f"out of GPU memory even with gradient checkpointing, batch size "
+                f"{config.batch_size} and {config.eval_prompts} evaluation prompts. Lower "
+                "rank, sample_steps or eval_seeds in TASTE_LORA, or use a GPU with more "
+                "memory."
+            ) from error
 
     def render_results(self) -> None:
         """Render the before/after grid with my scorer's scores, then the download bundle."""
