@@ -215,3 +215,15 @@ def test_cli_prints_a_json_summary_and_reports_errors(scorer_file, tmp_path, cap
         )
     assert exit_info.value.code == 2
     assert "no base model at" in capsys.readouterr().err
+
+
+def test_the_prior_loss_targets_what_the_model_predicts_noise_or_velocity():
+    from diffusers import DDIMScheduler
+
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    eps = DDIMScheduler(prediction_type="epsilon")
+    assert torch.equal(lora.denoising_target(eps, x0, noise, t), noise)
+    v = DDIMScheduler(prediction_type="v_prediction")
+    alpha = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0  # v = √ᾱ·ε − √(1−ᾱ)·x0
+    assert torch.allclose(lora.denoising_target(v, x0, noise, t), velocity, atol=1e-6)

@@ -312,7 +312,15 @@ def _prior_loss(run: _Run, g: torch.Generator) -> torch.Tensor:
     noise = torch.randn(x0.shape, generator=g).to(run.device)
     with torch.autocast(run.device.type, dtype=run.half, enabled=run.half is not None):
         pred = run.unet(run.scheduler.add_noise(x0, noise, t), t, **embeds.unet_kwargs())
-    return (pred.sample.float() - noise).pow(2).mean()
+    return (pred.sample.float() - denoising_target(run.scheduler, x0, noise, t)).pow(2).mean()
+
+
+def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """What the UNet is trained to predict for x0 noised with `noise` at t: the noise itself,
+    or the velocity for a v-prediction model (SD 2.x 768, v-prediction SDXL finetunes)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return noise
 
 
 @contextlib.contextmanager
