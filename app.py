@@ -123,6 +123,7 @@ def register_error_pages(app: Flask) -> None:
         413: ("That upload is too large.", "Send a smaller file."),
         429: ("Too many attempts.", "Wait a minute, then try again."),
         500: ("Something went wrong on our side.", "Your ratings are safe; try again."),
+        503: ("The job queue can't be reached right now.", "Nothing was started; try again."),
     }
 
     def render_error(error):
@@ -130,7 +131,7 @@ def register_error_pages(app: Flask) -> None:
         if code >= 500:
             db.session.rollback()
         title, hint = hints.get(code, (getattr(error, "name", "Error"), "Go back and try again."))
-        detail = getattr(error, "description", "") if code in (400, 403, 429) else ""
+        detail = getattr(error, "description", "") if code in (400, 403, 429, 503) else ""
         context = dict(code=code, title=title, hint=hint, detail=detail)
         if not request.headers.get("HX-Request"):
             return render_template("error.html", **context), code

@@ -20,6 +20,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 from huey import MemoryHuey, RedisHuey, SqliteHuey
 from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import ServiceUnavailable
 
 from rating.models import Job, db, utcnow
 from trainer.callbacks import Stopped
@@ -41,6 +42,13 @@ WORKER_NICENESS = 10  # embedded job threads run this much nicer than the server
 
 class JobCancelled(Exception):
     """Raised inside a job when its owner pressed Cancel."""
+
+
+class QueueDown(ServiceUnavailable):
+    """The job queue could not be reached (Redis down): the job was not started, is marked
+    failed, and holds no lock; the person is told to try again (HTTP 503)."""
+
+    description = "Nothing was started and nothing is lost; try again in a moment."
 
 
 class JobBusy(Exception):
@@ -201,7 +209,13 @@ def enqueue(kind: str, owner_id: int | None, *, lock_key: str | None = None, **p
             return enqueue(kind, owner_id, lock_key=lock_key, **params)
         raise JobBusy(busy) from None
     task = "run_gpu_job_task" if kind in GPU_KINDS else "run_job_task"
-    current_app.extensions[task](job.id)
+    try:
+        current_app.extensions[task](job.id)
+    except Exception as error:  # the queue's store is unreachable: nothing will ever run it
+        log.error("job %s (%s) could not be queued: %s", job.id, kind, error)
+        said = "Not started: the job queue could not be reached. Try again in a moment."
+        _finish(job, "failed", said, f"{type(error).__name__}: {error}")  # frees its lock
+        raise QueueDown() from error
     db.session.refresh(job)  # an immediate queue (tests) has already run it in another session
     return job
 
