@@ -123,7 +123,10 @@ def register_error_pages(app: Flask) -> None:
         413: ("That upload is too large.", "Send a smaller file."),
         429: ("Too many attempts.", "Wait a minute, then try again."),
         500: ("Something went wrong on our side.", "Your ratings are safe; try again."),
-        503: ("The job queue can't be reached right now.", "Nothing was started; try again."),
+        503: (
+            "The job queue can't be reached right now.",
+            "If it keeps happening, tell the site's admin: the queue (Redis) may be down.",
+        ),
     }
 
     def render_error(error):
