@@ -27,6 +27,7 @@ def widget(kind: str, template: str, context: Callable[[Job], dict]) -> None:
 def job_widget(job: Job):
     """Render a job's widget (or its page); tell the page when the job ends (HX-Trigger
     job-finished) or has moved to another phase than the widget showed (job-phase)."""
+    jobs.fail_if_orphaned(job)  # a dead worker's job must not poll as "running" forever
     template, context = WIDGETS.get(job.kind, (GENERIC, lambda _job: {}))
     shown = {"job": job, "widget": template} | context(job)
     response = make_response(page_or_fragment("job.html", template, **shown))

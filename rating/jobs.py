@@ -205,7 +205,7 @@ def enqueue(kind: str, owner_id: int | None, *, lock_key: str | None = None, **p
     except IntegrityError:  # the unique lock key: another job holds it, in the database's eyes
         db.session.rollback()
         busy = db.session.scalar(db.select(Job).where(Job.lock_key == lock_key))
-        if busy is None:  # it ended between the insert and this read: try once more
+        if busy is None or fail_if_orphaned(busy):  # it ended, or its worker is gone: again
             return enqueue(kind, owner_id, lock_key=lock_key, **params)
         raise JobBusy(busy) from None
     task = "run_gpu_job_task" if kind in GPU_KINDS else "run_job_task"
@@ -319,16 +319,26 @@ def fail_orphaned_jobs(stale_after: float = 900) -> int:
     not reported for `stale_after` seconds (a worker on another machine that died).
     """
     running = db.session.scalars(db.select(Job).where(Job.status == "running")).all()
-    orphans = [job for job in running if _worker_gone(job, timedelta(seconds=stale_after))]
-    for job in orphans:
-        _finish(job, "failed", "Failed: the worker stopped while this was running; start it again.")
-        if job.kind in SALVAGE:
-            try:
-                SALVAGE[job.kind](job)
-            except Exception:  # salvaging is a bonus; the job is failed either way
-                log.exception("could not salvage job %s", job.id)
-                db.session.rollback()
-    return len(orphans)
+    return sum(fail_if_orphaned(job, stale_after) for job in running)
+
+
+def fail_if_orphaned(job: Job, stale_after: float | None = None) -> bool:
+    """Fail a running job whose worker is gone (see `fail_orphaned_jobs`), salvaging what it
+    finished; return whether it was. Any live process may ask, at any time: the web does
+    when it shows a job or a click meets the job's lock, so a dead remote worker's job is
+    failed within JOB_STALE_SECONDS without waiting for some process to start."""
+    if stale_after is None:
+        stale_after = current_app.config["JOB_STALE_SECONDS"]
+    if job.status != "running" or not _worker_gone(job, timedelta(seconds=stale_after)):
+        return False
+    _finish(job, "failed", "Failed: the worker stopped while this was running; start it again.")
+    if job.kind in SALVAGE:
+        try:
+            SALVAGE[job.kind](job)
+        except Exception:  # salvaging is a bonus; the job is failed either way
+            log.exception("could not salvage job %s", job.id)
+            db.session.rollback()
+    return True
 
 
 class Workers:
