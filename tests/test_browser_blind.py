@@ -49,14 +49,14 @@ def test_the_blind_check_by_keyboard(page, problems, live_server, screenshots, t
     shoot(page, screenshots, "25-blind-pair")
 
     for number, key in enumerate(("ArrowLeft", "ArrowRight", "ArrowDown"), start=2):
-        page.keyboard.press(key)
+        press(page, key)
         expect(card).to_contain_text(f"Pair {number} of {PAIRS}")
-    page.keyboard.press("u")  # undo: the third pair comes back
+    press(page, "u")  # undo: the third pair comes back
     expect(card).to_contain_text(f"Pair 3 of {PAIRS}")
     expect(page.locator(".notice")).to_contain_text("Undone")
-    page.keyboard.press("ArrowLeft")
+    press(page, "ArrowLeft")
     expect(card).to_contain_text(f"Pair 4 of {PAIRS}")
-    page.keyboard.press("ArrowLeft")
+    press(page, "ArrowLeft")
     verdict = card.locator(".blind-done")
     expect(verdict).to_contain_text(f"of {PAIRS}")
     expect(verdict).to_contain_text("95% CI")
@@ -65,6 +65,16 @@ def test_the_blind_check_by_keyboard(page, problems, live_server, screenshots, t
     page.goto(f"/taste/versions/{version.id}")
     expect(page.locator("#blind-call")).to_contain_text("Blind check: you preferred this LoRA")
     assert not problems, problems
+
+
+def press(page, key: str) -> None:
+    """Press a key once the last swap has settled: a key that lands while htmx still swaps
+    the card is dropped by its hx-sync, as a person's double press would be (a loaded CI
+    machine can take that long between two presses)."""
+    page.wait_for_function(
+        "() => !document.querySelector('.htmx-request, .htmx-swapping, .htmx-settling')"
+    )
+    page.keyboard.press(key)
 
 
 def test_the_top_bar_keeps_every_link_in_view_at_phone_width(

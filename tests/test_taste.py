@@ -582,6 +582,8 @@ def test_a_started_job_says_what_it_does_before_its_first_phase(app, site):
             owner_id=1,
             status="running",
             message=jobs.starting_text("train_taste"),
+            worker=jobs.WORKER,  # alive: this process
+            heartbeat_at=utcnow(),
         )
         db.session.add(job)
         db.session.commit()
@@ -609,6 +611,7 @@ def test_while_a_training_runs_the_button_says_so_and_links_to_it(app, site):
     site.register("ada")
     with app.app_context():
         job = Job(kind="train_taste", owner_id=1, status="running", lock_key="taste:1")
+        job.worker, job.heartbeat_at = jobs.WORKER, utcnow()  # alive: this process
         db.session.add(job)
         db.session.commit()
         job_id = job.id
@@ -637,6 +640,7 @@ def test_a_second_click_never_starts_a_second_job(app, site):
     app.config["TASTE_MIN_RATINGS"] = 0
     with app.app_context():
         running = Job(kind="train_taste", owner_id=1, status="running", lock_key="taste:1")
+        running.worker, running.heartbeat_at = jobs.WORKER, utcnow()  # alive: this process
         db.session.add(running)
         db.session.commit()
         with pytest.raises(jobs.JobBusy) as busy:  # refused by the database, not just the page
