@@ -79,7 +79,7 @@ def embed(pipe, prompts: list[str], resolution: int) -> Conditioning:
     UNet's device and in its dtype. `resolution` is the picture's side (SDXL's time ids)."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     if not is_xl(pipe):
-        return Conditioning(_clip_hidden(pipe, prompts).to(device, dtype))
+        return Conditioning(clip_hidden(pipe, prompts).to(device, dtype))
     hidden, pooled = [], []
     for start in range(0, len(prompts), 32):
         part = prompts[start : start + 32]
@@ -99,8 +99,9 @@ def embed(pipe, prompts: list[str], resolution: int) -> Conditioning:
     )
 
 
-def _clip_hidden(pipe, prompts: list[str]) -> torch.Tensor:
-    """One CLIP text encoder's last hidden states, cut to the tokenizer's window."""
+def clip_hidden(pipe, prompts: list[str]) -> torch.Tensor:
+    """One CLIP text encoder's last hidden states, cut to the tokenizer's window (with
+    gradients when the caller trains the encoder: the demo world's training does)."""
     tokenizer, device = pipe.tokenizer, pipe.text_encoder.device
     parts = []
     for start in range(0, len(prompts), 32):

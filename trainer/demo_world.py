@@ -28,6 +28,7 @@ from PIL import Image
 
 from trainer.base import DemoConfig, build_demo_pipeline
 from trainer.callbacks import Progress, no_progress
+from trainer.conditioning import clip_hidden
 from trainer.configs import FromDict
 from trainer.demo_art import DEMO_MOODS, DEMO_STYLES, render_demo_picture
 from trainer.latents import fit_image
@@ -331,17 +332,6 @@ def encode_world(vae, data: WorldData) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _embed(pipe, prompts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids)[0]
-
-
 def train_unet(pipe, latents, data: WorldData, config: WorldConfig, work: Path, progress):
     """Train the UNet and text encoder: ε-prediction on SD's schedule, Min-SNR weighted."""
     unet, text = pipe.unet.train(), pipe.text_encoder.train()
@@ -371,7 +361,7 @@ def train_unet(pipe, latents, data: WorldData, config: WorldConfig, work: Path, 
         t = torch.randint(len(alphas), (len(x0),), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        prediction = unet(noisy, t, encoder_hidden_states=_embed(pipe, prompts)).sample
+        prediction = unet(noisy, t, encoder_hidden_states=clip_hidden(pipe, prompts)).sample
         loss = (weight[t] * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         phase.take_step(loss, config.unet_steps, config, work, progress)
     phase.load_modules(phase.ema)

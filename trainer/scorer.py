@@ -273,17 +273,22 @@ class RidgeDesign:
     tastes: torch.Tensor | None = None  # [k, width], in the scaled statistics
     taste_weight: float = 0.0
 
+    @property
+    def leans(self) -> bool:
+        """Whether the fit leans on the crowd's tastes at all."""
+        return self.tastes is not None and bool(self.taste_weight)
+
     def features(self, z: torch.Tensor) -> torch.Tensor:
         scaled = z * self.scale.to(z.dtype)
-        if self.tastes is None or not self.taste_weight:
+        if not self.leans:
             return scaled
         return torch.cat([scaled, self.taste_weight * scaled @ self.tastes.to(z.dtype).T], 1)
 
     def fold(self, weights: torch.Tensor) -> torch.Tensor:
         """Weights on `features` → the same fit's weights on the scaled statistics."""
-        width = len(self.scale)
-        if self.tastes is None or not self.taste_weight:
+        if not self.leans:
             return weights
+        width = len(self.scale)
         extra = self.tastes.to(weights.dtype).T @ weights[width:]
         return weights[:width] + self.taste_weight * extra
 
