@@ -7,11 +7,13 @@ import os
 import secrets
 from pathlib import Path
 
-from flask import Flask, render_template, request
+from flask import Flask, g, render_template, request
 from flask_login import LoginManager
 from flask_migrate import Migrate, upgrade
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import event
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from rating import (
     admin,
@@ -36,6 +38,7 @@ from rating.pool import size_text
 from rating.security import init_security
 from rating.settings import load_settings
 
+log = logging.getLogger(__name__)
 MIGRATIONS = str(Path(__file__).resolve().parent / "migrations")
 
 csrf = CSRFProtect()
@@ -145,18 +148,47 @@ def register_error_pages(app: Flask) -> None:
     for code in hints:
         app.register_error_handler(code, render_error)
 
+    def database_away(error):
+        """The database did not answer (restarting, unreachable, or locked too long): say so
+        with a page that needs no database, and ask the browser to try again."""
+        log.warning("database error on %s %s: %s", request.method, request.path, error)
+        try:
+            db.session.rollback()
+        except Exception:  # the connection is gone; the pool replaces it on the next checkout
+            pass
+        g._login_user = login_manager.anonymous_user()  # rendering must not ask who is signed in
+        context = dict(
+            code=503,
+            title="The database can't be reached right now.",
+            detail="What the site already confirmed is kept; this last action may not have been.",
+            hint="Try again in a moment; if it keeps happening, tell the site's admin.",
+            database_away=True,
+        )
+        headers = {"Retry-After": "5"}
+        if not request.headers.get("HX-Request"):
+            return render_template("error.html", **context), 503, headers
+        headers |= {"HX-Retarget": "#notice", "HX-Reswap": "innerHTML"}
+        return render_template("_error.html", **context), 503, headers
+
+    for away in (OperationalError, InterfaceError, PoolTimeout):
+        app.register_error_handler(away, database_away)
+
 
 def main() -> None:
     """Serve the site with waitress and run the job worker in this process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app()
-    consumer = None
-    if app.config["EMBEDDED_WORKER"] and app.config["QUEUE"] != "immediate":
+    consumer = sweeper = None
+    if app.config["QUEUE"] != "immediate":
         with app.app_context():
-            stuck = jobs.fail_orphaned_jobs(app.config["JOB_STALE_SECONDS"])
-        if stuck:
-            logging.warning("marked %d job(s) left running by a stopped worker as failed", stuck)
-        consumer = jobs.start_embedded_worker(app)
+            found = jobs.sweep()
+        if found["failed"]:
+            logging.warning(
+                "marked %d job(s) left running by a stopped worker as failed", found["failed"]
+            )
+        sweeper = jobs.Sweeper(app).start()
+        if app.config["EMBEDDED_WORKER"]:
+            consumer = jobs.start_embedded_worker(app)
     host, port = app.config["HOST"], int(app.config["PORT"])
     print(f"tastebud is running on http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
     with app.app_context():
@@ -167,6 +199,8 @@ def main() -> None:
     finally:
         if consumer is not None:
             consumer.stop()
+        if sweeper is not None:
+            sweeper.stop()
 
 
 if __name__ == "__main__":

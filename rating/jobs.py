@@ -19,6 +19,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from huey import MemoryHuey, RedisHuey, SqliteHuey
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import ServiceUnavailable
 
@@ -208,9 +209,8 @@ def enqueue(kind: str, owner_id: int | None, *, lock_key: str | None = None, **p
         if busy is None or fail_if_orphaned(busy):  # it ended, or its worker is gone: again
             return enqueue(kind, owner_id, lock_key=lock_key, **params)
         raise JobBusy(busy) from None
-    task = "run_gpu_job_task" if kind in GPU_KINDS else "run_job_task"
     try:
-        current_app.extensions[task](job.id)
+        _queue_task(job)
     except Exception as error:  # the queue's store is unreachable: nothing will ever run it
         log.error("job %s (%s) could not be queued: %s", job.id, kind, error)
         said = "Not started: the job queue could not be reached. Try again in a moment."
@@ -253,20 +253,34 @@ def run_here(kind: str, **params) -> Job:
 
 
 def run_job(job_id: int) -> None:
-    """Run one job and always leave it in a final state, whatever happens."""
+    """Run one job and always leave it in a final state, whatever happens.
+
+    The job is claimed atomically (queued → running), so a task handed out twice (re-queued
+    after the queue seemed to lose it) runs once. While it runs, a thread of its own beats its
+    heartbeat (`Heartbeat`), so a live worker is never taken for a dead one.
+    """
     job = db.session.get(Job, job_id)
-    if job is None or job.done:
-        return
+    if job is None or job.status != "queued":
+        return  # done, or another worker already runs it
     if job.stop_requested:
         _finish(job, "cancelled", "Cancelled before it started.")
         return
-    job.status, job.started_at, job.worker = "running", utcnow(), WORKER
-    job.message = starting_text(job.kind)
-    job.heartbeat_at = job.started_at
+    now = utcnow()
+    claimed = db.session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="running", started_at=now, heartbeat_at=now, worker=WORKER)
+        .values(message=starting_text(job.kind))
+    ).rowcount
     db.session.commit()
+    if not claimed:
+        return
+    db.session.refresh(job)
     status, message, error = "failed", "", None
+    every = float(current_app.config["JOB_HEARTBEAT_SECONDS"])
     try:
-        job.result = HANDLERS[job.kind](job, JobProgress(job)) or {}
+        with Heartbeat(db.engine, job_id, every):
+            job.result = HANDLERS[job.kind](job, JobProgress(job)) or {}
         status, message = "succeeded", job.message or "Done."
     except (JobCancelled, Stopped):  # the job's own check, or a trainer's (callbacks.py)
         status, message = "cancelled", "Cancelled. What finished before the cancel is kept."
@@ -276,13 +290,63 @@ def run_job(job_id: int) -> None:
         message = f"Failed: {exc}"
         error = "".join(traceback.format_exception(exc)[-8:])[-4000:]
     finally:
-        _finish(job, status, message, error)
+        if _still_mine(job):
+            _finish(job, status, message, error)
+
+
+def _still_mine(job: Job) -> bool:
+    """Tell whether `job` is still running under this worker: not failed meanwhile by another
+    process that took this one for dead (its heartbeat could not reach the database)."""
+    try:
+        db.session.refresh(job, ["status", "worker"])
+    except Exception:  # the database is away: write the outcome when it answers (or fail)
+        db.session.rollback()
+        return True
+    if job.status == "running" and job.worker == WORKER:
+        return True
+    log.warning("job %s ended here but was already %s elsewhere", job.id, job.status)
+    return False
 
 
 def _finish(job: Job, status: str, message: str, error: str | None = None) -> None:
     job.status, job.message, job.error, job.finished_at = status, message[:500], error, utcnow()
     job.lock_key = None  # the next job of its kind may start
     db.session.commit()
+
+
+class Heartbeat:
+    """Beat a running job's heartbeat every `every` seconds from a thread of its own.
+
+    Jobs report progress only between steps, and a step (loading a model, encoding a pool)
+    can take minutes; the heartbeat says the worker lives whatever the job is doing. It writes
+    with its own connection, so it never touches the job's session.
+    """
+
+    def __init__(self, engine, job_id: int, every: float):
+        self.engine, self.job_id, self.every = engine, job_id, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.every + 30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id, Job.status == "running")
+                        .where(Job.worker == WORKER)
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception as error:  # the database is away for now: beat again later
+                log.warning("job %s: heartbeat not written: %s", self.job_id, error)
 
 
 def request_stop(job: Job) -> None:
@@ -312,11 +376,11 @@ def _worker_gone(job: Job, stale_after: timedelta) -> bool:
     return beat is None or utcnow() - beat > stale_after
 
 
-def fail_orphaned_jobs(stale_after: float = 900) -> int:
+def fail_orphaned_jobs(stale_after: float | None = None) -> int:
     """Mark jobs a dead worker left running as failed, so no progress bar stays stuck.
 
     A job belongs to a dead worker when its process on this host is gone, or when it has
-    not reported for `stale_after` seconds (a worker on another machine that died).
+    not beaten its heartbeat for `stale_after` seconds (a worker on another machine that died).
     """
     running = db.session.scalars(db.select(Job).where(Job.status == "running")).all()
     return sum(fail_if_orphaned(job, stale_after) for job in running)
@@ -325,13 +389,29 @@ def fail_orphaned_jobs(stale_after: float = 900) -> int:
 def fail_if_orphaned(job: Job, stale_after: float | None = None) -> bool:
     """Fail a running job whose worker is gone (see `fail_orphaned_jobs`), salvaging what it
     finished; return whether it was. Any live process may ask, at any time: the web does
-    when it shows a job or a click meets the job's lock, so a dead remote worker's job is
-    failed within JOB_STALE_SECONDS without waiting for some process to start."""
+    when it shows a job or a click meets the job's lock, and every process's sweeper
+    (`Sweeper`) does every JOB_SWEEP_SECONDS. The row changes only if it is as it was seen
+    (no heartbeat came meanwhile), so two processes never both fail and salvage it."""
     if stale_after is None:
         stale_after = current_app.config["JOB_STALE_SECONDS"]
     if job.status != "running" or not _worker_gone(job, timedelta(seconds=stale_after)):
         return False
-    _finish(job, "failed", "Failed: the worker stopped while this was running; start it again.")
+    said = "Failed: the worker stopped while this was running; start it again."
+    seen_beat = (
+        Job.heartbeat_at.is_(None)
+        if job.heartbeat_at is None
+        else Job.heartbeat_at == job.heartbeat_at
+    )
+    won = db.session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "running", Job.worker == job.worker, seen_beat)
+        .values(status="failed", message=said, finished_at=utcnow(), lock_key=None)
+    ).rowcount
+    db.session.commit()
+    db.session.refresh(job)
+    if not won:
+        return False
+    log.warning("job %s (%s): its worker %s stopped; failed", job.id, job.kind, job.worker)
     if job.kind in SALVAGE:
         try:
             SALVAGE[job.kind](job)
@@ -339,6 +419,89 @@ def fail_if_orphaned(job: Job, stale_after: float | None = None) -> bool:
             log.exception("could not salvage job %s", job.id)
             db.session.rollback()
     return True
+
+
+def queued_ids(queue) -> set[int]:
+    """The job ids waiting in a huey queue (raises when the queue can't be reached)."""
+    return {task.args[0] for task in queue.pending() if task.args}
+
+
+def requeue_lost_jobs(after: float | None = None) -> int:
+    """Queue again the jobs whose rows say "queued" but which no queue holds (Redis lost them
+    in a crash or a restart without persistence); return how many.
+
+    Only jobs queued at least `after` seconds ago count, since a task being handed to a worker
+    is briefly in neither place; and `run_job` claims a job atomically, so one queued twice
+    still runs once.
+    """
+    if after is None:
+        after = current_app.config["JOB_REQUEUE_AFTER_SECONDS"]
+    if current_app.config["QUEUE"] == "immediate":
+        return 0  # tests: jobs run as they are queued
+    waiting = queued_ids(current_app.extensions["huey"])
+    waiting |= queued_ids(current_app.extensions["gpu_huey"])
+    cutoff = utcnow() - timedelta(seconds=after)
+    lost = db.session.scalars(
+        db.select(Job).where(
+            Job.status == "queued", Job.created_at <= cutoff, Job.id.not_in(waiting or [-1])
+        )
+    ).all()
+    for job in lost:
+        log.warning("job %s (%s) was lost by the queue; queued again", job.id, job.kind)
+        JobProgress(job).log("The job queue had lost this job (restarted?); queued it again.")
+        db.session.commit()
+        _queue_task(job)
+    return len(lost)
+
+
+def _queue_task(job: Job) -> None:
+    """Hand a job to its queue (raises when the queue can't be reached)."""
+    task = "run_gpu_job_task" if job.kind in GPU_KINDS else "run_job_task"
+    current_app.extensions[task](job.id)
+
+
+def sweep() -> dict[str, int]:
+    """Fail the jobs of dead workers and re-queue the jobs the queue lost; return the counts."""
+    failed = fail_orphaned_jobs()
+    try:
+        requeued = requeue_lost_jobs()
+    except Exception as error:  # the queue is down: its jobs wait until it is back
+        log.warning("could not look for lost jobs: %s", error)
+        db.session.rollback()
+        requeued = 0
+    return {"failed": failed, "requeued": requeued}
+
+
+class Sweeper:
+    """Run `sweep` every JOB_SWEEP_SECONDS on a thread of this process, until stopped.
+
+    Every process that serves the site or runs jobs has one, so a job is never left stuck
+    for want of a restart: a dead worker's job is failed within JOB_STALE_SECONDS +
+    JOB_SWEEP_SECONDS, and a job the queue lost is queued again.
+    """
+
+    def __init__(self, app: Flask):
+        self.app, self.every = app, float(app.config["JOB_SWEEP_SECONDS"])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            with self.app.app_context():
+                try:
+                    sweep()
+                except Exception:  # the database is away: look again next time
+                    log.warning("job sweep failed", exc_info=True)
+                finally:
+                    db.session.remove()
 
 
 class Workers:
@@ -402,12 +565,16 @@ cli = AppGroup("jobs", help="Run job workers outside the web server.")
 @click.option("--gpu", is_flag=True, help="Run the GPU queue (one job at a time).")
 @click.option("--threads", type=click.IntRange(1, 64), help="Light-queue threads.")
 def worker_command(gpu: bool, threads: int | None) -> None:
-    """Run one queue's worker here until Ctrl-C; first fail jobs a dead worker left running."""
+    """Run one queue's worker here until Ctrl-C; it also sweeps for stuck and lost jobs."""
     app = current_app._get_current_object()
-    stuck = fail_orphaned_jobs(app.config["JOB_STALE_SECONDS"])
-    if stuck:
-        click.echo(f"marked {stuck} job(s) left running by a stopped worker as failed")
+    found = sweep()
+    if found["failed"]:
+        click.echo(f"marked {found['failed']} job(s) left running by a stopped worker as failed")
     workers = 1 if gpu else threads or int(app.config["LIGHT_WORKERS"])
     queue = app.extensions["gpu_huey" if gpu else "huey"]
     click.echo(f"running the {'GPU' if gpu else 'light'} queue with {workers} thread(s)")
-    queue.create_consumer(workers=workers, worker_type="thread", max_delay=1.0).run()
+    sweeper = Sweeper(app).start()
+    try:
+        queue.create_consumer(workers=workers, worker_type="thread", max_delay=1.0).run()
+    finally:
+        sweeper.stop()

@@ -30,9 +30,18 @@ DEFAULTS: dict[str, object] = {
     # Run the GPU queue's worker inside `python app.py` too; turn off when GPU machines run
     # `flask --app app jobs worker --gpu` against the same Redis, database and storage.
     "EMBEDDED_GPU_WORKER": True,
-    # A running job whose worker (on another machine) has not reported for this many seconds
-    # is taken for dead when a worker starts.
-    "JOB_STALE_SECONDS": 900,
+    # A running job's worker beats its heartbeat this often (seconds), from a thread of its own,
+    # whatever the job is doing.
+    "JOB_HEARTBEAT_SECONDS": 10,
+    # A running job whose worker (on another machine) has not beaten for this many seconds is
+    # taken for dead: failed, its lock freed, its last checkpoint kept.
+    "JOB_STALE_SECONDS": 60,
+    # Every process that serves or runs jobs looks this often (seconds) for jobs whose worker
+    # died and for queued jobs the queue lost (a Redis restart), and fails or re-queues them.
+    "JOB_SWEEP_SECONDS": 15,
+    # A queued job missing from its queue for this long is re-queued (a task being handed to a
+    # worker is briefly in neither place).
+    "JOB_REQUEUE_AFTER_SECONDS": 30,
     # Apply database migrations at start-up, so an upgrade never needs a manual step.
     "AUTO_MIGRATE": True,
     # Anyone may register; the first account becomes an admin.
@@ -137,7 +146,12 @@ def load_settings(app, test_config: dict | None) -> None:
     app.config["SQLALCHEMY_DATABASE_URI"] = (
         app.config["DATABASE_URL"] or f"sqlite:///{instance / 'tastebud.db'}"
     )
-    app.config["RATELIMIT_STORAGE_URI"] = app.config.get("RATELIMIT_STORAGE_URI", "memory://")
+    if app.config["DATABASE_URL"]:  # a server: a connection it dropped (a restart) is replaced
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
+    # Limits are counted where every web process sees them: in Redis when there is one (while
+    # it is down, each process counts its own rather than refusing every sign-in).
+    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"] or "memory://")
+    app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = _instance_secret(instance / "secret_key")
 
