@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import re
+import warnings
+from types import SimpleNamespace
 
 import pytest
 
 from app import create_app
 from rating.models import Image, db
 
+DATABASES = itertools.count()
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"|"X-CSRFToken": "([^"]+)"')
 
 
@@ -23,6 +28,61 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--services",
+        action="store_true",
+        help="run against real PostgreSQL and Redis servers started here (tests/services.py)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `services` need the real servers: without --services they are skipped; those
+    marked `sqlite` check the SQLite file itself: with --services they are."""
+    on = config.getoption("--services")
+    skip = pytest.mark.skip(reason="about SQLite" if on else "needs --services (make test)")
+    for item in items:
+        if ("sqlite" if on else "services") in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def services(request):
+    """The real PostgreSQL and Redis servers of a --services run (None otherwise)."""
+    if not request.config.getoption("--services"):
+        yield None
+        return
+    from tests.services import Postgres, Redis
+
+    postgres = Postgres()
+    try:
+        redis = Redis()
+    except BaseException:
+        postgres.close()
+        raise
+    yield SimpleNamespace(postgres=postgres, redis=redis)
+    postgres.close()
+    redis.close()
+
+
+@pytest.fixture(autouse=True)
+def on_services(services, monkeypatch):
+    """In a --services run, give each test a fresh PostgreSQL database and an empty Redis,
+    through the settings' environment variables, so every app the test builds uses them."""
+    if services is None:
+        yield None
+        return
+    name = f"test_{next(DATABASES)}"
+    monkeypatch.setenv("TASTEBUD_DATABASE_URL", services.postgres.create_database(name))
+    monkeypatch.setenv("TASTEBUD_REDIS_URL", services.redis.url())
+    services.redis.flush()
+    yield services
+    with warnings.catch_warnings():  # an app the test built and dropped still holds connections
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    services.postgres.drop_database(name)
 
 
 @pytest.fixture

@@ -134,6 +134,7 @@ def test_cli_refuses_bad_accounts(runner):
     assert "at least 8 characters" in result.output and "Usernames are" in result.output
 
 
+@pytest.mark.sqlite
 def test_database_file_is_readable_by_its_owner_only(tmp_path):
     (tmp_path / "instance").mkdir()
     old = tmp_path / "instance" / "tastebud.db"
