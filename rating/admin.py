@@ -65,12 +65,17 @@ def index():
 @bp.post("/demo")
 @admin_required
 def load_demo():
-    """Queue a job that adds demo-pack images; answer with its progress bar."""
+    """Queue a job that adds demo-pack images; answer with its progress bar (the running one's,
+    while one runs: each pack takes the next images, so two at once would overlap)."""
     count = request.form.get("count", type=int)  # None when missing or not a number
     if count is None or not 1 <= count <= MAX_DEMO_PACK:
         abort(400, description=f"Choose between 1 and {MAX_DEMO_PACK} images.")
-    job = jobs.enqueue(
-        "demo_pack", current_user.id, count=count, seed=current_app.config["DEMO_PACK_SEED"]
+    job = jobs.enqueue_once(
+        "demo_pack",
+        current_user.id,
+        lock_key="demo_pack",
+        count=count,
+        seed=current_app.config["DEMO_PACK_SEED"],
     )
     if not request.headers.get("HX-Request"):
         return redirect(url_for("admin.index"))

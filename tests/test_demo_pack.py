@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 
+from app import create_app
 from rating import jobs
 from rating.models import Image, Job, Source, db
+from tests.conftest import Site
+from tests.widgets import job_state
 
 
 def test_each_click_adds_new_images(app, admin_site):
@@ -79,3 +82,16 @@ def test_jobs_left_running_are_marked_failed_at_start(app):
         assert jobs.fail_orphaned_jobs() == 1
         job = db.session.scalar(db.select(Job))
         assert job.status == "failed" and re.search("worker stopped", job.message)
+
+
+def test_a_second_click_while_a_pack_waits_shows_that_one(tmp_path):
+    """Each pack takes the next images, so two at once would overlap: one runs at a time."""
+    app = create_app({"SECRET_KEY": "test", "QUEUE": "sqlite"}, instance_path=str(tmp_path))
+    site = Site(app.test_client())
+    site.register("admin")
+    first = job_state(site.post("/admin/demo", {"count": 5}, htmx=True).get_data(as_text=True))
+    again = job_state(site.post("/admin/demo", {"count": 7}, htmx=True).get_data(as_text=True))
+    assert again.id == first.id and again.status == "queued"
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Job.id))) == 1
+        db.engine.dispose()

@@ -184,3 +184,28 @@ def test_a_heartbeat_that_arrives_meanwhile_keeps_the_job_alive(queued_app):
         assert jobs.fail_if_orphaned(job) is False  # the row is not as it was seen
         assert job.status == "running"
         assert jobs.fail_if_orphaned(job) is False  # and it is fresh now
+
+
+def test_one_job_per_lock_when_clicks_race(queued_app, counting_kind):
+    """Eight clicks at once on a button whose job holds a lock (one training per person): the
+    database's unique lock key lets exactly one job in; every click is shown that one."""
+    app, shown, errors = queued_app, [], []
+    start = threading.Barrier(8)
+
+    def click() -> None:
+        try:
+            with app.app_context():
+                start.wait(timeout=10)
+                shown.append(jobs.enqueue_once("count_runs", None, lock_key="taste:1").id)
+                db.session.remove()
+        except Exception as error:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=click) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors and len(shown) == 8 and len(set(shown)) == 1
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Job.id))) == 1
