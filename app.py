@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 from pathlib import Path
 
 from flask import Flask, g, render_template, request
@@ -67,6 +68,7 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     load_settings(app, test_config)
 
     db.init_app(app)
+    app.teardown_appcontext(_end_session)  # runs before Flask-SQLAlchemy's own (registered first)
     migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
     csrf.init_app(app)
     login_manager.init_app(app)
@@ -103,6 +105,16 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
         if app.config["AUTO_MIGRATE"]:
             upgrade(directory=MIGRATIONS)
     return app
+
+
+def _end_session(_error) -> None:
+    """End the request's database session, even when the server dropped its connection (a
+    restart): the answer, already made, must not turn into a bare 500 while cleaning up."""
+    try:
+        db.session.remove()
+    except Exception as error:  # the connection is gone; the pool opens a new one next time
+        log.warning("database session not closed cleanly: %s", error)
+        db.session.registry.clear()
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:
@@ -175,32 +187,46 @@ def register_error_pages(app: Flask) -> None:
 
 
 def main() -> None:
-    """Serve the site with waitress and run the job worker in this process."""
+    """Serve the site with waitress (WEB_PROCESSES processes) and run the job worker here."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app()
+    host, port = app.config["HOST"], int(app.config["PORT"])
+    with app.app_context():
+        first_start = db.session.scalar(db.select(db.func.count(User.id))) == 0
+    processes = server.web_processes(app)
+    web = server.ServerProcesses(host, port, processes).start() if processes > 1 else None
     consumer = sweeper = None
     if app.config["QUEUE"] != "immediate":
         with app.app_context():
             found = jobs.sweep()
         if found["failed"]:
-            logging.warning(
-                "marked %d job(s) left running by a stopped worker as failed", found["failed"]
-            )
+            logging.warning("marked %d job(s) left by a stopped worker as failed", found["failed"])
         sweeper = jobs.Sweeper(app).start()
         if app.config["EMBEDDED_WORKER"]:
             consumer = jobs.start_embedded_worker(app)
-    host, port = app.config["HOST"], int(app.config["PORT"])
-    print(f"tastebud is running on http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
-    with app.app_context():
-        if db.session.scalar(db.select(db.func.count(User.id))) == 0:
-            print("First start: open that address and create an account; it becomes the admin.")
+    served = f" by {processes} processes" if web else ""
+    print(f"tastebud is running on http://{host}:{port}/{served}  (Ctrl-C stops it)", flush=True)
+    if first_start:
+        print("First start: open that address and create an account; it becomes the admin.")
     try:
-        server.create_server(app, host, port).run()
+        if web is None:
+            server.create_server(app, host, port).run()
+        else:
+            signal.signal(signal.SIGTERM, _stop_serving)
+            web.supervise()
+    except KeyboardInterrupt:
+        pass
     finally:
+        if web is not None:
+            web.stop()
         if consumer is not None:
             consumer.stop()
         if sweeper is not None:
             sweeper.stop()
+
+
+def _stop_serving(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Load bench: 32 raters rate-and-next at once against `python app.py`, beside a static file."""
+"""Load bench: 32 raters rate-and-next at once against `python app.py`, beside a static file;
+with --processes and --database, side by side for 1, 2, N web processes on SQLite (WAL) and on
+PostgreSQL (a server of its own on 127.0.0.1, as the scale-out tests start one)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,12 @@ import random
 import re
 import shutil
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from contextlib import closing
 from pathlib import Path
 
 import requests
@@ -29,15 +29,15 @@ IMAGE = re.compile(r'data-image-id="(\d+)"')
 TARGET = 3.0  # rate-and-next p99 must stay within this many times the static p99
 
 
-def prepare(instance: Path, users: int, images: int, seed: int) -> None:
-    """Create the rater accounts and load the demo pack into a fresh instance folder."""
-    sys.path.insert(0, str(ROOT))
+def prepare(instance: Path, database_url: str, users: int, images: int, seed: int) -> None:
+    """Create the rater accounts and load the demo pack into a fresh instance folder (and
+    database: empty means SQLite in the instance folder)."""
     from app import create_app
     from rating.auth import create_user
     from rating.models import db
 
     config = {"QUEUE": "immediate", "SECRET_KEY": "bench", "DEMO_PACK_SEED": seed}
-    config |= {"DATABASE_URL": "", "STORAGE_ROOT": ""}  # the temp instance, whatever the env says
+    config |= {"DATABASE_URL": database_url, "STORAGE_ROOT": "", "REDIS_URL": ""}
     app = create_app(config, instance_path=str(instance))
     with app.app_context():
         for n in range(users):
@@ -49,13 +49,29 @@ def prepare(instance: Path, users: int, images: int, seed: int) -> None:
         raise RuntimeError(f"demo pack failed: {result.output}")
 
 
-def start_server(instance: Path, port: int, threads: int | None) -> subprocess.Popen:
+def stored_ratings(instance: Path, database_url: str) -> int:
+    """Count the ratings the database holds."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url or f"sqlite:///{instance / 'tastebud.db'}")
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT COUNT(*) FROM rating")).scalar()
+    engine.dispose()
+    return count
+
+
+def start_server(
+    instance: Path, database_url: str, port: int, threads: int | None, processes: int
+) -> subprocess.Popen:
     """Start `python app.py` on the instance's database and images (TASTEBUD_* variables)."""
     env = {
         **os.environ,
         "TASTEBUD_HOST": "127.0.0.1",
         "TASTEBUD_PORT": str(port),
         "TASTEBUD_INSTANCE_PATH": str(instance),
+        "TASTEBUD_DATABASE_URL": database_url,
+        "TASTEBUD_REDIS_URL": "",
+        "TASTEBUD_WEB_PROCESSES": str(processes),
         "TASTEBUD_SECRET_KEY": "bench-secret",
         "TASTEBUD_LOGIN_RATE_LIMIT": "10000 per minute",  # every rater signs in from 127.0.0.1
     }
@@ -178,11 +194,12 @@ def summarise(latencies: list[float], failures: int, seconds: float) -> dict:
 
 
 def report(result: dict) -> None:
-    """Print the table and the verdict."""
+    """Print one configuration's table and verdict."""
     threads = result["threads"] or "the app's default"
     print(
         f"{result['clients']} clients x {result['seconds']:g} s per phase; python app.py with"
-        f" {threads} threads; pool of {result['images']} images"
+        f" {result['processes']} process(es) of {threads} threads on {result['database']};"
+        f" pool of {result['images']} images"
     )
     print(
         f"{'endpoint':<22}{'requests':>9}{'failures':>9}{'req/s':>9}"
@@ -207,35 +224,51 @@ def report(result: dict) -> None:
     print(f"{verdict}: rate-and-next p99 within {TARGET:g}x static p99, and no failed request")
 
 
-def main() -> None:
-    """Set up an instance, serve it, run the static and the rating phase, and report."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0, help="demo pack seed")
-    parser.add_argument("--threads", type=int, help="server threads (default: the app's setting)")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
-    args = parser.parse_args()
+def report_side_by_side(results: list[dict]) -> None:
+    """Print every configuration on one line each, with ratings/s against 1 process."""
+    print(f"{results[0]['clients']} clients x {results[0]['seconds']:g} s per phase, side by side")
+    print(
+        f"{'database':<11}{'processes':>10}{'ratings/s':>11}{'x 1 proc':>10}{'rate p50':>10}"
+        f"{'rate p99':>10}{'static p99':>12}{'p99 ratio':>11}{'stored=ack':>12}{'verdict':>9}"
+    )
+    single = {r["database"]: r["rate_and_next"]["rps"] for r in results if r["processes"] == 1}
+    for r in results:
+        rate = r["rate_and_next"]
+        base = single.get(r["database"])
+        gain = f"{rate['rps'] / base:.2f}" if base else "-"
+        print(
+            f"{r['database']:<11}{r['processes']:>10}{rate['rps']:>11.1f}{gain:>10}"
+            f"{rate['p50_ms']:>10.1f}{rate['p99_ms']:>10.1f}{r['static']['p99_ms']:>12.1f}"
+            f"{r['p99_ratio']:>11.2f}{str(r['stored'] == r['acknowledged']):>12}"
+            f"{'PASS' if r['pass'] else 'FAIL':>9}"
+        )
+
+
+def run_config(args, database: str, processes: int, postgres) -> dict:
+    """Set up an instance on `database`, serve it with `processes` processes, run the static
+    and the rating phase, and return the figures."""
     instance = Path(tempfile.mkdtemp(prefix="tastebud-bench-"))
+    name = f"bench_{processes}_{os.getpid()}"
+    database_url = postgres.create_database(name) if database == "postgresql" else ""
     server = None
     try:
-        prepare(instance, args.clients, args.images, args.seed)
+        prepare(instance, database_url, args.clients, args.images, args.seed)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         base = f"http://127.0.0.1:{port}"
-        server = start_server(instance, port, args.threads)
+        server = start_server(instance, database_url, port, args.threads, processes)
         wait_until_up(server, base)
         static, _, _ = run_phase(Fetcher, base, args.clients, args.seconds)
         rate, static_under_load, raters = run_phase(
             Rater, base, args.clients, args.seconds, probe=True
         )
-        with closing(sqlite3.connect(instance / "tastebud.db")) as con:
-            stored = con.execute("SELECT COUNT(*) FROM rating").fetchone()[0]
+        stored = stored_ratings(instance, database_url)
         acknowledged = sum(r.acknowledged for r in raters)
         ratio = rate["p99_ms"] / max(static["p99_ms"], 1e-9)
-        result = {
+        return {
+            "database": database,
+            "processes": processes,
             "static": static,
             "rate_and_next": rate,
             "static_during_rating": static_under_load,
@@ -252,10 +285,6 @@ def main() -> None:
             and not rate["failures"]
             and stored == acknowledged,
         }
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            report(result)
     except BaseException:
         if (instance / "server.log").exists():
             print((instance / "server.log").read_text()[-3000:], file=sys.stderr)
@@ -264,11 +293,52 @@ def main() -> None:
         if server is not None:
             server.terminate()
             try:
-                server.wait(timeout=10)
+                server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait(timeout=10)
         shutil.rmtree(instance, ignore_errors=True)
+        if database_url:
+            postgres.drop_database(name)
+
+
+def main() -> None:
+    """Run every asked configuration and report each, then side by side."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0, help="demo pack seed")
+    parser.add_argument("--threads", type=int, help="server threads (default: the app's setting)")
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1], help="web processes, e.g. 1 2 4"
+    )
+    parser.add_argument(
+        "--database", nargs="+", choices=("sqlite", "postgresql"), default=["sqlite"]
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    postgres = None
+    if "postgresql" in args.database:
+        from tests.services import Postgres  # a throw-away server on 127.0.0.1
+
+        postgres = Postgres(durable=True)  # every commit on disk, as SQLite's FULL sync
+    try:
+        results = []
+        for database in args.database:
+            for processes in args.processes:
+                results.append(run_config(args, database, processes, postgres))
+                if not args.json:
+                    report(results[-1])
+                    print()
+    finally:
+        if postgres is not None:
+            postgres.close()
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    elif len(results) > 1:
+        report_side_by_side(results)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,23 @@ long, and `create_server` also caps the body at the site's `MAX_CONTENT_LENGTH`.
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import waitress
 import waitress.parser
 from flask import Flask
 from waitress.receiver import ChunkedReceiver
 from waitress.utilities import BadRequest
 
+log = logging.getLogger(__name__)
 MAX_CHUNK_LINE = 4096  # a chunk size and its extensions; real clients send a dozen bytes
 MAX_TRAILER = 64 * 1024  # trailer fields after the last chunk (browsers send none)
 BODY_SLACK = 64 * 1024  # multipart boundaries around the largest body Flask accepts
@@ -46,14 +57,98 @@ def install_bounds() -> None:
         waitress.parser.ChunkedReceiver = BoundedChunkedReceiver
 
 
-def create_server(app: Flask, host: str, port: int):
-    """A waitress server for `app` on host:port, with bounded requests; `.run()` serves."""
+def create_server(app: Flask, host: str, port: int, sockets: list | None = None):
+    """A waitress server for `app` on host:port (or on pre-bound `sockets`), with bounded
+    requests; `.run()` serves."""
     install_bounds()
+    where = {"sockets": sockets} if sockets else {"host": host, "port": port}
     return waitress.create_server(
         app,
-        host=host,
-        port=port,
+        **where,
         threads=int(app.config["SERVER_THREADS"]),
         max_request_body_size=int(app.config["MAX_CONTENT_LENGTH"]) + BODY_SLACK,
         ident="tastebud",
     )
+
+
+def web_processes(app: Flask) -> int:
+    """How many processes serve the site: WEB_PROCESSES, 0 meaning one per core."""
+    return max(1, int(app.config["WEB_PROCESSES"]) or os.cpu_count() or 1)
+
+
+class ServerProcesses:
+    """Several processes serving one listening socket, each a whole app with its own threads:
+    Python runs one thread at a time per process, so on several cores more processes answer
+    more requests. The database coordinates them, as it does separate machines.
+
+    The parent binds the socket and starts the servers (`python -m rating.server --fd N`, each
+    inheriting the socket), replaces one that dies, and stops them all when told to.
+    """
+
+    def __init__(self, host: str, port: int, processes: int):
+        self.processes = processes
+        self.socket = socket.create_server((host, port), backlog=1024)
+        self.socket.set_inheritable(True)
+        self.port = self.socket.getsockname()[1]
+        self.children: list[subprocess.Popen] = []
+        self.stopping = False
+
+    def start(self) -> ServerProcesses:
+        self.children = [self._start_one() for _ in range(self.processes)]
+        return self
+
+    def _start_one(self) -> subprocess.Popen:
+        fd = self.socket.fileno()
+        return subprocess.Popen(
+            [sys.executable, "-m", "rating.server", "--fd", str(fd)],
+            cwd=Path(__file__).resolve().parents[1],
+            pass_fds=[fd],
+        )
+
+    def supervise(self, every: float = 1.0) -> None:
+        """Keep the servers running (one that dies is replaced) until `stop()`; then reap."""
+        while not self.stopping:
+            for n, child in enumerate(self.children):
+                if child.poll() is not None:
+                    log.warning(
+                        "web process %d ended (%s); starting another", child.pid, child.returncode
+                    )
+                    self.children[n] = self._start_one()
+            time.sleep(every)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every server process: SIGTERM, then SIGKILL for one still there after `grace`."""
+        self.stopping = True
+        for child in self.children:
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children:
+            try:
+                child.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=grace)
+        self.socket.close()
+
+
+def serve_inherited(fd: int) -> None:
+    """A server process of `ServerProcesses`: the app, serving the socket it inherited."""
+    from app import create_app  # the factory lives beside this package
+
+    signal.signal(signal.SIGTERM, _stop_serving)
+    listener = socket.socket(fileno=fd)
+    try:
+        create_server(create_app(), "", 0, sockets=[listener]).run()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+
+
+def _stop_serving(_signum, _frame) -> None:
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Serve the app on an inherited socket.")
+    parser.add_argument("--fd", type=int, required=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    serve_inherited(parser.parse_args().fd)

@@ -15,6 +15,10 @@ DEFAULTS: dict[str, object] = {
     # Worker threads of the WSGI server. Python runs one thread at a time: past 4, threads
     # only fight over the interpreter (bench/rating_load.py: 80 ratings/s with 4, 54 with 8).
     "SERVER_THREADS": 4,
+    # Processes that serve the site, each with SERVER_THREADS threads (0: one per core). With
+    # more than one, `python app.py` forks them on one socket and runs the job worker beside
+    # them; SQLite (WAL) or PostgreSQL coordinates them (Linux and macOS; Windows serves with 1).
+    "WEB_PROCESSES": 1,
     # Database URL; empty means a SQLite file in the instance folder.
     "DATABASE_URL": "",
     # Root for images (and later latents and models); empty means the instance folder.

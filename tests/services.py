@@ -58,7 +58,8 @@ def _version(path: str) -> int:
 class Postgres:
     """A PostgreSQL server of our own: `url(name)` for a database, `restart()` to bounce it."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable  # False: no fsync (test databases); True: as deployed (benches)
         self.bin = postgres_bin()
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="tastebud-pg-"))
@@ -80,11 +81,11 @@ class Postgres:
         return done.stdout
 
     def start(self) -> None:
-        """Start the server (fsync off: these are throw-away test databases)."""
-        options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-            " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
+        """Start the server (unless durable, without fsync: throw-away test databases)."""
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        options += " -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", self.data, "-l", self.root / "log", "-o", options, "-w", "start")
 
     def stop(self, mode: str = "fast") -> None:
