@@ -6,13 +6,15 @@ import logging
 import os
 import secrets
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock
 from flask import Flask, g, render_template, request
 from flask_login import LoginManager
 from flask_migrate import Migrate, upgrade
 from flask_wtf.csrf import CSRFProtect
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -40,6 +42,7 @@ from rating.security import init_security
 from rating.settings import load_settings
 
 log = logging.getLogger(__name__)
+MIGRATION_LOCK = 0x7A57EB0D  # the advisory lock key of migrations (any fixed number)
 MIGRATIONS = str(Path(__file__).resolve().parent / "migrations")
 
 csrf = CSRFProtect()
@@ -103,8 +106,34 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
         if db.engine.dialect.name == "sqlite":
             event.listen(db.engine, "connect", _tune_sqlite)
         if app.config["AUTO_MIGRATE"]:
-            upgrade(directory=MIGRATIONS)
+            with migration_lock():
+                upgrade(directory=MIGRATIONS)
     return app
+
+
+@contextmanager
+def migration_lock():
+    """Let one process at a time migrate the database: the web and its workers may start
+    together (Compose, or a worker beside `python app.py`), and two upgrades at once would
+    both create the same tables. PostgreSQL: an advisory lock; SQLite: a lock file beside it."""
+    if db.engine.dialect.name == "sqlite":
+        database = db.engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        with FileLock(f"{database}.migrate-lock"):
+            yield
+        return
+    if db.engine.dialect.name != "postgresql":
+        yield
+        return
+    with db.engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            connection.commit()
 
 
 def _end_session(_error) -> None:

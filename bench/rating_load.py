@@ -26,6 +26,7 @@ PASSWORD = "bench password 1234"
 TOKEN = re.compile(r'"X-CSRFToken": "([^"]+)"')  # the page's htmx header; the form has the same
 FIELD = re.compile(r'name="(csrf_token|queue|skipped|history)" value="([^"]*)"')
 IMAGE = re.compile(r'data-image-id="(\d+)"')
+WARM_UP = 5.0  # seconds of static load before measuring: slow starters are up by then
 TARGET = 3.0  # rate-and-next p99 must stay within this many times the static p99
 
 
@@ -90,7 +91,7 @@ def wait_until_up(server: subprocess.Popen, base: str, limit: float = 60) -> Non
         try:
             if requests.get(f"{base}/static/style.css", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or no process answers yet
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the server did not answer within {limit:g} s")
@@ -259,6 +260,7 @@ def run_config(args, database: str, processes: int, postgres) -> dict:
         base = f"http://127.0.0.1:{port}"
         server = start_server(instance, database_url, port, args.threads, processes)
         wait_until_up(server, base)
+        run_phase(Fetcher, base, args.clients, WARM_UP)  # every process up and warm, untimed
         static, _, _ = run_phase(Fetcher, base, args.clients, args.seconds)
         rate, static_under_load, raters = run_phase(
             Rater, base, args.clients, args.seconds, probe=True

@@ -78,7 +78,7 @@ class Deployment:
             try:
                 if requests.get(f"{self.base}/static/style.css", timeout=2).ok:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or not answering yet
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"the web did not answer within {limit} s:\n{self.log('web')}")

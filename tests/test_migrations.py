@@ -3,6 +3,11 @@ keeps its data. `make test` runs these on PostgreSQL too (--services)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from flask_migrate import downgrade, upgrade
@@ -10,6 +15,8 @@ from sqlalchemy import inspect
 
 from app import MIGRATIONS, create_app
 from rating.models import Rating, Source, User, db
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_empty_database_upgrades_to_the_models(tmp_path):
@@ -66,3 +73,31 @@ def test_upgrading_an_old_database_keeps_its_ratings(tmp_path):
         upgrade(directory=MIGRATIONS)
         assert db.session.scalar(db.select(Rating.stars)) == 4
         assert db.session.scalar(db.select(Source.position)) == 0
+
+
+def test_processes_starting_at_once_migrate_one_at_a_time(tmp_path):
+    """The web and its workers start together on an empty database (Compose, or a worker
+    beside `python app.py`): one migrates, the others wait and find it done."""
+    url = os.environ.get("TASTEBUD_DATABASE_URL") or f"sqlite:///{tmp_path / 'shared.db'}"
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", "from app import create_app; create_app()"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "TASTEBUD_DATABASE_URL": url,
+                "TASTEBUD_INSTANCE_PATH": str(tmp_path / f"process{n}"),
+                "TASTEBUD_SECRET_KEY": "test",
+            },
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    errors = [process.communicate(timeout=120)[1] for process in starts]
+    assert [process.returncode for process in starts] == [0] * 4, "\n".join(errors)[-3000:]
+    app = create_app({"SECRET_KEY": "test", "DATABASE_URL": url}, instance_path=str(tmp_path))
+    with app.app_context(), db.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), db.metadata) == []
+    with app.app_context():
+        db.engine.dispose()
