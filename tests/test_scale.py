@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from rating.models import Image, Job, Rating, TasteVersion, User
-from tests.deployment import COMMANDS, Browser, Deployment
+from tests.deployment import Browser, Deployment, other_host_possible
 from tests.test_taste import TINY
 from tests.widgets import FINAL, job_state
 
@@ -107,8 +107,12 @@ def load_pool(browser: Browser, database: Database, deployment: Deployment) -> l
 
 
 def test_the_whole_flow_across_processes_and_a_killed_gpu_worker(deployment, database):
-    for service in COMMANDS:
-        deployment.start(service)
+    deployment.start("web")
+    deployment.start("worker")
+    # The GPU worker as on another machine (another host name), where it can be: its death is
+    # then seen only by its missing heartbeats.
+    remote = "gpu-box-2" if other_host_possible() else None
+    deployment.start("gpu-worker", host=remote)
     admin = Browser(deployment.base)
     admin.register("admin")
     ids = load_pool(admin, database, deployment)
@@ -118,13 +122,17 @@ def test_the_whole_flow_across_processes_and_a_killed_gpu_worker(deployment, dat
 
     first = click(admin, "/taste/train")  # the GPU worker takes it…
     wait_for(lambda: job(database, first).status == "running", 60, "the GPU worker starting")
+    assert job(database, first).worker.startswith(f"{remote}:") if remote else True
     deployment.kill("gpu-worker")  # …and dies mid-run
+    killed = time.monotonic()
     failed = wait_for(
         lambda: (found := job(database, first)).status == "failed" and found,
-        15,  # the web's or the light worker's sweeper: same host, so at its next look
+        30,  # the web's or the light worker's sweeper, within JOB_STALE + JOB_SWEEP_SECONDS
         "the dead worker's job failing",
         deployment,
     )
+    print(f"GPU worker on {remote or 'this host'} killed: its job failed after", end=" ")
+    print(f"{time.monotonic() - killed:.1f} s (stale after {FAST_JOBS['JOB_STALE_SECONDS']} s)")
     assert "worker stopped" in failed.message and failed.lock_key is None
 
     deployment.start("gpu-worker")  # a new one; the button works again at once
