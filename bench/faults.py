@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +27,13 @@ from sqlalchemy import create_engine, func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from rating.models import Image, Job, Rating, User  # noqa: E402
-from tests.deployment import Browser, Deployment, other_host_possible  # noqa: E402
+from tests.deployment import (  # noqa: E402
+    Browser,
+    Deployment,
+    RatingThroughFault,
+    other_host_possible,
+    register_people,
+)
 from tests.services import Postgres, Redis  # noqa: E402
 from tests.test_taste import TINY  # noqa: E402
 from tests.widgets import FINAL, job_state  # noqa: E402
@@ -135,40 +139,9 @@ def postgres_restart(world: World) -> dict:
     deployment.start("web")
     deployment.start("worker")
     _, ids = world.admin(48)
-    raters = []
-    for n in range(8):
-        rater = Browser(deployment.base)
-        rater.register(f"rater{n}")
-        raters.append(rater)
-    acknowledged, refused, stop = [], [], threading.Event()
-
-    def rate(rater: Browser, seed: int) -> None:
-        for image_id in random.Random(seed).sample(ids, len(ids)):
-            if stop.is_set():
-                return
-            stars = 1 + (image_id + seed) % 5
-            try:
-                answer = rater.post(f"/rate/{image_id}", {"stars": stars}, htmx=True, timeout=30)
-            except Exception as error:  # noqa: BLE001 - a refused request, by any means
-                refused.append(type(error).__name__)
-                continue
-            if answer.status_code == 200:
-                acknowledged.append((seed, image_id, stars))
-            else:
-                own = "database can" in answer.text
-                refused.append(f"{answer.status_code}{' (site page)' if own else ' (bare)'}")
-            time.sleep(0.05)
-
-    threads = [threading.Thread(target=rate, args=(r, n)) for n, r in enumerate(raters)]
-    for thread in threads:
-        thread.start()
-    world.until(lambda: len(acknowledged) >= 40, 60, "ratings before the restart")
-    world.postgres.restart()
-    before = len(acknowledged)
-    world.until(lambda: len(acknowledged) >= before + 40, 60, "ratings after the restart")
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=60)
+    raters = register_people(deployment.base, 8)
+    load = RatingThroughFault(raters, ids)
+    load.run(world.postgres.restart)
     with Session(world.engine) as session:
         users = dict(session.execute(select(User.username, User.id)).all())
         saved = {
@@ -177,10 +150,12 @@ def postgres_restart(world: World) -> dict:
                 select(Rating.user_id, Rating.image_id, Rating.stars)
             )
         }
-    lost = sum(saved.get((users[f"rater{s}"], i)) != stars for s, i, stars in acknowledged)
+    refused = [
+        f"{code}" + (" (bare)" if text in load.bare_errors() else "") for code, text in load.refused
+    ]
     return {
-        "acknowledged": len(acknowledged),
-        "lost": lost,
+        "acknowledged": len(load.acknowledged),
+        "lost": len(load.lost(saved, [users[f"rater{n}"] for n in range(8)])),
         "refused": {kind: refused.count(kind) for kind in sorted(set(refused))},
     }
 

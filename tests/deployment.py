@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import requests
 
+from tests.polling import wait_for
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,3 +159,74 @@ def other_host_possible() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
+
+
+def register_people(base: str, count: int) -> list[Browser]:
+    """`count` people registered (rater0, rater1, …), each signed in with a browser of their own."""
+    people = [Browser(base) for _ in range(count)]
+    for n, person in enumerate(people):
+        person.register(f"rater{n}")
+    return people
+
+
+class RatingThroughFault:
+    """People rating at a person's pace while something breaks: `run(fault)` has every browser
+    rate the pool in its own order, calls `fault()` once `before` ratings are acknowledged, and
+    stops `after` more acknowledged ratings later. Then `acknowledged` holds (person, image,
+    stars) for each 200 answer, and `refused` (status or error name, text) for the others."""
+
+    def __init__(self, browsers: list[Browser], image_ids: list[int]):
+        self.browsers, self.image_ids = browsers, image_ids
+        self.acknowledged: list[tuple[int, int, int]] = []
+        self.refused: list[tuple[int | str, str]] = []
+        self._stop = threading.Event()
+
+    def run(self, fault, before: int = 40, after: int = 40, limit: float = 60) -> None:
+        threads = [
+            threading.Thread(target=self._rate, args=(n, browser))
+            for n, browser in enumerate(self.browsers)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: len(self.acknowledged) >= before, limit, "ratings before the fault")
+            fault()
+            done = len(self.acknowledged) + after
+            wait_for(lambda: len(self.acknowledged) >= done, limit, "ratings after the fault")
+        finally:
+            self._stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+
+    def _rate(self, person: int, browser: Browser) -> None:
+        for image_id in random.Random(person).sample(self.image_ids, len(self.image_ids)):
+            if self._stop.is_set():
+                return
+            stars = 1 + (image_id + person) % 5
+            try:
+                answer = browser.post(f"/rate/{image_id}", {"stars": stars}, htmx=True, timeout=30)
+            except requests.RequestException as error:  # refused: nothing acknowledged
+                self.refused.append((type(error).__name__, str(error)))
+                continue
+            if answer.status_code == 200:
+                self.acknowledged.append((person, image_id, stars))
+            else:
+                self.refused.append((answer.status_code, answer.text))
+            time.sleep(0.05)  # a person's pace, roughly, so the load spans the fault
+
+    def lost(self, saved: dict[tuple[int, int], int], user_ids: list[int]) -> list:
+        """The acknowledged ratings `saved` ({(user id, image id): stars}) does not hold;
+        `user_ids[n]` is the n-th browser's account."""
+        return [
+            (person, image_id)
+            for person, image_id, stars in self.acknowledged
+            if saved.get((user_ids[person], image_id)) != stars
+        ]
+
+    def bare_errors(self) -> list[str]:
+        """Refusals that were not the site's own database-away answer (503)."""
+        return [
+            text
+            for code, text in self.refused
+            if isinstance(code, int) and not (code == 503 and "database can" in text)
+        ]

@@ -5,7 +5,6 @@ out twice still runs once."""
 from __future__ import annotations
 
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -14,17 +13,7 @@ from sqlalchemy import update
 from app import create_app
 from rating import jobs
 from rating.models import Job, db, utcnow
-
-
-def wait_for(condition, limit: float = 10.0, what: str = "the condition"):
-    """Poll `condition` until it returns something true, for at most `limit` seconds."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} did not happen within {limit} s")
+from tests.polling import wait_for
 
 
 @pytest.fixture
@@ -120,7 +109,7 @@ def test_a_job_that_never_reports_still_beats_and_is_not_taken_for_dead(queued_a
                     beats.append(job.heartbeat_at)
                 return len(set(beats)) >= 3
 
-            wait_for(beat_seen, what="three heartbeats")
+            wait_for(beat_seen, 10, "three heartbeats")
 
             def alive_past_stale():  # swept over and over for twice JOB_STALE_SECONDS
                 assert jobs.sweep()["failed"] == 0
@@ -129,7 +118,7 @@ def test_a_job_that_never_reports_still_beats_and_is_not_taken_for_dead(queued_a
                 assert job.status == "running"
                 return utcnow() - job.started_at > timedelta(seconds=1.0)
 
-            wait_for(alive_past_stale, what="a second of sweeps")
+            wait_for(alive_past_stale, 10, "a second of sweeps")
         release.set()
         worker.join(timeout=20)
         with app.app_context():
@@ -168,7 +157,7 @@ def test_the_sweeper_fails_a_silent_remote_job_with_no_request_and_no_restart(qu
                 db.session.expire_all()
                 return db.session.get(Job, job_id).status == "failed"
 
-            wait_for(failed, what="the sweeper failing the silent job")
+            wait_for(failed, 10, "the sweeper failing the silent job")
             job = db.session.get(Job, job_id)
             assert job.lock_key is None and "worker stopped" in job.message
     finally:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import struct
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -22,7 +20,14 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from rating.models import Image, Job, Rating, TasteVersion, User
-from tests.deployment import Browser, Deployment, other_host_possible
+from tests.deployment import (
+    Browser,
+    Deployment,
+    RatingThroughFault,
+    other_host_possible,
+    register_people,
+)
+from tests.polling import wait_for
 from tests.test_taste import TINY
 from tests.widgets import FINAL, job_state
 
@@ -39,18 +44,6 @@ FAST_JOBS = {
     "LOGIN_RATE_LIMIT": "1000 per minute",
 }
 POOL, RATED = 48, 40
-
-
-def wait_for(check, limit: float, what: str, deployment: Deployment | None = None):
-    """Poll `check` until it returns something true, for at most `limit` seconds."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    logs = deployment.logs() if deployment else ""
-    pytest.fail(f"{what}: not within {limit} s\n{logs}")
 
 
 class Database:
@@ -102,7 +95,7 @@ def load_pool(browser: Browser, database: Database, deployment: Deployment) -> l
     """The admin adds the demo pack; the light worker renders it. Return the images' ids."""
     answer = browser.post("/admin/demo", {"count": POOL}, htmx=True)
     assert answer.status_code == 200, answer.text[:500]
-    wait_for(lambda: count(database, Image) == POOL, 120, "the demo pack", deployment)
+    wait_for(lambda: count(database, Image) == POOL, 120, "the demo pack", deployment.logs)
     return [image_id for (image_id,) in database.rows(select(Image.id).order_by(Image.id))]
 
 
@@ -129,7 +122,7 @@ def test_the_whole_flow_across_processes_and_a_killed_gpu_worker(deployment, dat
         lambda: (found := job(database, first)).status == "failed" and found,
         30,  # the web's or the light worker's sweeper, within JOB_STALE + JOB_SWEEP_SECONDS
         "the dead worker's job failing",
-        deployment,
+        deployment.logs,
     )
     print(f"GPU worker on {remote or 'this host'} killed: its job failed after", end=" ")
     print(f"{time.monotonic() - killed:.1f} s (stale after {FAST_JOBS['JOB_STALE_SECONDS']} s)")
@@ -142,7 +135,7 @@ def test_the_whole_flow_across_processes_and_a_killed_gpu_worker(deployment, dat
         lambda: (found := job(database, second)).status in FINAL and found,
         300,
         "the second training",
-        deployment,
+        deployment.logs,
     )
     assert done.status == "succeeded", (done.message, done.error, deployment.logs())
     version = database.scalar(select(TasteVersion.id).order_by(TasteVersion.id.desc()))
@@ -177,7 +170,7 @@ def test_jobs_a_redis_crash_lost_are_queued_again_and_run(deployment, database, 
             lambda job_id=job_id: "queued it again" in (job(database, job_id).log or ""),
             30,
             f"job {job_id} queued again",
-            deployment,
+            deployment.logs,
         )
     deployment.start("worker")
     deployment.start("gpu-worker")
@@ -186,7 +179,7 @@ def test_jobs_a_redis_crash_lost_are_queued_again_and_run(deployment, database, 
             lambda job_id=job_id: job(database, job_id).status in FINAL,
             120,
             f"job {job_id} ending",
-            deployment,
+            deployment.logs,
         )
     assert job(database, demo).status == "succeeded" and count(database, Image) == 6
     assert job(database, crowd).message  # it ran and said how it went
@@ -200,59 +193,20 @@ def test_a_postgres_restart_under_rating_load_loses_no_acknowledged_rating(
     admin = Browser(deployment.base)
     admin.register("admin")
     ids = load_pool(admin, database, deployment)
-    raters = []
-    for n in range(8):
-        rater = Browser(deployment.base)
-        rater.register(f"rater{n}")
-        raters.append(rater)
-
-    acknowledged, refused, stop = [], [], threading.Event()
-
-    def rate(rater: Browser, seed: int) -> None:
-        order = random.Random(seed).sample(ids, len(ids))
-        for image_id in order:
-            if stop.is_set():
-                return
-            stars = 1 + (image_id + seed) % 5
-            try:
-                answer = rater.post(f"/rate/{image_id}", {"stars": stars}, htmx=True, timeout=30)
-            except Exception as error:  # noqa: BLE001 - counted as refused: nothing acknowledged
-                refused.append((0, repr(error)))
-                continue
-            if answer.status_code == 200:
-                acknowledged.append((seed, image_id, stars))
-            else:
-                refused.append((answer.status_code, answer.text))
-            time.sleep(0.05)  # a person's pace, roughly, so the load spans the restart
-
-    threads = [threading.Thread(target=rate, args=(r, n)) for n, r in enumerate(raters)]
-    for thread in threads:
-        thread.start()
-    wait_for(lambda: len(acknowledged) >= 40, 60, "ratings before the restart", deployment)
-    on_services.postgres.restart()
-    before = len(acknowledged)
-    wait_for(lambda: len(acknowledged) >= before + 40, 60, "ratings after the restart", deployment)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=60)
+    raters = register_people(deployment.base, 8)
+    load = RatingThroughFault(raters, ids)
+    load.run(on_services.postgres.restart)
 
     users = dict(database.rows(select(User.username, User.id)))
     saved = {
-        (user_id, image_id): stars
-        for user_id, image_id, stars in database.rows(
-            select(Rating.user_id, Rating.image_id, Rating.stars)
-        )
+        (u, i): stars
+        for u, i, stars in database.rows(select(Rating.user_id, Rating.image_id, Rating.stars))
     }
-    lost = [
-        (seed, image_id)
-        for seed, image_id, stars in acknowledged
-        if saved.get((users[f"rater{seed}"], image_id)) != stars
-    ]
-    codes = sorted({code for code, _ in refused})
-    print(f"PostgreSQL restart: {len(acknowledged)} acknowledged, {len(lost)} lost, ", end="")
-    print(f"{len(refused)} refused {codes}")
+    lost = load.lost(saved, [users[f"rater{n}"] for n in range(8)])
+    codes = sorted({str(code) for code, _ in load.refused})
+    print(f"PostgreSQL restart: {len(load.acknowledged)} acknowledged, {len(lost)} lost, ", end="")
+    print(f"{len(load.refused)} refused {codes}")
     assert not lost, f"{len(lost)} acknowledged ratings lost"
     # What was refused got the site's own retryable answer, never a bare server error.
-    bare = [text for code, text in refused if code and not (code == 503 and "database can" in text)]
-    assert not bare, (bare, deployment.log("web"))
+    assert not load.bare_errors(), (load.bare_errors(), deployment.log("web"))
     assert admin.get("/rate").status_code == 200  # recovered by itself

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
 
+from tests.polling import wait_for
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,16 +38,6 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
     except FileNotFoundError:
         return "Z"
-
-
-def wait_for(check, limit: float, what: str):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {limit} s")
 
 
 def answers(base: str) -> bool:
