@@ -93,14 +93,14 @@ class TasteRun:
 
     def load_base(self) -> None:
         """Load the configured base model (the demo builds in a second, offline)."""
-        from trainer.families import NAMES
+        from trainer.families import describe
 
         self.progress.log(f"loading the base model {self.version.base_model}")
         self.base = base_model(self.version.base_model)
         self.record(
             resolution=self.base.resolution,
             device=str(self.base.pipeline.device),
-            family=NAMES[self.base.family],
+            family=describe(self.base.family, self.base.pipeline.scheduler.config),
         )
 
     def encode(self) -> None:

@@ -8,13 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.test_lora import QUICK, save_random_scorer
 from tests.tiny_sdxl import build_tiny_sdxl
+from trainer import base as base_module
 from trainer import export, lora, sample
 from trainer.base import load_base
 from trainer.conditioning import embed
+from trainer.families import describe
 from trainer.latents import encode_pixels
 
 
@@ -81,3 +83,35 @@ def test_a_taste_lora_trains_on_sdxl_samples_and_exports_for_the_sdxl_loaders(ba
     effect = (unet_out(from_checkpoint) - unet_out(plain)).abs().max().item()
     assert effect > 0
     assert (unet_out(from_file) - unet_out(from_checkpoint)).abs().max().item() <= 1e-2 * effect
+
+
+def test_a_v_prediction_single_file_samples_and_trains_as_it_says(monkeypatch, tmp_path):
+    """NoobAI-XL V-Pred and its kind say so only by empty `v_pred` and `ztsnr` tensors in the
+    file: the base then predicts velocity on a zero-terminal-SNR schedule, sampled from its
+    last timestep. (diffusers' own conversion of the weights is stood in for by a tiny SDXL.)"""
+    marker = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+    checkpoint = tmp_path / "noobai-vpred.safetensors"
+    save_file({marker: torch.zeros(2), "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)},
+              checkpoint)  # fmt: skip
+    monkeypatch.setattr(base_module, "_load_single_file", lambda *args: build_tiny_sdxl())
+    base = load_base(str(checkpoint), device="cpu")
+    scheduler = base.pipeline.scheduler.config
+    assert base.family == "sdxl" and scheduler.prediction_type == "v_prediction"
+    assert scheduler.rescale_betas_zero_snr and scheduler.timestep_spacing == "trailing"
+    assert describe(base.family, scheduler).endswith("v-prediction, zero terminal SNR")
+    base.pipeline.scheduler.set_timesteps(4)
+    assert int(base.pipeline.scheduler.timesteps[0]) == 999  # from pure noise
+    assert float(base.pipeline.scheduler.alphas_cumprod[-1]) == 0.0
+
+    scorer = save_random_scorer(tmp_path / "scorer.safetensors", family="sdxl")
+    summary = lora.train(base, scorer, tmp_path / "run", replace(QUICK, steps=2, eval_every=2))
+    assert (
+        summary["steps"] == 2
+        and summary["history"]
+        and all(torch.isfinite(torch.tensor(row["score"])) for row in summary["history"])
+    )
+
+    plain = tmp_path / "sdxl.safetensors"  # no markers: SDXL's own epsilon schedule
+    save_file({marker: torch.zeros(2)}, plain)
+    scheduler = load_base(str(plain), device="cpu").pipeline.scheduler.config
+    assert scheduler.prediction_type == "epsilon" and not scheduler.rescale_betas_zero_snr

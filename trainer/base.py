@@ -36,6 +36,7 @@ from trainer.families import (
     family_of_configs,
     family_of_folder,
     refuse_unless_supported,
+    scheduler_of_checkpoint,
 )
 from trainer.prompts import DEMO_PROMPTS_FILE, PROMPTS_FILE
 
@@ -198,12 +199,15 @@ def ddim_scheduler(config) -> DDIMScheduler:
     for another scheduler (Euler, DPM-Solver, DEIS: many finetunes) lacks them, and DDIM's own
     defaults would clip x̂0 to [−1, 1], which corrupts unit-variance latents.
     """
+    # Zero terminal SNR: sampling must start at the last timestep, where no signal is left
+    # ("leading" spacing, SDXL's own, would never reach it).
+    zero_snr = config.get("rescale_betas_zero_snr", False)
     return DDIMScheduler.from_config(
         config,
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=config.get("steps_offset", 1),
-        timestep_spacing=config.get("timestep_spacing", "leading"),
+        timestep_spacing="trailing" if zero_snr else config.get("timestep_spacing", "leading"),
     )
 
 
@@ -329,6 +333,8 @@ def load_base(
             pipeline = pipeline.to(dtype=dtype)
     elif spec.lower().endswith(SINGLE_FILE_SUFFIXES):
         pipeline = _load_single_file(Path(spec).expanduser(), dtype, config, family)
+        said = scheduler_of_checkpoint(Path(spec).expanduser())  # v-prediction, zero SNR
+        pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **said)
     elif Path(spec).expanduser().is_dir():
         pipeline = _load_folder(Path(spec).expanduser(), dtype, family)
     elif _looks_like_path(spec) or not spec:

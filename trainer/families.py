@@ -84,3 +84,32 @@ def family_of_checkpoint(path: Path) -> str:
             key: SimpleNamespace(shape=file.get_slice(key).get_shape()) for key in file.keys()
         }
     return CHECKPOINT_TYPES.get(infer_diffusers_model_type(shapes), "other")
+
+
+def scheduler_of_checkpoint(path: Path) -> dict:
+    """What a single-file checkpoint says of its noise schedule, as scheduler settings: the
+    v-prediction finetunes (NoobAI-XL V-Pred and others) carry an empty `v_pred` tensor, and
+    those trained with zero terminal SNR a `ztsnr` one, since the original format has no
+    scheduler config. Only the header is read."""
+    from safetensors import safe_open
+
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as file:
+        keys = set(file.keys())
+    said = {}
+    if "v_pred" in keys:
+        said["prediction_type"] = "v_prediction"
+    if "ztsnr" in keys:
+        said["rescale_betas_zero_snr"] = True
+    return said
+
+
+def describe(family: str, scheduler: dict | None = None) -> str:
+    """The family's name as shown wherever the base is named, with v-prediction if so."""
+    name = NAMES.get(family, family)
+    if family != "sd2" and (scheduler or {}).get("prediction_type") == "v_prediction":
+        name += ", v-prediction"
+    if (scheduler or {}).get("rescale_betas_zero_snr"):
+        name += ", zero terminal SNR"
+    return name
