@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    EDMDPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -84,3 +85,23 @@ def build_tiny_sdxl(seed: int = 0, latent_size: int = 8) -> StableDiffusionXLPip
         unet=unet,
         scheduler=scheduler,
     )
+
+
+def build_tiny_playground(seed: int = 0, latent_size: int = 8) -> StableDiffusionXLPipeline:
+    """A Playground v2.5-structured pipeline: the tiny SDXL with Playground's EDM scheduler
+    config and a VAE with per-channel latents mean and std (its values)."""
+    pipe = build_tiny_sdxl(seed, latent_size)
+    pipe.vae.register_to_config(
+        scaling_factor=0.5,
+        latents_mean=[-1.6574, 1.886, -1.383, 2.5155],
+        latents_std=[8.4927, 5.9022, 6.5498, 5.2299],
+    )
+    pipe.scheduler = EDMDPMSolverMultistepScheduler(
+        sigma_min=0.002,
+        sigma_max=80.0,
+        sigma_data=0.5,
+        sigma_schedule="exponential",
+        prediction_type="epsilon",
+        final_sigmas_type="zero",
+    )
+    return pipe

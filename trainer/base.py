@@ -30,6 +30,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from trainer.device import half_dtype, pick_device
+from trainer.edm import as_variance_preserving, is_edm
 from trainer.families import (
     UnsupportedFamily,
     family_of_checkpoint,
@@ -219,6 +220,7 @@ PIPELINES = {
     "sd1": (StableDiffusionPipeline, NO_SAFETY_CHECKER),
     "sd2": (StableDiffusionPipeline, NO_SAFETY_CHECKER),
     "sdxl": (StableDiffusionXLPipeline, {}),  # SDXL pipelines have no safety checker
+    "playground-v2.5": (StableDiffusionXLPipeline, {}),  # then run as DDPM (trainer.edm)
 }
 
 
@@ -341,6 +343,8 @@ def load_base(
         raise BaseModelNotFound(f"no base model at {spec!r}; {FIX}")
     else:
         pipeline = _load_hub(spec, dtype, family)
+    if is_edm(pipeline.scheduler.config):  # Playground v2.5: sampled and trained as DDPM
+        pipeline = as_variance_preserving(pipeline)
     pipeline.scheduler = ddim_scheduler(pipeline.scheduler.config)
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)

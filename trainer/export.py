@@ -53,6 +53,9 @@ FAMILY_TAGS = {
     "sd1": ("sd_v1", "stable-diffusion-v1/lora", "SD1"),
     "sd2": ("sd_v2_768_v", "stable-diffusion-v2-768-v/lora", "SD2"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "SDXL"),
+    # SDXL-structured: loaders take it as an SDXL LoRA (A1111 and Forge by the card's "SDXL"),
+    # while the tags say which base it fits.
+    "playground-v2.5": ("playground_v2.5", "playground-v2.5/lora", "SDXL"),
 }
 # Names Windows won't create as files, whatever the extension.
 

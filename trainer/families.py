@@ -1,9 +1,10 @@
 """Which model family a base model belongs to, told from its configs or a checkpoint's keys.
 
-The trainer's pipeline, LoRA loop and export take Stable Diffusion 1.x and 2.x and the SDXL
+The trainer's pipeline, LoRA loop and export take Stable Diffusion 1.x and 2.x, the SDXL
 family (SDXL, Pony, Illustrious, NoobAI: two text encoders and added conditioning, see
-trainer.conditioning). Playground v2.5 (EDM) and the SDXL refiner are recognised here and
-refused with a clear message, instead of failing somewhere inside diffusers.
+trainer.conditioning) and Playground v2.5 (SDXL-structured, EDM-trained: see trainer.edm). The
+SDXL refiner is recognised here and refused with a clear message, instead of failing somewhere
+inside diffusers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ NAMES = {
     "playground-v2.5": "Playground v2.5",
     "other": "not a Stable Diffusion 1.x/2.x/XL model",
 }
-SUPPORTED = ("sd1", "sd2", "sdxl")
+SUPPORTED = ("sd1", "sd2", "sdxl", "playground-v2.5")
 # diffusers' single-file model types → families (diffusers.loaders.single_file_utils)
 CHECKPOINT_TYPES = {
     "v1": "sd1",
@@ -41,10 +42,10 @@ class UnsupportedFamily(ValueError):
 def refuse_unless_supported(family: str, where: str) -> None:
     """Raise UnsupportedFamily for a family the trainer doesn't support."""
     if family not in SUPPORTED:
-        supported = " and ".join(NAMES[f] for f in SUPPORTED)
+        supported = ", ".join(NAMES[f] for f in SUPPORTED)
         raise UnsupportedFamily(
             f"{where} is {NAMES.get(family, family)}; tastebud trains taste LoRAs for"
-            f" {supported} base models (Playground v2.5 and the SDXL refiner are not supported)"
+            f" these base models: {supported} (not the SDXL refiner, which only refines)"
         )
 
 
