@@ -4,8 +4,8 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 # The libraries first (a layer that changes rarely), then the code.
 COPY pyproject.toml README.md ./
-RUN mkdir rating trainer && touch rating/__init__.py trainer/__init__.py \
-    && pip install -e '.[scale]' && rm -rf rating trainer
+RUN mkdir rating trainer && touch rating/__init__.py trainer/__init__.py app.py \
+    && pip install -e '.[scale]' && rm -rf rating trainer app.py
 COPY . .
 RUN pip install --no-deps -e . \
     && useradd --create-home --uid 1000 tastebud \
