@@ -5,16 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock
 from flask import Flask, g, render_template, request
 from flask_login import LoginManager
 from flask_migrate import Migrate, upgrade
 from flask_wtf.csrf import CSRFProtect
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -23,6 +20,7 @@ from rating import (
     auth,
     blind,
     crowd,
+    database,
     job_kinds,
     job_views,
     jobs,
@@ -42,7 +40,6 @@ from rating.security import init_security
 from rating.settings import load_settings
 
 log = logging.getLogger(__name__)
-MIGRATION_LOCK = 0x7A57EB0D  # the advisory lock key of migrations (any fixed number)
 MIGRATIONS = str(Path(__file__).resolve().parent / "migrations")
 
 csrf = CSRFProtect()
@@ -71,7 +68,7 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     load_settings(app, test_config)
 
     db.init_app(app)
-    app.teardown_appcontext(_end_session)  # runs before Flask-SQLAlchemy's own (registered first)
+    app.teardown_appcontext(database.end_session)  # before Flask-SQLAlchemy's (registered first)
     migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
     csrf.init_app(app)
     login_manager.init_app(app)
@@ -104,58 +101,11 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
-            event.listen(db.engine, "connect", _tune_sqlite)
+            event.listen(db.engine, "connect", database.tune_sqlite)
         if app.config["AUTO_MIGRATE"]:
-            with migration_lock():
+            with database.migration_lock():
                 upgrade(directory=MIGRATIONS)
     return app
-
-
-@contextmanager
-def migration_lock():
-    """Let one process at a time migrate the database: the web and its workers may start
-    together (Compose, or a worker beside `python app.py`), and two upgrades at once would
-    both create the same tables. PostgreSQL: an advisory lock; SQLite: a lock file beside it."""
-    if db.engine.dialect.name == "sqlite":
-        database = db.engine.url.database
-        if not database or database == ":memory:":
-            yield
-            return
-        with FileLock(f"{database}.migrate-lock"):
-            yield
-        return
-    if db.engine.dialect.name != "postgresql":
-        yield
-        return
-    with db.engine.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
-            connection.commit()
-
-
-def _end_session(_error) -> None:
-    """End the request's database session, even when the server dropped its connection (a
-    restart): the answer, already made, must not turn into a bare 500 while cleaning up."""
-    try:
-        db.session.remove()
-    except Exception as error:  # the connection is gone; the pool opens a new one next time
-        log.warning("database session not closed cleanly: %s", error)
-        db.session.registry.clear()
-
-
-def _tune_sqlite(dbapi_connection, _record) -> None:
-    """Use WAL (readers never wait for the writer) and wait, not fail, on a locked database."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    # FULL: every commit reaches the disk before the server answers, so an acknowledged rating
-    # survives even a power cut (NORMAL would only survive a crash of this process).
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=15000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
 
 
 def register_error_pages(app: Flask) -> None:
@@ -241,7 +191,7 @@ def main() -> None:
         if web is None:
             server.create_server(app, host, port).run()
         else:
-            signal.signal(signal.SIGTERM, _stop_serving)
+            server.stop_on_sigterm()
             web.supervise()
     except KeyboardInterrupt:
         pass
@@ -252,10 +202,6 @@ def main() -> None:
             consumer.stop()
         if sweeper is not None:
             sweeper.stop()
-
-
-def _stop_serving(_signum, _frame) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

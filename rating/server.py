@@ -135,16 +135,21 @@ def serve_inherited(fd: int) -> None:
     """A server process of `ServerProcesses`: the app, serving the socket it inherited."""
     from app import create_app  # the factory lives beside this package
 
-    signal.signal(signal.SIGTERM, _stop_serving)
+    stop_on_sigterm()
     listener = socket.socket(fileno=fd)
     try:
         create_server(create_app(), "", 0, sockets=[listener]).run()
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         pass
 
 
-def _stop_serving(_signum, _frame) -> None:
-    raise SystemExit(0)
+def stop_on_sigterm() -> None:
+    """Stop on SIGTERM as on Ctrl-C (KeyboardInterrupt), so cleanup runs: workers, children."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

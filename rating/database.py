@@ -1,0 +1,62 @@
+"""The database connection's care: SQLite's settings, one process at a time migrating, and a
+request's session ended cleanly even when the server dropped its connection."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+from filelock import FileLock
+from sqlalchemy import text
+
+from rating.models import db
+
+log = logging.getLogger(__name__)
+MIGRATION_LOCK = 0x7A57EB0D  # the advisory lock key of migrations (any fixed number)
+
+
+@contextmanager
+def migration_lock():
+    """Let one process at a time migrate the database: the web and its workers may start
+    together (Compose, or a worker beside `python app.py`), and two upgrades at once would
+    both create the same tables. PostgreSQL: an advisory lock; SQLite: a lock file beside it."""
+    if db.engine.dialect.name == "sqlite":
+        database = db.engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        with FileLock(f"{database}.migrate-lock"):
+            yield
+        return
+    if db.engine.dialect.name != "postgresql":
+        yield
+        return
+    with db.engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            connection.commit()
+
+
+def end_session(_error) -> None:
+    """End the request's database session, even when the server dropped its connection (a
+    restart): the answer, already made, must not turn into a bare 500 while cleaning up."""
+    try:
+        db.session.remove()
+    except Exception as error:  # the connection is gone; the pool opens a new one next time
+        log.warning("database session not closed cleanly: %s", error)
+        db.session.registry.clear()
+
+
+def tune_sqlite(dbapi_connection, _record) -> None:
+    """Use WAL (readers never wait for the writer) and wait, not fail, on a locked database."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: every commit reaches the disk before the server answers, so an acknowledged rating
+    # survives even a power cut (NORMAL would only survive a crash of this process).
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=15000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
