@@ -11,6 +11,8 @@ import pytest
 from rating.models import Rating, db
 from tests.test_rating import card, rate
 
+pytestmark = pytest.mark.sqlite  # it takes the SQLite file away (PostgreSQL: test_scale.py)
+
 
 @pytest.fixture
 def database_away(app):
