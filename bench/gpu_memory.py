@@ -96,8 +96,10 @@ def prepared(scorer: Path, config: lora.TasteLoraConfig):
     base = lora_step.sd15_base(META)
     base.pipeline.unet.to(HALF)
     base.pipeline.unet.register_forward_pre_hook(to_dtype_of(base.pipeline.unet), with_kwargs=True)
+    side = base.resolution // base.pipeline.vae_scale_factor
+    pool = torch.zeros(8, 4, side, side, device=META) if config.uses_images else None
     with mock.patch.object(lora, "_half", lambda *a: HALF):  # passes its fp16 check
-        run = lora._prepare(base, scorer, config)
+        run = lora._prepare(base, scorer, config, pool)
     run.half = None
     run.scheduler.set_timesteps(config.sample_steps, device="cpu")  # indexes CPU tables
     return run
