@@ -56,15 +56,25 @@ from trainer.prompts import DEMO_PROMPTS_FILE, read_prompts  # noqa: E402
 from trainer.sample import images  # noqa: E402
 
 VARIANTS = ("rollout", "one_step", "mixed", "one_step@0.4")
+# The demo preset's rollout before the one-step mode: the baseline every variant is costed from.
+ROLLOUT_PRESET = {"mode": "rollout", "steps": 120, "eval_every": 30}
 SAMPLE_SEEDS = range(100, 108)  # unseen by the scorer, the LoRA's training and its evaluation
 SAMPLE_STEPS = 20
 
 
 def variant_config(variant: str, rollout: lora.TasteLoraConfig) -> lora.TasteLoraConfig:
-    """The config of `variant` ("mode" or "mode@share of the rollout's compute")."""
-    mode, _, share = variant.partition("@")
-    budget = rollout.steps * lora.unet_passes(rollout) * float(share or 1)
+    """The config of `variant`: "mode", then optionally "@share" of the rollout's compute and
+    ":low-high", the one-step noise range ("one_step@0.4:0-0.3"); "preset" is the demo preset
+    as shipped (its own mode and steps)."""
+    if variant == "preset":
+        return lora.TasteLoraConfig.from_dict(lora.DEMO_PRESET)
+    spec, _, noise = variant.partition(":")
+    mode, _, share = spec.partition("@")
     config = replace(rollout, mode=mode)
+    if noise:
+        low, high = noise.split("-")
+        config = replace(config, noise_range=(float(low), float(high)))
+    budget = rollout.steps * lora.unet_passes(rollout) * float(share or 1)
     steps = max(1, round(budget / lora.unet_passes(config)))
     evaluations = rollout.steps // rollout.eval_every
     return replace(config, steps=steps, eval_every=max(1, -(-steps // evaluations)))
@@ -143,7 +153,7 @@ def run(args) -> dict:
     raters = standard_raters(classifier)
     if args.raters:
         raters = [r for r in raters if r.name in args.raters.split(",")]
-    rollout = lora.TasteLoraConfig.from_dict({**lora.DEMO_PRESET, "mode": "rollout"})
+    rollout = lora.TasteLoraConfig.from_dict({**lora.DEMO_PRESET, **ROLLOUT_PRESET})
     if args.rollout_steps:  # a quick look: fewer steps, the same number of evaluations
         rollout = replace(rollout, steps=args.rollout_steps, eval_every=args.rollout_steps // 4)
     configs = {v: variant_config(v, rollout) for v in args.variants.split(",")}
@@ -189,7 +199,7 @@ def report(result: dict) -> None:
     key = {(r["rater"], r["seed"], r["variant"]): r for r in rows}
     print(f"demo world, {len(raters)} raters × {runs // max(len(raters), 1)} seeds per variant")
     print(
-        f"{'variant':14}{'steps':>6}{'passes':>8}{'true gain (±sd)':>17}{'at rec.':>9}"
+        f"{'variant':20}{'steps':>6}{'passes':>8}{'true gain (±sd)':>17}{'at rec.':>9}"
         f"{'diversity':>10}{'wall s':>8}{'gain/rollout':>13}{'time/rollout':>13}"
     )
     for v in variants:
@@ -198,7 +208,7 @@ def report(result: dict) -> None:
         gain_ratio = sum(r["true_gain"] for r, _ in pairs) / sum(b["true_gain"] for _, b in pairs)
         time_ratio = statistics.mean(r["seconds"] / b["seconds"] for r, b in pairs)
         print(
-            f"{v:14}{mine[0]['steps']:>6}{statistics.mean(r['passes'] for r in mine):>8.0f}"
+            f"{v:20}{mine[0]['steps']:>6}{statistics.mean(r['passes'] for r in mine):>8.0f}"
             f"{mean_sd([r['true_gain'] for r in mine]):>17}"
             f"{statistics.mean(r['true_gain_recommended'] for r in mine):>+9.2f}"
             f"{statistics.mean(r['diversity'] for r in mine):>10.2f}"
@@ -217,7 +227,7 @@ def report(result: dict) -> None:
         f"{v} {wins[v]}/{runs}" for v in variants if v != "rollout"
     ))  # fmt: skip
     print("\ntrue gain at strength 1 by rater (mean over seeds); diversity in brackets")
-    print(f"{'rater':10}" + "".join(f"{v:>20}" for v in variants))
+    print(f"{'rater':10}" + "".join(f"{v:>22}" for v in variants))
     for name in raters:
         cells = []
         for v in variants:
@@ -225,7 +235,7 @@ def report(result: dict) -> None:
             gain = statistics.mean(r["true_gain"] for r in mine)
             spread = statistics.mean(r["diversity"] for r in mine)
             cells.append(f"{gain:+.2f} ({spread:.2f})")
-        print(f"{name:10}" + "".join(f"{c:>20}" for c in cells))
+        print(f"{name:10}" + "".join(f"{c:>22}" for c in cells))
 
 
 def main() -> None:
