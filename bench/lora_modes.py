@@ -55,7 +55,7 @@ from trainer.latents import encode_images, load_latents_file, save_latents_file 
 from trainer.prompts import DEMO_PROMPTS_FILE, read_prompts  # noqa: E402
 from trainer.sample import images  # noqa: E402
 
-VARIANTS = ("rollout", "one_step", "mixed", "one_step@0.4")
+VARIANTS = ("rollout", "one_step", "mixed", "one_step@0.4", "one_step@0.4:0-0.6")
 # The demo preset's rollout before the one-step mode: the baseline every variant is costed from.
 ROLLOUT_PRESET = {"mode": "rollout", "steps": 120, "eval_every": 30}
 SAMPLE_SEEDS = range(100, 108)  # unseen by the scorer, the LoRA's training and its evaluation
@@ -140,6 +140,7 @@ def run_variant(base, rater, prompts, scorer, real, config, work: Path, baseline
         "true_gain_recommended": round(at_rec["stars"] - baseline["stars"], 3),
         "diversity": round(at_one["spread"] / max(baseline["spread"], 1e-9), 3),
         "drift": summary["drift"],
+        "reason": summary["reason"],
     }
 
 

@@ -381,6 +381,7 @@ def test_the_recommended_strength_is_the_top_of_the_score_curve():
     assert recommend(3.5, 3.5) == 0.75
     assert recommend(3.01, 2.5) == 0.25  # never below a quarter
     assert recommend(2.9, 2.95) is None  # nothing beats the base
+    assert recommend(3.0004, 3.0002) is None  # a tie: an adapter that has not moved yet
 
 
 def test_the_cli_trains_one_step_from_a_latents_file(scorer_file, tmp_path, capsys):

@@ -144,8 +144,9 @@ class TasteLoraConfig(FromDict):
     # real pool latents noised to a random t, one prediction (about a fifth of the compute);
     # mixed: both, one_step_share of the steps one-step ones
     one_step_share: float = 0.5  # mixed mode: the share of steps that are one-step steps
-    noise_range: tuple[float, float] = (0.0, 0.6)  # one-step: t drawn from this share of the
-    # training schedule; past ~0.6 x̂0 is a blur the scorer never saw
+    noise_range: tuple[float, float] = (0.0, 0.3)  # one-step: t drawn from this share of the
+    # training schedule, as low as rollout's gradient steps: higher, the LoRA learns to push
+    # every composition one way and the seeds' variety collapses (bench/lora_modes.py)
     steps: int = 200  # gradient steps: ~7 min of SD 1.5 on an RTX 4090-class GPU (README)
     lr: float = 3e-4  # brisk: reward-tuning LoRAs move slowly at the usual 1e-4
     optimizer: str = "adamw"  # adamw | lion | prodigy (prodigy sets its own rate: use lr=1)
@@ -533,13 +534,16 @@ def _evaluate(run: _Run, step: int, base: dict) -> dict:
     }
 
 
+SCORE_RESOLUTION = 1e-3  # held-out scores are kept to 4 decimals; closer than this is a tie
+
+
 def recommended_strength(scores: dict[str, float], base_score: float) -> float | None:
     """The strength to use this LoRA at, read from its held-out scores at 0 (the base), 0.5
     and 1: the top of the parabola through them, between 0.25 and 1, to the nearest 0.05.
     Past the top a stronger LoRA only scores lower (overdone); a curve still rising at 1 says 1
     (the evaluation never looks beyond it). None when no strength beats the base."""
     half, full = scores["0.5"], scores["1"]
-    if max(half, full) <= base_score:
+    if max(half, full) - base_score < SCORE_RESOLUTION:  # an untrained adapter ties the base
         return None
     curvature = 2 * (full - 2 * half + base_score)  # f(s) = base + slope·s + curvature·s²
     slope = full - base_score - curvature
