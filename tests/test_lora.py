@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from dataclasses import asdict, replace
@@ -14,8 +15,10 @@ from trainer import lora
 from trainer import scorer as sc
 from trainer.base import load_base
 
-# A few seconds per run on a CPU: 6-step schedules, 2 held-out prompts × 2 seeds.
+# A few seconds per run on a CPU: 6-step schedules, 2 held-out prompts × 2 seeds. Rollout:
+# it needs no pictures; the one-step tests below replace the mode.
 QUICK = lora.TasteLoraConfig(
+    mode="rollout",
     steps=10,
     lr=1e-3,
     sample_steps=6,
@@ -36,6 +39,15 @@ def save_random_scorer(path, shape=(4, 8, 8), seed=0, family=None):
     trained = sc.TrainedScorer(model, config, {}, list(shape), 0, 0, "scratch", family)
     sc.save_scorer(path, trained)
     return path
+
+
+def real_latents(base, count=12, first=0):
+    """The pool's pictures as the site passes them: demo-pack renders through the demo VAE."""
+    from trainer.demo_art import render_demo_image
+    from trainer.latents import encode_pixels, image_pixels
+
+    pictures = [image_pixels(render_demo_image(first + k), base.resolution) for k in range(count)]
+    return encode_pixels(torch.stack(pictures), base.pipeline.vae)
 
 
 @pytest.fixture
@@ -94,10 +106,13 @@ def test_checkpoints_are_pruned_to_the_last_few_and_the_best(base, scorer_file, 
     assert not list((tmp_path / "run").glob(".checkpoint-*"))  # no temp folders left behind
 
 
+@pytest.mark.parametrize("mode", ["rollout", "one_step"])
 def test_should_stop_is_honoured_within_one_step_and_resume_matches_a_straight_run(
-    base, scorer_file, tmp_path
+    base, scorer_file, tmp_path, mode
 ):
-    straight = lora.train(base, scorer_file, tmp_path / "straight", QUICK)
+    config = replace(QUICK, mode=mode)
+    train = functools.partial(lora.train, images=real_latents(base) if mode != "rollout" else None)
+    straight = train(base, scorer_file, tmp_path / "straight", config)
 
     calls = []
 
@@ -105,17 +120,17 @@ def test_should_stop_is_honoured_within_one_step_and_resume_matches_a_straight_r
         calls.append(1)
         return len(calls) > 3
 
-    stopped = lora.train(base, scorer_file, tmp_path / "split", QUICK, should_stop=stop_after_three)
+    stopped = train(base, scorer_file, tmp_path / "split", config, should_stop=stop_after_three)
     assert stopped["stopped"] and stopped["steps"] == 3
     assert stopped["stopped_because"] == "asked to stop"
     assert (tmp_path / "split" / "checkpoint-000003").is_dir()  # the finished steps are kept
 
     messages = []
-    resumed = lora.train(
+    resumed = train(
         base,
         scorer_file,
         tmp_path / "split",
-        QUICK,
+        config,
         resume=True,
         progress=lambda step, total, message: messages.append((step, message)),
     )
@@ -179,7 +194,8 @@ def test_bad_inputs_are_refused_with_a_clear_message(base, scorer_file, tmp_path
 
 
 def test_cli_prints_a_json_summary_and_reports_errors(scorer_file, tmp_path, capsys):
-    settings = json.dumps({"sample_steps": 4, "window": 2, "eval_prompts": 1, "eval_every": 1})
+    settings = {"mode": "rollout", "sample_steps": 4, "window": 2, "eval_prompts": 1}
+    settings = json.dumps({**settings, "eval_every": 1})
     argv = [
         "train",
         "--base",
@@ -230,15 +246,6 @@ def test_the_prior_loss_targets_what_the_model_predicts_noise_or_velocity():
 
 
 # ---- the one-step and mixed modes, Min-SNR, the recommended strength -------------------------
-
-
-def real_latents(base, count=12, first=0):
-    """The pool's pictures as the site passes them: demo-pack renders through the demo VAE."""
-    from trainer.demo_art import render_demo_image
-    from trainer.latents import encode_pixels, image_pixels
-
-    pictures = [image_pixels(render_demo_image(first + k), base.resolution) for k in range(count)]
-    return encode_pixels(torch.stack(pictures), base.pipeline.vae)
 
 
 def test_one_step_mode_raises_the_held_out_score_from_real_latents(base, scorer_file, tmp_path):

@@ -140,20 +140,22 @@ class TasteLoraConfig(FromDict):
     alpha: float = 8.0  # = rank: LoRA scale 1, so the learning rate means the same at any rank
     targets: str = "attention"  # a key of TARGETS; attention is the usual style-LoRA choice
     use_dora: bool = False  # DoRA: magnitude/direction split, a bit slower, sometimes steadier
-    mode: str = "rollout"  # rollout: x_t on the model's own sampling path (DRaFT); one_step:
-    # real pool latents noised to a random t, one prediction (about a fifth of the compute);
-    # mixed: both, one_step_share of the steps one-step ones
+    mode: str = "one_step"  # one_step: real pool latents noised to a random t, one prediction
+    # (a quarter of a rollout step's UNet work; at equal or less compute it matched or beat
+    # rollout on the demo world's raters: bench/lora_modes.py); rollout: x_t on the model's
+    # own sampling path (DRaFT-K); mixed: both, one_step_share of the steps one-step ones
     one_step_share: float = 0.5  # mixed mode: the share of steps that are one-step steps
     noise_range: tuple[float, float] = (0.0, 0.3)  # one-step: t drawn from this share of the
     # training schedule, as low as rollout's gradient steps: higher, the LoRA learns to push
     # every composition one way and the seeds' variety collapses (bench/lora_modes.py)
-    steps: int = 200  # gradient steps: ~7 min of SD 1.5 on an RTX 4090-class GPU (README)
+    steps: int = 200  # gradient steps; with the evaluations, one-step SD 1.5 is ~9 min of an
+    # RTX 4070 and ~3 of a 4090 by FLOP estimate (bench/lora_step.py, README)
     lr: float = 3e-4  # brisk: reward-tuning LoRAs move slowly at the usual 1e-4
     optimizer: str = "adamw"  # adamw | lion | prodigy (prodigy sets its own rate: use lr=1)
     weight_decay: float = 1e-2  # mild pull of the adapter toward zero, i.e. toward the base
     batch_size: int = 2  # prompts per step; the CFG pass doubles it inside the UNet
-    sample_steps: int = 15  # DDIM steps of the rollouts; the no-gradient rollout is ~3/4 of
-    # a step's compute, and 15 DDIM steps already give SD 1.5 its composition
+    sample_steps: int = 15  # DDIM steps of the evaluation's (and rollout mode's) sampling;
+    # 15 DDIM steps already give SD 1.5 its composition
     guidance: float = 7.5  # classifier-free guidance, as people will sample with the LoRA
     window: int = 4  # gradient steps start among the last `window` steps: the scorer
     # learnt clean latents, so its judgement of x̂0 is only valid close to t = 0
@@ -166,8 +168,8 @@ class TasteLoraConfig(FromDict):
     # nearly clean timesteps, whose loss is tiny but whose weight would swamp the rest, count
     # as if their SNR were γ; 0 = unweighted
     eval_every: int = 50  # steps between held-out evaluations (and checkpoints)
-    eval_prompts: int = 4  # held-out prompts per evaluation, from the [eval] section; the
-    # evaluations cost about as much as the training itself
+    eval_prompts: int = 4  # held-out prompts per evaluation, from the [eval] section; with
+    # one-step training the evaluations cost more than the training itself
     eval_seeds: tuple[int, ...] = (0, 1)  # fixed noise per prompt: the same pictures each time
     keep_checkpoints: int = 3  # the last few checkpoints are kept, plus the best
     patience: int = 3  # evaluations without a better held-out score before stopping
@@ -250,6 +252,10 @@ def unet_passes(config: TasteLoraConfig, kind: str | None = None) -> float:
 # scorer's rose) and colour tastes cut variety below 0.8 of the base; 0.3 keeps every rater's
 # strengths in order. min_diversity 0.8 never ships a checkpoint that narrowed the seeds'
 # variety by more than a fifth.
+# One-step steps (the default mode) take the SD 1.x count, 200 (eval every 50): 0.38 of the
+# UNet work of the 120 rollout steps this preset took before, for as much true gain
+# (bench/lora_modes.py). Rollout on the demo world: {"mode": "rollout", "steps": 120,
+# "eval_every": 30}.
 DEMO_PRESET = {
     "lr": 1e-3,
     "batch_size": 4,
@@ -257,8 +263,6 @@ DEMO_PRESET = {
     "drift_weight": 0.3,
     "max_drift": 0.5,
     "min_diversity": 0.8,
-    "steps": 120,
-    "eval_every": 30,
     "eval_prompts": 4,
 }
 
