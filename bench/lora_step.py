@@ -571,7 +571,8 @@ def report_modes(r: dict) -> None:
             f"{'(train+eval)':>14}" + "".join(f"{name[:8]:>10}" for name in gpus)
         )
         rows = [("rollout (today)", d["today"])]
-        rows += [(m, replace(DEFAULT, mode=m)) for m in lora.MODES if m != DEFAULT.mode]
+        others = [replace(DEFAULT, mode=m) for m in lora.MODES if m != DEFAULT.mode]
+        rows += [(c.mode, c) for c in others if c != d["today"]]
         rows.insert(1, (f"{DEFAULT.mode} (the default)", DEFAULT))
         one = step_flops(parts, DEFAULT, "one_step")
         for label, config in rows:
