@@ -358,6 +358,8 @@ def test_min_snr_weights_cap_the_clean_timesteps_for_noise_and_velocity():
     assert weights[0] < 0.5 and weights[2] == pytest.approx(1.0)
     v = lora.min_snr_weights(DDIMScheduler(prediction_type="v_prediction"), t, 5.0)
     assert torch.allclose(v, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=1e-4)
+    x0 = lora.min_snr_weights(DDIMScheduler(prediction_type="sample"), t, 5.0)
+    assert torch.allclose(x0, torch.minimum(snr, torch.tensor(5.0)), rtol=1e-4)
     assert torch.equal(lora.min_snr_weights(eps, t, 0.0), torch.ones(3))
 
 

@@ -441,13 +441,17 @@ def _prior_loss(run: _Run, g: torch.Generator) -> torch.Tensor:
 
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-γ loss weights per timestep (Hang et al. 2023): min(SNR, γ)/SNR for a noise
-    prediction, min(SNR, γ)/(SNR + 1) for a velocity one; ones when γ is 0 (off)."""
+    prediction, min(SNR, γ)/(SNR + 1) for a velocity one, min(SNR, γ) for an x0 one; ones
+    when γ is 0 (off)."""
     if not gamma:
         return torch.ones(t.shape, device=t.device)
     snr = compute_snr(scheduler, t).to(t.device)
     clipped = snr.clamp(max=gamma)
-    if scheduler.config.prediction_type == "v_prediction":
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
         return clipped / (snr + 1)
+    if kind == "sample":
+        return clipped
     return clipped / snr
 
 
