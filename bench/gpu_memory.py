@@ -9,8 +9,9 @@ which PyTorch's SDPA picks on CUDA for half precision (the math path would hold
 16 × 8 × 4096² attention scores per layer). The encode phase is counted the same way on an SD
 1.5-sized VAE encoder.
 
-Held: UNet weights, the LoRA and its Adam state, the scorer, cached prompt embeddings (training
-moves the text encoder and the VAE to the CPU). Peaks above that: one training step with its
+Held: UNet weights, the LoRA and its Adam state, the scorer, cached prompt embeddings, the pool
+latents one-step steps draw from (1,000: 300 rated and 200 unrated pictures, mirrored); training
+moves the text encoder and the VAE to the CPU. Peaks above that: one training step with its
 backward (gradient checkpointing on and off), one evaluation call (E prompts × seeds, doubled
 by CFG: the largest no-gradient batch), one VAE encode. Not counted: the CUDA context
 (≈ 0.3–0.5 GiB), cuBLAS/cuDNN workspaces, allocator fragmentation; and autocast, which can't
@@ -44,6 +45,7 @@ META = torch.device("meta")
 HALF = torch.float16
 GIB = 2**30
 CARD = 8 * GIB
+POOL = 1000  # latents the one-step steps draw from: 300 rated + 200 unrated, and their mirrors
 SD15_VAE = {  # stable-diffusion-v1-5 vae/config.json
     "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -96,8 +98,10 @@ def prepared(scorer: Path, config: lora.TasteLoraConfig):
     base = lora_step.sd15_base(META)
     base.pipeline.unet.to(HALF)
     base.pipeline.unet.register_forward_pre_hook(to_dtype_of(base.pipeline.unet), with_kwargs=True)
+    side = base.resolution // base.pipeline.vae_scale_factor
+    pool = torch.zeros(POOL, 4, side, side, device=META) if config.uses_images else None
     with mock.patch.object(lora, "_half", lambda *a: HALF):  # passes its fp16 check
-        run = lora._prepare(base, scorer, config)
+        run = lora._prepare(base, scorer, config, pool)
     run.half = None
     run.scheduler.set_timesteps(config.sample_steps, device="cpu")  # indexes CPU tables
     return run
@@ -113,6 +117,7 @@ def held_bytes(run) -> dict:
         "adam": 2 * sum(p.numel() * 4 for p in trainable),
         "scorer": sum(t.nbytes for t in [*run.scorer.parameters(), *run.scorer.buffers()]),
         "embeddings": sum(t.nbytes for t in (run.train_embeds, run.eval_embeds, run.uncond)),
+        "pool": run.images.nbytes if run.images is not None else 0,
     }
 
 

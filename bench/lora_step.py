@@ -42,13 +42,15 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+import transformers
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from trainer import lora
 from trainer import scorer as sc
@@ -57,6 +59,9 @@ from trainer.device import pick_device
 from trainer.prompts import PROMPTS_FILE
 
 DEFAULT = lora.TasteLoraConfig()
+# The rollout default before the one-step mode (issue 15): parts (a)-(c) time its step, and (d)
+# sets today's modes against it.
+ROLLOUT = lora.TasteLoraConfig(mode="rollout", steps=200, eval_every=50)
 SD15_UNET = {  # runwayml/stable-diffusion-v1-5 unet/config.json, the parts that set the compute
     "sample_size": 64,
     "in_channels": 4,
@@ -68,6 +73,23 @@ SD15_UNET = {  # runwayml/stable-diffusion-v1-5 unet/config.json, the parts that
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
 }
+SDXL_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (2.6 B parameters)
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "use_linear_projection": True,
+    "cross_attention_dim": 2048,  # CLIP ViT-L (768) and OpenCLIP bigG (1280) side by side
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # bigG's pooled 1280 + 6 time ids × 256
+}
+META = torch.device("meta")
 # trainer.lora._evaluate: strength 1 with the drift's base pass beside it (2 calls a step),
 # then strengths 0.5 and -1 (1 each)
 EVAL_PASSES = 4
@@ -344,6 +366,51 @@ def sd15_base(device: torch.device) -> BaseModel:
     )
 
 
+def text_encoder(tokenizer, width: int, projection: int = 0) -> torch.nn.Module:
+    """A one-layer CLIP text encoder `width` wide: only its width matters to the UNet, and the
+    loop embeds its prompts once."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=width,
+        num_hidden_layers=1,
+        num_attention_heads=width // 64,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection or width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+    return model.eval()
+
+
+def meta_base(family: str) -> BaseModel:
+    """A base whose UNet has SD 1.5's or SDXL's real sizes, on the meta device (shapes and no
+    data: every op runs as its shapes say, so FLOPs count and nothing computes), beside
+    one-layer text encoders of the real widths on the CPU."""
+    demo = build_demo_pipeline()
+    tokenizer = demo.tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoders = {"text_encoder": text_encoder(tokenizer, 768)}
+        if family == "sdxl":
+            encoders["text_encoder_2"] = text_encoder(tokenizer, 1280, projection=1280)
+    with torch.device(META):
+        unet = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
+    parts = {"vae": demo.vae, "tokenizer": tokenizer, "unet": unet, "scheduler": demo.scheduler}
+    if family == "sdxl":
+        pipeline = StableDiffusionXLPipeline(**parts, **encoders, tokenizer_2=tokenizer)
+    else:
+        pipeline = StableDiffusionPipeline(
+            **parts, **encoders, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
+    resolution = unet.config.sample_size * pipeline.vae_scale_factor
+    name = "SDXL-sized" if family == "sdxl" else "SD 1.5-sized"
+    return BaseModel(pipeline, name, False, resolution, PROMPTS_FILE, family=family)
+
+
 def latent_shape(base: BaseModel) -> list[int]:
     """[4, h, w] of the base's latents, as _prepare computes it."""
     side = base.resolution // base.pipeline.vae_scale_factor
@@ -357,11 +424,11 @@ def demo_part(device: torch.device, folder: Path, n: int) -> dict:
     """(a) and (c): K = 1 and K = every step on the demo base, checkpointing on and off."""
     base = load_base("demo", device=device)
     scorer = save_random_scorer(folder / "demo-scorer.safetensors", latent_shape(base))
-    every = DEFAULT.sample_steps
+    every = ROLLOUT.sample_steps
     rows = []
     for k in (1, every):
         for checkpointing in (True, False):
-            config = replace(DEFAULT, gradient_checkpointing=checkpointing)
+            config = replace(ROLLOUT, gradient_checkpointing=checkpointing)
             if k > 1:
                 config = replace(config, grad_steps=k, window=k)
             with prepared(base, scorer, config) as loop:
@@ -377,7 +444,7 @@ def sd15_part(device: torch.device, folder: Path, n: int, batch: int, full_steps
     built = time.perf_counter() - began
     scorer = save_random_scorer(folder / "sd15-scorer.safetensors", latent_shape(base))
     parts_once = not full_steps  # each part timed once, with the counters on
-    grad_only = replace(DEFAULT, batch_size=batch, sample_steps=1, window=1, grad_steps=1)
+    grad_only = replace(ROLLOUT, batch_size=batch, sample_steps=1, window=1, grad_steps=1)
     result = {"batch": batch, "build_s": built, "grad": {}, "full": {}}
     result["params"] = sum(p.numel() for p in base.pipeline.unet.parameters())
     result["resolution"] = base.resolution
@@ -395,10 +462,134 @@ def sd15_part(device: torch.device, folder: Path, n: int, batch: int, full_steps
                 loop, n, warmup=0 if parts_once else 1, one_pass=parts_once
             )
         if full_steps:  # the real default step, to check the sum of the parts against
-            config = replace(DEFAULT, batch_size=batch, gradient_checkpointing=checkpointing)
+            config = replace(ROLLOUT, batch_size=batch, gradient_checkpointing=checkpointing)
             with prepared(base, scorer, config) as loop:
                 result["full"][checkpointing] = time_steps(loop, n, warmup=1)
     return result
+
+
+@contextlib.contextmanager
+def on_meta(base: BaseModel, scorer_path: Path, config: lora.TasteLoraConfig) -> Iterator:
+    """A prepared run on a meta_base, stepping as the real loop does (real-shaped pool latents)."""
+    side = base.resolution // base.pipeline.vae_scale_factor
+    pool = torch.zeros(8, 4, side, side)
+    no_autocast = mock.patch.object(torch, "autocast", lambda *a, **k: contextlib.nullcontext())
+    try:
+        with no_autocast:  # which meta tensors can't take; off the GPU it is off anyway
+            run = lora._prepare(base, scorer_path, config, pool if config.uses_images else None)
+            run.scheduler.set_timesteps(config.sample_steps, device="cpu")  # CPU tables
+            yield run
+    finally:
+        lora._release(base)
+
+
+def flops_of(work, *, backward: bool = False) -> float:
+    """FLOPs `work()` runs, and with `backward` those of backpropagating the loss it returns."""
+    with counted_flops() as flops:
+        out = work()
+        if backward:
+            out.backward()
+    return flops.get_total_flops()
+
+
+def mode_flops(family: str, folder: Path, config: lora.TasteLoraConfig) -> dict:
+    """FLOPs of the parts each kind of step is made of, counted on the meta device at the real
+    model's size: a no-grad guided call on the batch, the rollout's gradient part (K = 1), a
+    whole one-step step, and a no-grad guided call on the evaluation's rows."""
+    base = meta_base(family)
+    scorer = save_random_scorer(folder / f"{family}-scorer.safetensors", latent_shape(base))
+    grad_only = replace(config, mode="rollout", sample_steps=1, window=1, grad_steps=1)
+    out = {"params": sum(p.numel() for p in base.pipeline.unet.parameters()), "family": family}
+    out["resolution"] = base.resolution
+    with on_meta(base, scorer, grad_only) as run:
+        x = torch.zeros((config.batch_size, *run.eval_noise.shape[1:]), device=META)
+        t = run.scheduler.timesteps[0]
+        with torch.no_grad():
+            out["call"] = flops_of(
+                lambda: lora._eps(run, x, t, run.train_embeds[:1].expand(len(x)))
+            )
+            eval_x = run.eval_noise * 1.0
+            out["eval_call"] = flops_of(lambda: lora._eps(run, eval_x, t, run.eval_embeds))
+        out["grad"] = flops_of(lambda: lora._train_step(run, 0)["loss"], backward=True)
+    with on_meta(base, scorer, replace(config, mode="one_step")) as run:
+        out["one_step"] = flops_of(lambda: lora._train_step(run, 0)["loss"], backward=True)
+    out["eval_rows"] = len(run.eval_embeds)
+    return out
+
+
+def step_flops(parts: dict, config: lora.TasteLoraConfig, kind: str | None = None) -> float:
+    """FLOPs of a mean training step of `kind` (default: of config.mode) from the parts."""
+    if kind is None:
+        share = {"rollout": 0.0, "one_step": 1.0, "mixed": config.one_step_share}[config.mode]
+        return share * step_flops(parts, config, "one_step") + (1 - share) * step_flops(
+            parts, config, "rollout"
+        )
+    if kind == "one_step":
+        return parts["one_step"]
+    return rollout_calls(config) * parts["call"] + config.grad_steps * parts["grad"]
+
+
+def run_flops(parts: dict, config: lora.TasteLoraConfig) -> dict:
+    """FLOPs of a run that goes all its steps: training and the held-out evaluations."""
+    return {
+        "training": config.steps * step_flops(parts, config),
+        "evaluations": eval_calls(config) * parts["eval_call"],
+    }
+
+
+def modes_part(folder: Path) -> dict:
+    """(d) FLOPs per step and per default run, by mode, for SD 1.5 and SDXL at full size."""
+    today = ROLLOUT
+    return {
+        family: {"parts": mode_flops(family, folder, DEFAULT), "today": today}
+        for family in ("sd1", "sdxl")
+    }
+
+
+def minutes(flops: float, tflops: float, utilisation: float) -> float:
+    """Minutes of `flops` at `utilisation` of a `tflops` peak."""
+    return flops / (tflops * 1e12 * utilisation) / 60
+
+
+def report_modes(r: dict) -> None:
+    """Print (d): FLOPs per step by mode, and a default run's cost on consumer cards."""
+    gpus = {GPU_NAME: r["gpu_tflops"], **FASTER_GPUS}
+    print(
+        "\n(d) FLOPs by training mode, counted on the meta device at the real sizes (fp32"
+        " shapes; the count is the same in half precision), default config except the mode"
+    )
+    for d in r["modes"].values():
+        parts = d["parts"]
+        print(
+            f"{parts['family']} UNet ({parts['params'] / 1e9:.2f} B params), {parts['resolution']}"
+            f" px, batch {DEFAULT.batch_size} (x2 for CFG): no-grad call"
+            f" {parts['call'] / 1e12:.2f} TFLOP, eval call ({parts['eval_rows']} rows)"
+            f" {parts['eval_call'] / 1e12:.2f}"
+        )
+        print(
+            f"  {'mode':28}{'TFLOP/step':>11}{'x one-step':>11}{'run PFLOP':>10}"
+            f"{'(train+eval)':>14}" + "".join(f"{name[:8]:>10}" for name in gpus)
+        )
+        rows = [("rollout (today)", d["today"])]
+        others = [replace(DEFAULT, mode=m) for m in lora.MODES if m != DEFAULT.mode]
+        rows += [(c.mode, c) for c in others if c != d["today"]]
+        rows.insert(1, (f"{DEFAULT.mode} (the default)", DEFAULT))
+        one = step_flops(parts, DEFAULT, "one_step")
+        for label, config in rows:
+            per_step = step_flops(parts, config)
+            run = run_flops(parts, config)
+            total = sum(run.values())
+            split = f"{run['training'] / 1e15:.1f}+{run['evaluations'] / 1e15:.1f}"
+            print(
+                f"  {label:28}{per_step / 1e12:>11.2f}{per_step / one:>11.2f}{total / 1e15:>10.1f}"
+                f"{split:>14}"
+                + "".join(f"{minutes(total, tf, r['gpu_util']):>9.1f}m" for tf in gpus.values())
+            )
+    print(
+        f"  minutes: a run of {DEFAULT.steps} steps with its {evaluations(DEFAULT)} held-out"
+        f" evaluations (eval_every {DEFAULT.eval_every}), FLOPs / (peak x {r['gpu_util']:.0%}"
+        " assumed sustained); an ESTIMATE"
+    )
 
 
 # ---- what a default run costs ---------------------------------------------------------------
@@ -529,7 +720,7 @@ def report(r: dict) -> None:
     if "sd15" not in r:
         return
     s, cost = r["sd15"], r["cost"]
-    batch, config_batch = s["batch"], DEFAULT.batch_size
+    batch, config_batch = s["batch"], ROLLOUT.batch_size
     print(
         f"\n(b) SD 1.5-sized UNet ({s['params'] / 1e6:.0f} M params, random weights),"
         f" {s['resolution']} px,"
@@ -558,11 +749,11 @@ def report(r: dict) -> None:
     )
     n_roll, scale = cost["rollout_calls"], config_batch / batch
     print(
-        f"\ndefault run: {DEFAULT.steps} steps of batch {config_batch}; a step ="
+        f"\ndefault run: {ROLLOUT.steps} steps of batch {config_batch}; a step ="
         f" {n_roll:g} no-grad calls on average (sample_steps - window + (window - K)/2)"
         f" + the gradient part; {cost['eval_calls']} held-out calls on {cost['eval_rows']} rows"
-        f" (the base's rollout, then {evaluations(DEFAULT)} evaluations x {EVAL_PASSES}"
-        f" passes (strength 1 + its drift's base pass, 0.5, -1) x {DEFAULT.sample_steps} steps)"
+        f" (the base's rollout, then {evaluations(ROLLOUT)} evaluations x {EVAL_PASSES}"
+        f" passes (strength 1 + its drift's base pass, 0.5, -1) x {ROLLOUT.sample_steps} steps)"
     )
     print(
         f"  step seconds = {scale:g} x ({n_roll:g} x call + gradient part)"
@@ -628,7 +819,13 @@ def main() -> None:
     parser.add_argument("--gpu-tflops", type=float, default=GPU_PEAK_TFLOPS)
     parser.add_argument("--gpu-util", type=float, default=GPU_UTILISATION)
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
+    parser.add_argument(
+        "--modes-only",
+        action="store_true",
+        help="only (d), the FLOPs by training mode at SD 1.5's and SDXL's sizes (seconds)",
+    )
     args = parser.parse_args()
+    transformers.logging.set_verbosity_error()  # the demo tokenizer on SD prompts: truncations
     device = torch.device(args.device) if args.device else pick_device()
     n = 3 if args.quick else 10
     result = {"device": str(device), "gpu_tflops": args.gpu_tflops, "gpu_util": args.gpu_util}
@@ -638,16 +835,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tastebud-lora-bench-") as folder:
         if device.type == "cpu":
             torch.set_num_threads(1)  # the demo UNet is tiny: more threads only contend
-        result["demo"] = demo_part(device, Path(folder), n)
-        result["demo"]["steps"] = n
-        if not args.skip_sd15:
+        result["modes"] = modes_part(Path(folder))
+        if not args.modes_only:
+            result["demo"] = demo_part(device, Path(folder), n)
+            result["demo"]["steps"] = n
+        if not args.skip_sd15 and not args.modes_only:
             if device.type == "cpu":
                 torch.set_num_threads(args.threads)
-            batch = args.sd15_batch or (1 if device.type == "cpu" else DEFAULT.batch_size)
+            batch = args.sd15_batch or (1 if device.type == "cpu" else ROLLOUT.batch_size)
             full_steps = args.sd15_full_steps or device.type != "cpu"
             result["sd15"] = sd15_part(device, Path(folder), n, batch, full_steps)
             result["sd15"]["steps"] = n
-            result["cost"] = default_run(result["sd15"], DEFAULT)
+            result["cost"] = default_run(result["sd15"], ROLLOUT)
             half = device.type == "cuda"
             result["gpu"] = gpu_estimate(result["cost"], args.gpu_tflops, args.gpu_util, half)
     load.append(os.getloadavg()[0])
@@ -655,8 +854,9 @@ def main() -> None:
     result["peak_rss"] = peak_rss()
     if args.json:
         print(json.dumps(result, indent=2, default=str))
-    else:
-        report(result)
+        return
+    report(result)
+    report_modes(result)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def run_rater(rater: Rater, pack: list[Path], work: Path, args) -> dict:
     lora_args += ["--config", args.lora_config] if getattr(args, "lora_config", None) else []
     lora, times["lora"] = cli(
         "trainer.lora", "train", "--scorer", str(work / "scorer.safetensors"),
-        "--out", str(work / "lora"), *lora_args, threads=t,
+        "--latents", str(work / "latents.safetensors"), "--out", str(work / "lora"),
+        *lora_args, threads=t,
     )  # fmt: skip
     bundle, times["export"] = cli(
         "trainer.export", "--checkpoint", lora["chosen_checkpoint"], "--out",

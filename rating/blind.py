@@ -43,9 +43,12 @@ def token(version: TasteVersion, index: int) -> str:
 
 
 def chosen_strengths(lora: dict, configured) -> list[float]:
-    """The LoRA strengths to check: those configured, else the one its evaluation scored best."""
+    """The LoRA strengths to check: those configured, else the one its evaluation recommends
+    (read off its score curve), else the one its evaluation scored best."""
     if configured:
         return [float(s) for s in configured]
+    if lora.get("recommended_strength"):
+        return [float(lora["recommended_strength"])]
     scores = {float(k): v for k, v in (lora.get("scores_by_strength") or {}).items()}
     positive = {k: v for k, v in scores.items() if k > 0 and v is not None}
     return [max(positive, key=positive.get)] if positive else [1.0]

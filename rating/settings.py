@@ -118,7 +118,7 @@ DEFAULTS: dict[str, object] = {
     "TASTE_GRID_SEEDS": 2,
     "TASTE_SAMPLE_STEPS": 20,
     # The blind check ("which do you prefer?"): pairs of base and LoRA pictures per version,
-    # and the LoRA strengths offered (empty: the one its evaluation scored best).
+    # and the LoRA strengths offered (empty: the one its evaluation recommends).
     "TASTE_BLIND_PAIRS": 12,
     "TASTE_BLIND_STRENGTHS": [],
     # "Improve this image": settings for trainer.sample.refine (empty: its defaults).

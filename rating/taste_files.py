@@ -104,6 +104,7 @@ def write_bundle(version: TasteVersion, preview) -> None:
         "score_gain": lora.get("score_gain"),
         "config": lora.get("config") or {},
         "author": version.owner.username,
+        "preferred_weight": lora.get("recommended_strength") or 1.0,
     }
     export.write_bundle(
         folder / version.lora_dir,

@@ -84,6 +84,7 @@ class TasteRun:
         self.picks: list[tuple[int, int, float]] = []
         self.unrated_ids: list[int] = []
         self.unrated_latents = None
+        self.pool_latents = None  # every encoded picture, mirrored too: one-step LoRA steps
         self.judged = None  # what the scorer learns from; set by encode()
 
     def record(self, **metrics) -> None:
@@ -122,6 +123,7 @@ class TasteRun:
         self.picks = judged.picks()
         self.unrated_ids = [image.id for image in judged.unrated]
         self.unrated_latents = encoded.latents[judged.known :]
+        self.pool_latents = pool_latents(encoded)
         self.version.ratings_count, self.version.picks_count = len(judged.rated), len(self.picks)
         cached = len(set(encoded.sha256s)) - encoded.encoded
         self.progress.log(
@@ -223,6 +225,7 @@ class TasteRun:
             self.base,
             self.folder / SCORER,
             self.folder / LORA,
+            images=self.pool_latents,
             progress=self.progress.report,
             should_stop=self.progress.should_stop,
         )
@@ -359,6 +362,16 @@ class TasteRun:
                 continue
             pairs.append(blind.new_pair(spec, base_id, lora_id))
         self.record(blind={"pairs": pairs, "strengths": strengths, "identical": same})
+
+
+def pool_latents(encoded):
+    """The latents of every picture the job encoded (rated, picked, unrated) and of their
+    mirror images: the real pictures a one-step LoRA step noises and denoises."""
+    import torch
+
+    if encoded.flipped is None:
+        return encoded.latents
+    return torch.cat([encoded.latents, encoded.flipped])
 
 
 def smaller(config):

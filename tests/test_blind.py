@@ -139,11 +139,13 @@ def test_a_check_needs_the_csrf_token(app, admin_site, version):
         assert db.session.scalar(select(func.count(Comparison.id))) == 0
 
 
-def test_the_strength_checked_is_the_one_the_evaluation_scored_best():
+def test_the_strength_checked_is_the_recommended_one_else_the_one_scored_best():
     lora = {"scores_by_strength": {"1": 3.1, "0.5": 3.4, "-1": 2.0}}
     assert blind.chosen_strengths(lora, []) == [0.5]
     assert blind.chosen_strengths(lora, [0.5, 1]) == [0.5, 1.0]
     assert blind.chosen_strengths({}, []) == [1.0]
+    # what the evaluation's curve recommends (between its strengths) goes first
+    assert blind.chosen_strengths({**lora, "recommended_strength": 0.7}, []) == [0.7]
     specs = blind.plan(["p", "q", "r"], 5, [0.5, 1.0])
     assert [s["prompt"] for s in specs] == ["p", "q", "r", "p", "q"]
     assert len({s["seed"] for s in specs}) == 5 and {s["strength"] for s in specs} == {0.5, 1.0}

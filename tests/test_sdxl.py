@@ -115,3 +115,26 @@ def test_a_v_prediction_single_file_samples_and_trains_as_it_says(monkeypatch, t
     save_file({marker: torch.zeros(2)}, plain)
     scheduler = load_base(str(plain), device="cpu").pipeline.scheduler.config
     assert scheduler.prediction_type == "epsilon" and not scheduler.rescale_betas_zero_snr
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_one_step_lora_steps_train_on_sdxl_latents_whatever_the_model_predicts(
+    base, tmp_path, prediction_type
+):
+    """The one-step step on SDXL's conditioning, x̂0 rebuilt as the scheduler's config says."""
+    pipe = base.pipeline
+    pipe.scheduler = type(pipe.scheduler).from_config(
+        pipe.scheduler.config, prediction_type=prediction_type
+    )
+    scorer = save_random_scorer(tmp_path / "scorer.safetensors", family="sdxl")
+    pool = encode_pixels(torch.rand(4, 3, 64, 64) * 2 - 1, pipe.vae)
+    config = replace(QUICK, mode="one_step", steps=2, eval_every=2)
+    summary = lora.train(base, scorer, tmp_path / "run", config, images=pool)
+    assert summary["steps"] == 2 and summary["mode"] == "one_step"
+    weights = load_file(str(tmp_path / "run" / "checkpoint-000002" / lora.WEIGHTS_NAME))
+    assert any(k.endswith("lora.up.weight") and v.abs().max() > 0 for k, v in weights.items())
+    run = lora._prepare(base, scorer, config, pool)  # the schedule the step rebuilt x̂0 with
+    try:
+        assert run.scheduler.config.prediction_type == prediction_type
+    finally:
+        lora._release(base)

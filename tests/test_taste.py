@@ -28,6 +28,7 @@ from rating.jobs import JobProgress
 from rating.models import Image, Job, TasteVersion, User, db, utcnow
 from tests.conftest import Site
 from tests.widgets import job_state
+from trainer.lora import TasteLoraConfig
 
 # Small enough that a whole run takes seconds on one CPU thread.
 TINY = {
@@ -228,6 +229,11 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     stem = "bundle/tastebud-ada-taste-v1"
     expected = {f"{stem}.safetensors", f"{stem}.json", f"{stem}.preview.png", "bundle/README.md"}
     assert names == expected  # only files every loader reads: no diffusers-format trap
+    # The LoRA trained in the default mode, on the pool's latents; the card carries its strength.
+    trained = version.metrics["lora"]
+    assert trained["mode"] == TasteLoraConfig().mode and trained["unet_passes"] > 0
+    card = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert card["preferred weight"] == (trained["recommended_strength"] or 1.0)
     with site_app.app_context():
         checkpoint = taste_files.version_folder(version) / version.lora_dir
     assert_kohya_file_loads(tmp_path / "bundle", "tastebud-ada-taste-v1.safetensors", checkpoint)
@@ -739,3 +745,32 @@ def test_train_my_taste_on_an_sdxl_family_base_gives_sdxl_files(site_app, tmp_pa
     for path in (latents, scorer):
         with safe_open(str(path), framework="pt") as file:
             assert file.metadata()["family"] == "sdxl", path
+
+
+def test_the_download_says_at_which_strength_to_use_the_lora(app, site):
+    site.register("ada")
+    with app.app_context():
+        version = TasteVersion(
+            owner_id=1,
+            number=1,
+            base_model="demo",
+            is_demo=True,
+            bundle_file="bundle.zip",
+            metrics={"lora": {"score_gain": 0.4, "recommended_strength": 0.7}},
+        )
+        db.session.add(version)
+        db.session.commit()
+        folder = taste_files.version_folder(version)
+        folder.mkdir(parents=True)
+        (folder / "bundle.zip").write_bytes(b"PK")
+        version_id = version.id
+    shown = site.client.get(f"/taste/versions/{version_id}").get_data(as_text=True)
+    assert "Use it at strength 0.7</b>" in shown and "stronger than this, it scored lower" in shown
+    assert "&lt;lora:tastebud-ada-taste-v1:0.7&gt;" in shown and "lora_scale=0.7" in shown
+    listed = site.client.get("/taste/").get_data(as_text=True)
+    assert re.search(r"LoRA \.zip</a> <small [^>]*>at 0\.7</small>", listed)
+    with app.app_context():  # a version from before the recommendation: strength 1, unsaid
+        db.session.get(TasteVersion, version_id).metrics = {"lora": {"score_gain": 0.4}}
+        db.session.commit()
+    shown = site.client.get(f"/taste/versions/{version_id}").get_data(as_text=True)
+    assert "Use it at strength" not in shown and "&lt;lora:tastebud-ada-taste-v1:1&gt;" in shown

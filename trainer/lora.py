@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -45,6 +45,7 @@ from trainer.formats import (
     checkpoint_folders,
     checkpoint_name,
 )
+from trainer.latents import LatentsFileError, load_latents_file
 from trainer.prompts import read_prompts
 from trainer.scorer import ScorerFileError, check_family, load_scorer
 from trainer.tensorfiles import (
@@ -122,6 +123,8 @@ class TasteLoraError(ValueError):
     """The inputs to a taste-LoRA run don't fit: a bad scorer, a wrong shape, a bad setting."""
 
 
+MODES = ("rollout", "one_step", "mixed")  # how a step finds the x_t it takes its gradient at
+
 TARGETS = {  # which UNet modules get an adapter, beyond the attention projections
     "attention": (),
     "attention+ff": ("ff.net.0.proj", "ff.net.2"),
@@ -137,13 +140,22 @@ class TasteLoraConfig(FromDict):
     alpha: float = 8.0  # = rank: LoRA scale 1, so the learning rate means the same at any rank
     targets: str = "attention"  # a key of TARGETS; attention is the usual style-LoRA choice
     use_dora: bool = False  # DoRA: magnitude/direction split, a bit slower, sometimes steadier
-    steps: int = 200  # gradient steps: ~7 min of SD 1.5 on an RTX 4090-class GPU (README)
+    mode: str = "one_step"  # one_step: real pool latents noised to a random t, one prediction
+    # (a quarter of a rollout step's UNet work; at equal or less compute it matched or beat
+    # rollout on the demo world's raters: bench/lora_modes.py); rollout: x_t on the model's
+    # own sampling path (DRaFT-K); mixed: both, one_step_share of the steps one-step ones
+    one_step_share: float = 0.5  # mixed mode: the share of steps that are one-step steps
+    noise_range: tuple[float, float] = (0.0, 0.3)  # one-step: t drawn from this share of the
+    # training schedule, as low as rollout's gradient steps: higher, the LoRA learns to push
+    # every composition one way and the seeds' variety collapses (bench/lora_modes.py)
+    steps: int = 200  # gradient steps; with the evaluations, one-step SD 1.5 is ~9 min of an
+    # RTX 4070 and ~3 of a 4090 by FLOP estimate (bench/lora_step.py, README)
     lr: float = 3e-4  # brisk: reward-tuning LoRAs move slowly at the usual 1e-4
     optimizer: str = "adamw"  # adamw | lion | prodigy (prodigy sets its own rate: use lr=1)
     weight_decay: float = 1e-2  # mild pull of the adapter toward zero, i.e. toward the base
     batch_size: int = 2  # prompts per step; the CFG pass doubles it inside the UNet
-    sample_steps: int = 15  # DDIM steps of the rollouts; the no-gradient rollout is ~3/4 of
-    # a step's compute, and 15 DDIM steps already give SD 1.5 its composition
+    sample_steps: int = 15  # DDIM steps of the evaluation's (and rollout mode's) sampling;
+    # 15 DDIM steps already give SD 1.5 its composition
     guidance: float = 7.5  # classifier-free guidance, as people will sample with the LoRA
     window: int = 4  # gradient steps start among the last `window` steps: the scorer
     # learnt clean latents, so its judgement of x̂0 is only valid close to t = 0
@@ -152,9 +164,12 @@ class TasteLoraConfig(FromDict):
     # can't game the scorer by collapsing to one look
     prior_weight: float = 0.0  # optional denoising loss on the base model's own images
     prior_images: int = 8  # how many base images that prior loss cycles through
+    prior_snr_gamma: float = 5.0  # Min-SNR-γ weighting of that loss (Hang et al. 2023): the
+    # nearly clean timesteps, whose loss is tiny but whose weight would swamp the rest, count
+    # as if their SNR were γ; 0 = unweighted
     eval_every: int = 50  # steps between held-out evaluations (and checkpoints)
-    eval_prompts: int = 4  # held-out prompts per evaluation, from the [eval] section; the
-    # evaluations cost about as much as the training itself
+    eval_prompts: int = 4  # held-out prompts per evaluation, from the [eval] section; with
+    # one-step training the evaluations cost more than the training itself
     eval_seeds: tuple[int, ...] = (0, 1)  # fixed noise per prompt: the same pictures each time
     keep_checkpoints: int = 3  # the last few checkpoints are kept, plus the best
     patience: int = 3  # evaluations without a better held-out score before stopping
@@ -181,6 +196,53 @@ class TasteLoraConfig(FromDict):
             raise TasteLoraError("need 1 <= grad_steps <= window <= sample_steps")
         if self.steps < 1 or self.eval_every < 1 or self.batch_size < 1:
             raise TasteLoraError("steps, eval_every and batch_size must be at least 1")
+        if self.mode not in MODES:
+            raise TasteLoraError(f"mode must be one of {list(MODES)}, not {self.mode!r}")
+        if self.mode == "mixed" and not 0 < self.one_step_share < 1:
+            raise TasteLoraError("mixed mode needs 0 < one_step_share < 1")
+        low, high = self.noise_range
+        if not 0 <= low < high <= 1:
+            raise TasteLoraError("noise_range must be (low, high) with 0 <= low < high <= 1")
+        if self.prior_snr_gamma < 0:
+            raise TasteLoraError("prior_snr_gamma must be 0 (off) or positive")
+
+    @property
+    def uses_images(self) -> bool:
+        """Whether some steps start from latents of real images (one-step and mixed modes)."""
+        return self.mode != "rollout"
+
+    @classmethod
+    def from_saved(cls, values: dict) -> TasteLoraConfig:
+        """The config a checkpoint's state.json recorded; those older than `mode` were rollout."""
+        return cls.from_dict({"mode": "rollout", **values})
+
+
+def step_kind(config: TasteLoraConfig, step: int) -> str:
+    """Which kind of step `step` is: "rollout" or "one_step" (mixed mode interleaves them
+    evenly, from the step number alone, so a resumed run takes the same steps)."""
+    if config.mode != "mixed":
+        return config.mode
+    share = config.one_step_share
+    return "one_step" if math.floor((step + 1) * share) > math.floor(step * share) else "rollout"
+
+
+def unet_passes(config: TasteLoraConfig, kind: str | None = None) -> float:
+    """UNet forward-equivalents of one training step of `kind` (default: the mean over the
+    mode's steps), counting a guided call on the batch as 1, its backward as 2 more and the
+    checkpointed recompute as 1 more. The unit of "equal compute" in bench/lora_modes.py."""
+    if kind is None:
+        shares = {"rollout": 0.0, "one_step": 1.0, "mixed": config.one_step_share}
+        share = shares[config.mode]
+        return share * unet_passes(config, "one_step") + (1 - share) * unet_passes(
+            config, "rollout"
+        )
+    with_grad = 3 + config.gradient_checkpointing + bool(config.drift_weight)  # + the base's
+    prior = (3 + config.gradient_checkpointing) / (2 * config.batch_size)  # 1 row, no CFG
+    prior = prior if config.prior_weight else 0.0
+    if kind == "one_step":
+        return with_grad + prior
+    no_grad = config.sample_steps - config.window + (config.window - config.grad_steps) / 2
+    return no_grad + config.grad_steps * with_grad + prior
 
 
 # Measured on the demo world with bench/taste_transfer.py (five synthetic raters, see the
@@ -190,6 +252,10 @@ class TasteLoraConfig(FromDict):
 # scorer's rose) and colour tastes cut variety below 0.8 of the base; 0.3 keeps every rater's
 # strengths in order. min_diversity 0.8 never ships a checkpoint that narrowed the seeds'
 # variety by more than a fifth.
+# One-step steps (the default mode) take the SD 1.x count, 200 (eval every 50): 0.38 of the
+# UNet work of the 120 rollout steps this preset took before, for as much true gain
+# (bench/lora_modes.py). Rollout on the demo world: {"mode": "rollout", "steps": 120,
+# "eval_every": 30}.
 DEMO_PRESET = {
     "lr": 1e-3,
     "batch_size": 4,
@@ -197,8 +263,6 @@ DEMO_PRESET = {
     "drift_weight": 0.3,
     "max_drift": 0.5,
     "min_diversity": 0.8,
-    "steps": 120,
-    "eval_every": 30,
     "eval_prompts": 4,
 }
 
@@ -244,17 +308,31 @@ class _Run:
     eval_groups: int  # eval prompts; rows are grouped prompt-major, len(eval_seeds) each
     device: torch.device
     half: torch.dtype | None  # autocast dtype on CUDA; None = plain fp32
+    images: torch.Tensor | None = None  # [N, 4, h, w] real latents the one-step steps noise
     prior: torch.Tensor | None = None  # base-model clean latents for the prior loss
     prior_embeds: Conditioning | None = None
 
 
 def _eps(run: _Run, x: torch.Tensor, t: torch.Tensor, embeds: Conditioning) -> torch.Tensor:
-    """Classifier-free-guided noise prediction for a batch of latents at timestep t."""
+    """Classifier-free-guided prediction (noise, or velocity) for a batch of latents at t (one
+    timestep, or one per row)."""
     both_embeds = run.uncond.expand(len(x)).cat(embeds)
+    t = t.repeat(2) if t.ndim else t
     with torch.autocast(run.device.type, dtype=run.half, enabled=run.half is not None):
         both = run.unet(torch.cat([x, x]), t, **both_embeds.unet_kwargs())
     uncond_eps, cond_eps = both.sample.float().chunk(2)
     return uncond_eps + run.config.guidance * (cond_eps - uncond_eps)
+
+
+def _eps_and_drift(run: _Run, x: torch.Tensor, t: torch.Tensor, embeds: Conditioning):
+    """The LoRA's guided prediction with gradient, ‖ε_LoRA − ε_base‖² and ‖ε_base‖²."""
+    eps = _eps(run, x, t, embeds)
+    if not run.config.drift_weight:
+        zero = torch.zeros((), device=run.device)
+        return eps, zero, zero
+    with torch.no_grad(), _adapter_off(run.unet):
+        base_eps = _eps(run, x, t, embeds)
+    return eps, (eps - base_eps).pow(2).mean(), base_eps.pow(2).mean()
 
 
 @torch.no_grad()
@@ -270,11 +348,27 @@ def _score(run: _Run, latents: torch.Tensor) -> torch.Tensor:
 
 
 def _train_step(run: _Run, step: int) -> dict:
-    """One step: roll out without gradient, then K steps with it; return the loss terms."""
+    """One step of the kind `step_kind` names; return the loss and its terms."""
+    g = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step)  # resumable: no RNG state
+    prompts = torch.randint(len(run.train_embeds), (run.config.batch_size,), generator=g)
+    embeds = run.train_embeds[prompts]
+    if step_kind(run.config, step) == "one_step":
+        x0, drift, base_norm, count = _one_step(run, embeds, g)
+    else:
+        x0, drift, base_norm, count = _rollout_step(run, embeds, g)
+    score = _score(run, x0).mean()
+    loss = -score + run.config.drift_weight * drift / count
+    prior = _prior_loss(run, g) if run.prior is not None else torch.zeros(())
+    loss = loss + run.config.prior_weight * prior
+    # reported as the evaluation measures it: the RMS of the change relative to the base's own
+    relative = (drift.detach() / base_norm.clamp_min(1e-12)).sqrt()
+    return {"loss": loss, "score": score.detach(), "drift": relative, "prior": prior.detach()}
+
+
+def _rollout_step(run: _Run, embeds: Conditioning, g: torch.Generator):
+    """Roll out from noise without gradient, then K steps with it (DRaFT-K): return x̂0 of
+    the last, the summed drift terms and K."""
     config, timesteps = run.config, run.scheduler.timesteps
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # resumable: no RNG state
-    rows = torch.randint(len(run.train_embeds), (config.batch_size,), generator=g)
-    embeds = run.train_embeds[rows]
     x = torch.randn((config.batch_size, *run.eval_noise.shape[1:]), generator=g).to(run.device)
     x = x * run.scheduler.init_noise_sigma
     n = len(timesteps)
@@ -284,35 +378,81 @@ def _train_step(run: _Run, step: int) -> dict:
         + int(torch.randint(config.window - config.grad_steps + 1, (1,), generator=g))
     )
     x = _rollout(run, x, embeds, timesteps[:start])
-    drift = torch.zeros((), device=run.device)
-    base_norm = torch.zeros((), device=run.device)
+    drift = base_norm = torch.zeros((), device=run.device)
     for t in timesteps[start : start + config.grad_steps]:
-        eps = _eps(run, x, t, embeds)
-        if config.drift_weight:
-            with torch.no_grad(), _adapter_off(run.unet):
-                base_eps = _eps(run, x, t, embeds)
-            drift = drift + (eps - base_eps).pow(2).mean()
-            base_norm = base_norm + base_eps.pow(2).mean()
+        eps, step_drift, step_norm = _eps_and_drift(run, x, t, embeds)
+        drift, base_norm = drift + step_drift, base_norm + step_norm
         out = run.scheduler.step(eps, t, x)
         x, x0 = out.prev_sample, out.pred_original_sample
-    score = _score(run, x0).mean()
-    loss = -score + config.drift_weight * drift / config.grad_steps
-    prior = _prior_loss(run, g) if run.prior is not None else torch.zeros(())
-    loss = loss + config.prior_weight * prior
-    # reported as the evaluation measures it: the RMS of the change relative to the base's own
-    relative = (drift.detach() / base_norm.clamp_min(1e-12)).sqrt()
-    return {"loss": loss, "score": score.detach(), "drift": relative, "prior": prior.detach()}
+    return x0, drift, base_norm, config.grad_steps
+
+
+def _one_step(run: _Run, embeds: Conditioning, g: torch.Generator):
+    """Noise real latents to a random t in noise_range, predict once with gradient: return
+    x̂0 rebuilt from that prediction, the drift terms and 1. The LoRA learns to denoise the
+    pool's pictures toward what the scorer likes; prompts are the training set's, at random
+    (pool pictures have no captions), under the same guidance as sampling."""
+    config = run.config
+    rows = torch.randint(len(run.images), (config.batch_size,), generator=g)
+    x0 = run.images[rows]
+    t = _one_step_timesteps(run.scheduler, config.noise_range, config.batch_size, g)
+    noise = torch.randn(x0.shape, generator=g)
+    t, noise = t.to(run.device), noise.to(run.device)
+    x = run.scheduler.add_noise(x0, noise, t)
+    eps, drift, base_norm = _eps_and_drift(run, x, t, embeds)
+    return predicted_x0(run.scheduler, x, eps, t), drift, base_norm, 1
+
+
+def _one_step_timesteps(scheduler, noise_range, rows: int, g: torch.Generator) -> torch.Tensor:
+    """One training timestep per row, uniform over `noise_range` of the schedule (at least 1)."""
+    total = scheduler.config.num_train_timesteps
+    low = max(1, round(noise_range[0] * total))
+    high = max(low + 1, round(noise_range[1] * total))
+    return torch.randint(low, high, (rows,), generator=g)
+
+
+def predicted_x0(scheduler, x: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor):
+    """x̂0 rebuilt from the UNet's prediction at x_t, as the scheduler's config says the model
+    predicts: noise (SD 1.x, SDXL), velocity (SD 2.x 768, v-prediction finetunes) or x0."""
+    alpha = scheduler.alphas_cumprod.to(x.device)[t].view(-1, *[1] * (x.ndim - 1))
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
+    if kind == "v_prediction":
+        return alpha.sqrt() * x - (1 - alpha).sqrt() * prediction
+    if kind == "sample":
+        return prediction
+    raise TasteLoraError(f"no x̂0 for prediction type {kind!r}")
 
 
 def _prior_loss(run: _Run, g: torch.Generator) -> torch.Tensor:
-    """Plain denoising loss on an image the base model made: keeps what the base could do."""
+    """Denoising loss on an image the base model made, Min-SNR weighted: keeps what the base
+    could do."""
     k = int(torch.randint(len(run.prior), (1,), generator=g))
     x0, embeds = run.prior[k : k + 1], run.prior_embeds[k : k + 1]
     t = torch.randint(run.scheduler.config.num_train_timesteps, (1,), generator=g).to(run.device)
     noise = torch.randn(x0.shape, generator=g).to(run.device)
     with torch.autocast(run.device.type, dtype=run.half, enabled=run.half is not None):
         pred = run.unet(run.scheduler.add_noise(x0, noise, t), t, **embeds.unet_kwargs())
-    return (pred.sample.float() - denoising_target(run.scheduler, x0, noise, t)).pow(2).mean()
+    target = denoising_target(run.scheduler, x0, noise, t)
+    per_row = (pred.sample.float() - target).pow(2).flatten(1).mean(1)
+    return (min_snr_weights(run.scheduler, t, run.config.prior_snr_gamma) * per_row).mean()
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights per timestep (Hang et al. 2023): min(SNR, γ)/SNR for a noise
+    prediction, min(SNR, γ)/(SNR + 1) for a velocity one, min(SNR, γ) for an x0 one; ones
+    when γ is 0 (off)."""
+    if not gamma:
+        return torch.ones(t.shape, device=t.device)
+    snr = compute_snr(scheduler, t).to(t.device)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    if kind == "sample":
+        return clipped
+    return clipped / snr
 
 
 def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
@@ -398,7 +538,25 @@ def _evaluate(run: _Run, step: int, base: dict) -> dict:
         "gain": round(scores["1"] - base["score"], 4),
         "drift": round(drift, 4),
         "diversity": round(diversity, 4),
+        "recommended_strength": recommended_strength(scores, base["score"]),
     }
+
+
+SCORE_RESOLUTION = 1e-3  # held-out scores are kept to 4 decimals; closer than this is a tie
+
+
+def recommended_strength(scores: dict[str, float], base_score: float) -> float | None:
+    """The strength to use this LoRA at, read from its held-out scores at 0 (the base), 0.5
+    and 1: the top of the parabola through them, between 0.25 and 1, to the nearest 0.05.
+    Past the top a stronger LoRA only scores lower (overdone); a curve still rising at 1 says 1
+    (the evaluation never looks beyond it). None when no strength beats the base."""
+    half, full = scores["0.5"], scores["1"]
+    if max(half, full) - base_score < SCORE_RESOLUTION:  # an untrained adapter ties the base
+        return None
+    curvature = 2 * (full - 2 * half + base_score)  # f(s) = base + slope·s + curvature·s²
+    slope = full - base_score - curvature
+    top = -slope / (2 * curvature) if curvature < 0 else 1.0
+    return round(round(min(max(top, 0.25), 1.0) * 20) / 20, 2)
 
 
 def _choose(history: list[dict], config: TasteLoraConfig) -> tuple[dict, str]:
@@ -497,12 +655,15 @@ def train(
     out_dir: str | Path,
     config: TasteLoraConfig | None = None,
     *,
+    images: torch.Tensor | None = None,
     resume: bool = False,
     progress: Progress = no_progress,
     should_stop: StopCheck = never_stop,
 ) -> dict:
     """Train the taste LoRA on `base` to raise `scorer`'s score; return a JSON-ready summary.
 
+    `images`: latents of real pictures [N, 4, h, w], scaled as the UNet sees them (the pool's,
+    rated or not), which the one-step and mixed modes noise and denoise; rollout needs none.
     Checkpoints go to out_dir/checkpoint-<step>/ at every evaluation and on a stop; with
     `resume`, training continues from the newest one. The summary names the checkpoint chosen
     (best held-out score among those that neither drifted past the cap nor collapsed) and why.
@@ -516,12 +677,13 @@ def train(
     if base.pipeline.device.type == "cuda":  # this run's peak, not the worker's lifetime's
         torch.cuda.reset_peak_memory_stats(base.pipeline.device)
     try:
-        run = _prepare(base, scorer_path, config)
+        run = _prepare(base, scorer_path, config, images)
         trainable = [p for p in run.unet.parameters() if p.requires_grad]
         optimizer = OPTIMIZERS[config.optimizer](trainable, config)
         scaler = torch.amp.GradScaler(enabled=run.half == torch.float16)  # fp16 grads underflow
         if resume and checkpoint_folders(out_dir):
             state = _restore(run, optimizer, checkpoint_folders(out_dir)[-1])
+            _check_same_mode(state, config)
             first, history = state["step"], state["history"]
             progress(first, config.steps, f"resumed from step {first}")
         progress(first, config.steps, "sampling the base model on held-out prompts")
@@ -567,6 +729,9 @@ def train(
         "lora_score": chosen["score"],
         "score_gain": chosen["gain"],
         "scores_by_strength": chosen["scores_by_strength"],
+        "recommended_strength": chosen.get("recommended_strength"),
+        "mode": config.mode,
+        "unet_passes": round(step * unet_passes(config), 1),
         "drift": chosen["drift"],
         "diversity": chosen["diversity"],
         "steps": step,
@@ -587,11 +752,44 @@ def train(
     return summary
 
 
-def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) -> _Run:
+def _check_same_mode(state: dict, config: TasteLoraConfig) -> None:
+    """Refuse to resume a run in another mode than it trained in (its steps would not repeat)."""
+    saved = TasteLoraConfig.from_saved(state.get("config") or {})
+    if saved.mode != config.mode:
+        raise TasteLoraError(
+            f"the checkpoint trained in mode {saved.mode!r}; resume it with mode {saved.mode!r}"
+            f" (not {config.mode!r}), or train afresh"
+        )
+
+
+def _real_latents(images: torch.Tensor | None, config: TasteLoraConfig, shape: list[int]):
+    """The real latents the one-step steps need, checked against the base's latent shape."""
+    if not config.uses_images:
+        return None
+    if images is None or len(images) == 0:
+        raise TasteLoraError(
+            f"mode {config.mode!r} needs latents of real pictures (the pool's): pass images=,"
+            " or --latents FILE on the command line"
+        )
+    if list(images.shape[1:]) != shape:
+        raise TasteLoraError(
+            f"the real latents have shape {list(images.shape[1:])}, but the base makes {shape};"
+            " encode the pictures with this base model's VAE"
+        )
+    return images.float()
+
+
+def _prepare(
+    base: BaseModel,
+    scorer_path: str | Path,
+    config: TasteLoraConfig,
+    images: torch.Tensor | None = None,
+) -> _Run:
     """Load the scorer, cache prompt embeddings, fix the eval noise, add a fresh adapter."""
     pipe, device = base.pipeline, base.pipeline.unet.device
     side = base.resolution // pipe.vae_scale_factor
     shape = [pipe.unet.config.in_channels, side, side]
+    images = _real_latents(images, config, shape)
     scorer, metadata = load_scorer(scorer_path)
     try:
         check_family(metadata, base.family, f"the scorer {scorer_path}")
@@ -648,6 +846,7 @@ def _prepare(base: BaseModel, scorer_path: str | Path, config: TasteLoraConfig) 
         eval_groups=len(eval_prompts),
         device=device,
         half=half,
+        images=images.to(device) if images is not None else None,
     )
     if device.type == "cuda":  # text encoders and VAE aren't needed while training
         for module in (*text_encoders(pipe), pipe.vae):
@@ -707,6 +906,15 @@ def _peak_memory_mb(device: torch.device) -> float | None:
 # ---- command line ---------------------------------------------------------------------------
 
 
+def real_latents(paths: list[str | Path]) -> torch.Tensor | None:
+    """The latents of every picture in the given latents files, with their mirrored copies."""
+    parts = []
+    for path in paths:
+        found = load_latents_file(path)
+        parts += [found.latents] if found.flipped is None else [found.latents, found.flipped]
+    return torch.cat(parts) if parts else None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train a taste LoRA: `python -m trainer.lora train --base demo --scorer S --out DIR`."""
     parser = argparse.ArgumentParser(prog="python -m trainer.lora")
@@ -721,6 +929,13 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     tr.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     tr.add_argument("--config", help="JSON object of further TasteLoraConfig settings")
+    tr.add_argument(
+        "--latents",
+        action="append",
+        default=[],
+        help="a latents file (trainer.latents export) of real pictures for the one-step and"
+        " mixed modes, mirrored rows included; repeat for more",
+    )
     args = parser.parse_args(argv)
     try:
         settings = json.loads(args.config) if args.config else {}
@@ -730,9 +945,11 @@ def main(argv: list[str] | None = None) -> None:
         TasteLoraConfig.from_dict(settings).check()  # a bad setting fails before the load
         base = load_base(args.base, device=args.device)
         config = TasteLoraConfig.from_dict({**preset_for(base), **settings})
-        summary = train(base, args.scorer, args.out, config, resume=args.resume)
+        images = real_latents(args.latents) if config.uses_images else None
+        summary = train(base, args.scorer, args.out, config, images=images, resume=args.resume)
     except (
         BaseModelNotFound,
+        LatentsFileError,
         ScorerFileError,
         TasteLoraError,
         LoraFileError,
