@@ -17,7 +17,7 @@ from trainer import edm, export, lora, sample
 from trainer.base import load_base
 from trainer.conditioning import embed
 from trainer.families import describe, family_of_folder
-from trainer.latents import scale_latents, unscale_latents
+from trainer.latents import encode_pixels, scale_latents, unscale_latents
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,17 @@ def test_a_taste_lora_trains_samples_and_exports_for_the_sdxl_loaders(base, tmp_
     assert modules and modules <= unet_layers
     base.pipeline.unet.edm_as_epsilon.remove()  # the hooks come off: a plain EDM UNet again
     assert not base.pipeline.unet._forward_pre_hooks and not base.pipeline.unet._forward_hooks
+
+
+def test_one_step_steps_train_on_playground_latents(playground_folder, tmp_path):
+    """The default mode: pool latents noised to a random level, x̂0 from one (hooked) UNet
+    prediction, as on SDXL."""
+    base = load_base(str(playground_folder), device="cpu")
+    scorer = save_random_scorer(tmp_path / "scorer.safetensors", family="playground-v2.5")
+    pool = encode_pixels(torch.rand(4, 3, 64, 64) * 2 - 1, base.pipeline.vae)
+    config = replace(QUICK, mode="one_step", steps=2, eval_every=2)
+    summary = lora.train(base, scorer, tmp_path / "run", config, images=pool)
+    assert summary["steps"] == 2 and summary["mode"] == "one_step"
+    assert all(torch.isfinite(torch.tensor(row["score"])) for row in summary["history"])
+    weights = load_file(str(tmp_path / "run" / "checkpoint-000002" / lora.WEIGHTS_NAME))
+    assert any(k.endswith("lora.up.weight") and v.abs().max() > 0 for k, v in weights.items())
