@@ -7,6 +7,9 @@ document.addEventListener("keydown", (event) => {
     .find((b) => b.dataset.keys.split(" ").includes(key));
   if (!button || button.disabled) return;
   event.preventDefault();  // Backspace must not navigate back, arrows must not scroll
+  // htmx wires a freshly swapped card only when it settles (20 ms later); a key pressed
+  // sooner would post the form natively and leave the page, so wire it now (idempotent).
+  if (window.htmx) htmx.process(button.form ?? button);
   button.classList.add("pressed");
   button.click();
 });
