@@ -16,13 +16,19 @@ from rating.settings import storage_root
 
 def base_model(spec: str, *, vae_only: bool = False):
     """Load a base model as the settings say: BASE_MODEL_CONFIG describes a single-file
-    checkpoint offline (a diffusers folder of its configs), DEVICE picks the GPU. `vae_only`:
-    just what encoding and decoding need on the device (trainer.base.load_vae)."""
+    checkpoint offline (a diffusers folder of its configs), DEVICE picks the GPU, PRECISION
+    the weights' dtype. `vae_only`: just what encoding and decoding need on the device
+    (trainer.base.load_vae)."""
     from trainer.base import load_base, load_vae
 
     config = current_app.config
     load = load_vae if vae_only else load_base
-    return load(spec, device=config["DEVICE"] or None, config=config["BASE_MODEL_CONFIG"] or None)
+    return load(
+        spec,
+        device=config["DEVICE"] or None,
+        config=config["BASE_MODEL_CONFIG"] or None,
+        precision=config["PRECISION"],
+    )
 
 
 @contextmanager

@@ -99,6 +99,9 @@ DEFAULTS: dict[str, object] = {
     # The device GPU jobs run on ("cuda:1", "cpu"); empty: CUDA, then Apple MPS, then CPU.
     # Several GPU workers on one machine: one each, or CUDA_VISIBLE_DEVICES per worker.
     "DEVICE": "",
+    # The weights' precision there: "auto" (bf16 or fp16 on CUDA, fp32 on Apple MPS and CPU),
+    # "half" (fp16 on MPS too: half the memory, for Macs with 16 GB or less), "full" (fp32).
+    "PRECISION": "auto",
     "TASTE_MIN_RATINGS": 30,
     # A scorer file whose trunk personal scorers start from; empty: the crowd model when an
     # admin has trained one for this base model, else from scratch.
@@ -135,6 +138,9 @@ DEFAULTS: dict[str, object] = {
 }
 
 
+PRECISIONS = ("auto", "half", "full")  # trainer.device.PRECISIONS (no torch import here)
+
+
 def load_settings(app, test_config: dict | None) -> None:
     """Fill app.config: defaults, then instance/config.py, then TASTEBUD_* variables, then tests."""
     app.config.update(DEFAULTS)
@@ -156,6 +162,10 @@ def load_settings(app, test_config: dict | None) -> None:
     # it is down, each process counts its own rather than refusing every sign-in).
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"] or "memory://")
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
+    if app.config["PRECISION"] not in PRECISIONS:  # say so at start, not in a failed job
+        raise ValueError(
+            f"PRECISION must be one of {', '.join(PRECISIONS)}, not {app.config['PRECISION']!r}"
+        )
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = _instance_secret(instance / "secret_key")
 

@@ -219,6 +219,8 @@ class TasteRun:
         from trainer import lora
 
         preset = lora.preset_for(self.base) | {"prompts_file": str(self.prompts_file)}
+        if self.config["PRECISION"] == "full":  # fp32 weights, and no autocast over them
+            preset["mixed_precision"] = "no"
         config = lora.TasteLoraConfig.from_dict({**preset, **self.config["TASTE_LORA"]})
         train = functools.partial(
             lora.train,

@@ -15,6 +15,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor
 
+from app import create_app
 from rating import gpu_work
 from trainer import base as bases
 from trainer import device as devices
@@ -60,6 +61,38 @@ def test_the_lora_autocasts_in_the_unets_own_dtype(monkeypatch, weights, native,
         lora._half(torch.device("cuda"), lora.TasteLoraConfig(mixed_precision="no"), weights)
         is None
     )
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "expected"),
+    [
+        ("cuda", "auto", torch.bfloat16),
+        ("cuda", "half", torch.bfloat16),
+        ("cuda", "full", torch.float32),
+        ("mps", "auto", torch.float32),  # Apple MPS: fp32 unless asked
+        ("mps", "half", torch.float16),
+        ("mps", "full", torch.float32),
+        ("cpu", "half", torch.float32),  # never half on a CPU: slow, and kernels are missing
+    ],
+)
+def test_the_precision_setting_chooses_the_weights_dtype(monkeypatch, device, precision, expected):
+    cuda_card(monkeypatch, native_bf16=True)
+    assert devices.weights_dtype(torch.device(device), precision) == expected
+
+
+def test_an_unknown_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="auto, half, full"):
+        devices.weights_dtype(torch.device("cpu"), "fp8")
+
+
+def test_fp16_weights_on_apple_mps_train_under_fp16_autocast_with_loss_scaling():
+    config = lora.TasteLoraConfig()
+    mps = torch.device("mps")
+    assert lora._half(mps, config, torch.float16) == torch.float16
+    assert lora._half(mps, config, torch.float32) is None  # the default: plain fp32 on a Mac
+    assert lora._half(mps, lora.TasteLoraConfig(mixed_precision="no"), torch.float16) is None
+    scaler = torch.amp.GradScaler("mps", enabled=True)  # what the loop builds for fp16 on MPS
+    assert scaler.is_enabled() and scaler._device == "mps"
 
 
 def test_ddim_never_clips_whatever_scheduler_the_base_came_with():
@@ -121,14 +154,20 @@ def test_a_folder_loads_without_its_safety_checker_and_samples_with_plain_ddim(s
 def test_the_site_passes_its_single_file_config_and_device_to_the_loader(app, monkeypatch):
     seen = {}
     monkeypatch.setattr(bases, "load_base", lambda spec, **kwargs: seen.update(kwargs, spec=spec))
-    app.config.update(BASE_MODEL_CONFIG="/models/sd15-configs", DEVICE="cuda:1")
+    app.config.update(BASE_MODEL_CONFIG="/models/sd15-configs", DEVICE="mps", PRECISION="half")
     with app.app_context():
         gpu_work.base_model("/models/finetune.safetensors")
     assert seen == {
         "spec": "/models/finetune.safetensors",
-        "device": "cuda:1",
+        "device": "mps",
         "config": "/models/sd15-configs",
+        "precision": "half",
     }
+
+
+def test_a_precision_the_site_does_not_know_stops_it_at_start(tmp_path):
+    with pytest.raises(ValueError, match="PRECISION must be one of auto, half, full"):
+        create_app({"PRECISION": "fp8", "TESTING": True}, instance_path=str(tmp_path))
 
 
 def test_a_family_the_trainer_cant_train_is_refused_by_name_before_any_weight_loads(tmp_path):

@@ -437,6 +437,23 @@ def test_out_of_memory_retries_once_smaller_then_says_what_to_change(site_app, m
     assert held == [True, True]  # the retry starts with the failed attempt's memory released
 
 
+def test_full_precision_trains_the_lora_without_autocast(site_app, monkeypatch):
+    from trainer import lora
+
+    configs = []
+
+    def capture(base, scorer_path, out_dir, config=None, **callbacks):
+        configs.append(config)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(lora, "train", capture)
+    site_app.config["PRECISION"] = "full"
+    site = person(site_app, "fp32")
+    html, status, phase = wait_until_done(site, click_train(site))
+    assert (status, phase) == ("failed", "lora") and "captured" in html
+    assert [c.mixed_precision for c in configs] == ["no"]  # fp32 weights, fp32 compute
+
+
 def test_a_failure_says_why_removes_partial_files_and_keeps_the_checkpoint(site_app, monkeypatch):
     from trainer import sample
 

@@ -29,7 +29,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from trainer.device import half_dtype, pick_device
+from trainer.device import pick_device, weights_dtype
 from trainer.edm import as_variance_preserving, is_edm
 from trainer.families import (
     UnsupportedFamily,
@@ -308,16 +308,16 @@ def load_base(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     config: str | Path | None = None,
+    precision: str = "auto",
 ) -> BaseModel:
     """Load a base pipeline from "demo", a hub id, a diffusers folder or a single file.
 
     `config` is a local diffusers folder whose configs describe a single-file checkpoint;
     without it diffusers guesses the model family and fetches its configs from the hub.
+    Without `dtype`, `precision` chooses it for the device (trainer.device.weights_dtype).
     """
     device = torch.device(device) if device is not None else pick_device()
-    # Half precision halves memory on GPUs (bf16 where native, else fp16); CPUs are slow or
-    # wrong in half precision.
-    dtype = dtype or (half_dtype(device) if device.type == "cuda" else torch.float32)
+    dtype = dtype or weights_dtype(device, precision)
     spec = spec.strip()
     family = family_of(spec)
     try:
@@ -385,13 +385,16 @@ class VaePipeline:
 
 
 def load_vae(
-    spec: str, *, device: torch.device | str | None = None, config: str | Path | None = None
+    spec: str,
+    *,
+    device: torch.device | str | None = None,
+    config: str | Path | None = None,
+    precision: str = "auto",
 ) -> BaseModel:
     """Load a base model to encode and decode only ("Improve this image"): the model is read
     on the CPU and only its VAE goes to the device (SD 1.x: 160 MB in fp16, not 2 GB)."""
     device = torch.device(device) if device is not None else pick_device()
-    dtype = half_dtype(device) if device.type == "cuda" else torch.float32
-    base = load_base(spec, device="cpu", dtype=dtype, config=config)
+    base = load_base(spec, device="cpu", dtype=weights_dtype(device, precision), config=config)
     light = VaePipeline(base.pipeline.vae.to(device), base.pipeline.image_processor)
     return replace(base, pipeline=light)
 

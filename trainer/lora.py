@@ -178,8 +178,8 @@ class TasteLoraConfig(FromDict):
     min_diversity: float = 0.5  # a checkpoint whose samples spread less than half as much as
     # the base's has collapsed to one look and is never chosen
     gradient_checkpointing: bool = True  # recompute UNet activations in backward: less memory
-    mixed_precision: str = "auto"  # auto: bf16/fp16 autocast on CUDA, fp32 elsewhere; "no":
-    # plain fp32 throughout (load the base in float32)
+    mixed_precision: str = "auto"  # auto: bf16/fp16 autocast on CUDA, fp16 on MPS over fp16
+    # weights, fp32 elsewhere; "no": plain fp32 throughout (load the base in float32)
     max_grad_norm: float = 1.0  # clip: one odd batch can't throw the adapter far
     seed: int = 0  # same seed, same prompts and noise → the same LoRA
     prompts_file: str = ""  # a prompt file ([train] and [eval]); "" = the base's own set
@@ -680,7 +680,8 @@ def train(
         run = _prepare(base, scorer_path, config, images)
         trainable = [p for p in run.unet.parameters() if p.requires_grad]
         optimizer = OPTIMIZERS[config.optimizer](trainable, config)
-        scaler = torch.amp.GradScaler(enabled=run.half == torch.float16)  # fp16 grads underflow
+        # fp16 gradients underflow without loss scaling (CUDA and MPS alike)
+        scaler = torch.amp.GradScaler(run.device.type, enabled=run.half == torch.float16)
         if resume and checkpoint_folders(out_dir):
             state = _restore(run, optimizer, checkpoint_folders(out_dir)[-1])
             _check_same_mode(state, config)
@@ -872,12 +873,17 @@ def _add_prior(run: _Run, prompts: list[str]) -> None:
 def _half(
     device: torch.device, config: TasteLoraConfig, weights: torch.dtype
 ) -> torch.dtype | None:
-    """The autocast dtype on CUDA: the UNet's own when its weights are half precision (else
+    """The autocast dtype: on CUDA the UNet's own when its weights are half precision (else
     every conv and linear would recast them, uncached and less precise), bf16 where the card
-    computes it natively, else fp16. None (fp32) off CUDA or with mixed_precision "no"."""
-    if device.type != "cuda" or config.mixed_precision == "no":
+    computes it natively, else fp16; on Apple MPS fp16 when the base was loaded in fp16
+    (precision "half"). None (fp32) on CPU, on MPS in fp32, or with mixed_precision "no"."""
+    if config.mixed_precision == "no":
         return None
-    return weights if weights in (torch.float16, torch.bfloat16) else half_dtype(device)
+    if device.type == "cuda":
+        return weights if weights in (torch.float16, torch.bfloat16) else half_dtype(device)
+    if device.type == "mps" and weights == torch.float16:
+        return torch.float16
+    return None
 
 
 def _release(base: BaseModel) -> None:
