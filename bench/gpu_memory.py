@@ -35,6 +35,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # lora_step, beside this file
 import lora_step  # noqa: E402
@@ -43,8 +45,8 @@ from trainer import lora  # noqa: E402
 
 META = torch.device("meta")
 HALF = torch.float16
+DEFAULT = lora.TasteLoraConfig()
 GIB = 2**30
-CARD = 8 * GIB
 POOL = 1000  # latents the one-step steps draw from: 300 rated + 200 unrated, and their mirrors
 SD15_VAE = {  # stable-diffusion-v1-5 vae/config.json
     "block_out_channels": [128, 256, 512, 512],
@@ -93,9 +95,9 @@ def on_meta():
         yield
 
 
-def prepared(scorer: Path, config: lora.TasteLoraConfig):
-    """`trainer.lora._prepare` on the SD 1.5-sized base, on the meta device in fp16."""
-    base = lora_step.sd15_base(META)
+def prepared(family: str, scorer: Path, config: lora.TasteLoraConfig):
+    """`trainer.lora._prepare` on the SD 1.5- or SDXL-sized base, on the meta device in fp16."""
+    base = lora_step.sd15_base(META) if family == "sd1" else lora_step.meta_base(family)
     base.pipeline.unet.to(HALF)
     base.pipeline.unet.register_forward_pre_hook(to_dtype_of(base.pipeline.unet), with_kwargs=True)
     side = base.resolution // base.pipeline.vae_scale_factor
@@ -146,30 +148,89 @@ def eval_peak(run) -> int:
 
 
 @torch.no_grad()
-def encode_peak(images: int) -> int:
-    """Peak bytes of one VAE encoder call on `images` 512 px pictures (SD 1.5's VAE, fp16):
-    trainer.latents.encode_pixels makes one call per image on CUDA."""
+def encode_peak(images: int, side: int) -> int:
+    """Peak bytes of one VAE encoder call on `images` pictures `side` px square (SD 1.5's VAE,
+    which SDXL's shares in structure; fp16): trainer.latents.encode_pixels makes one call per
+    image on CUDA."""
     with torch.device(META):
         vae = AutoencoderKL(**SD15_VAE).to(HALF)
     with lora_step.TensorBytes() as counted:
-        vae.encode(torch.zeros(images, 3, 512, 512, device=META, dtype=HALF))
+        vae.encode(torch.zeros(images, 3, side, side, device=META, dtype=HALF))
     return counted.peak
 
 
-def measure(scorer: Path) -> dict:
-    """Every figure, for the default batch and the out-of-memory retry's smaller one."""
+@torch.no_grad()
+def decode_peak(side: int, dtype: torch.dtype) -> int:
+    """Peak bytes of one VAE decoder call on one picture `side` px square, as
+    trainer.latents.decode_latents makes on CUDA (SDXL's VAE decodes in fp32: it overflows in
+    fp16)."""
+    with torch.device(META):
+        vae = AutoencoderKL(**SD15_VAE).to(dtype)
+    latents = torch.zeros(1, 4, side // 8, side // 8, device=META, dtype=dtype)
+    with lora_step.TensorBytes() as counted:
+        vae.decode(latents)
+    return counted.peak
+
+
+def text_encoder_bytes(family: str) -> int:
+    """The fp16 bytes of the family's real text encoders (CLIP ViT-L; SDXL adds OpenCLIP bigG),
+    built on the meta device from their configs: on the GPU while the results render."""
+    clip_l = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
+    big_g = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32}
+    configs = [clip_l] if family == "sd1" else [clip_l, big_g]
+    with torch.device(META):
+        models = [
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(**c, num_attention_heads=c["hidden_size"] // 64, projection_dim=768)
+            )
+            for c in configs
+        ]
+    return sum(p.numel() * 2 for m in models for p in m.parameters())
+
+
+def results_bytes(family: str, figures: dict) -> dict:
+    """The results phase (grid and blind check): the whole pipeline on the GPU, the LoRA loaded,
+    rendering TASTE_GRID_SEEDS (2) pictures with CFG (4 UNet rows), then decoding one at a time.
+    The render's peak is read off the 8-row evaluation's (half its rows)."""
+    vae_dtype = torch.float32 if family == "sdxl" else HALF
+    with torch.device(META):
+        vae = sum(p.numel() for p in AutoencoderKL(**SD15_VAE).parameters())
+    row = figures["rows"][0]
+    held = {
+        "unet": row["held"]["unet"],
+        "text encoders": text_encoder_bytes(family),
+        "vae": vae * (4 if vae_dtype == torch.float32 else 2),
+    }
+    render = row["eval_peak"] * 4 // row["eval_rows"] // 2  # eval rows are doubled by CFG
+    decode = decode_peak(figures["side"], vae_dtype)
+    return {"held": held, "render_peak": render, "decode_peak": decode}
+
+
+# (batch, eval prompts) counted per family: the default, the out-of-memory retry's halves
+# (rating.taste_jobs.smaller), and for SDXL one evaluation prompt as well.
+SETTINGS = {
+    "sd1": [(DEFAULT.batch_size, DEFAULT.eval_prompts), (1, DEFAULT.eval_prompts // 2)],
+    "sdxl": [(DEFAULT.batch_size, DEFAULT.eval_prompts), (1, DEFAULT.eval_prompts // 2), (1, 1)],
+}
+TITLES = {
+    "sd1": "SD 1.5-sized UNet (860 M), 512 px (latents 4×64×64)",
+    "sdxl": "SDXL-sized UNet (2.6 B), 1024 px (latents 4×128×128)",
+}
+
+
+def measure(family: str, scorer: Path) -> dict:
+    """Every figure for one family: each batch and evaluation size, checkpointing on and off."""
     rows = []
-    default = lora.TasteLoraConfig()
-    for batch, eval_prompts in ((default.batch_size, default.eval_prompts), (1, 2)):
+    for batch, eval_prompts in SETTINGS[family]:
         for checkpointing in (True, False):
             config = replace(
-                default,
+                DEFAULT,
                 batch_size=batch,
                 eval_prompts=eval_prompts,
                 gradient_checkpointing=checkpointing,
             )
             with on_meta():
-                run = prepared(scorer, config)
+                run = prepared(family, scorer, config)
                 held = held_bytes(run)
                 rows.append(
                     {
@@ -181,48 +242,74 @@ def measure(scorer: Path) -> dict:
                         "eval_peak": eval_peak(run),
                     }
                 )
+    side = {"sd1": 512, "sdxl": 1024}[family]
     with on_meta():
-        encode = {n: encode_peak(n) for n in (1, 16)}
-    return {"rows": rows, "encode": encode}
+        encode = {n: encode_peak(n, side) for n in (1, 16)}
+    figures = {"rows": rows, "encode": encode, "side": side}
+    with on_meta():
+        figures["results"] = results_bytes(family, figures)
+    return figures
 
 
-def report(figures: dict) -> None:
-    """Print the figures as a table, in GiB."""
-    print("SD 1.5-sized UNet (860 M), 512 px (latents 4×64×64), fp16 weights, counted on meta")
+def total(row: dict) -> int:
+    """Bytes at the peak: what is held, plus the larger of a step's and an evaluation's peak."""
+    return sum(row["held"].values()) + max(row["step_peak"], row["eval_peak"])
+
+
+def report(family: str, figures: dict) -> None:
+    """Print one family's figures as a table, in GiB, with what is left on 8 and 12 GiB cards."""
+    print(f"{TITLES[family]}, fp16 weights, counted on meta")
     print(
         f"{'batch':>5} {'eval rows':>9} {'ckpt':>5} {'held':>6} {'step':>6} {'eval':>6}"
-        f" {'peak total':>10}  {'8 GiB card':>10}"
+        f" {'peak total':>10}  {'8 GiB card':>10}  {'12 GiB card':>11}"
     )
     for r in figures["rows"]:
-        held = sum(r["held"].values())
-        total = held + max(r["step_peak"], r["eval_peak"])
+        held, peak = sum(r["held"].values()), total(r)
         print(
             f"{r['batch']:>5} {r['eval_rows']:>9} {'on' if r['checkpointing'] else 'off':>5}"
             f" {held / GIB:>6.2f} {r['step_peak'] / GIB:>6.2f} {r['eval_peak'] / GIB:>6.2f}"
-            f" {total / GIB:>10.2f}  {(CARD - total) / GIB:>+9.2f} left"
+            f" {peak / GIB:>10.2f}  {(8 * GIB - peak) / GIB:>+9.2f}"
+            f"   {(12 * GIB - peak) / GIB:>+9.2f}"
         )
     parts = figures["rows"][0]["held"]
     print("held, by part (GiB): " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in parts.items()))
     print(
-        "encode, one SD 1.5 VAE encoder call in fp16, peak above its weights (GiB): one image"
-        f" (as encode runs on CUDA) {figures['encode'][1] / GIB:.2f}; 16 (a batch of 8 and its"
-        f" mirrors, as before) {figures['encode'][16] / GIB:.2f}"
+        f"encode, one VAE encoder call at {figures['side']} px in fp16, peak above its weights"
+        f" (GiB): one image (as encode runs on CUDA) {figures['encode'][1] / GIB:.2f}; 16"
+        f" {figures['encode'][16] / GIB:.2f}"
     )
-    print("not counted: the CUDA context (≈0.3–0.5 GiB), kernel workspaces, fragmentation")
+    results = figures["results"]
+    held = sum(results["held"].values())
+    peak = held + max(results["render_peak"], results["decode_peak"])
+    print(
+        "results phase (grid, blind check), GiB: held "
+        + ", ".join(f"{k} {v / GIB:.2f}" for k, v in results["held"].items())
+        + f"; render {results['render_peak'] / GIB:.2f}, decode one picture"
+        f" {results['decode_peak'] / GIB:.2f}; peak total {peak / GIB:.2f}"
+    )
+    print()
 
 
 def main() -> None:
     """Count and print (or --json) the memory figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--family", choices=("sd1", "sdxl"), nargs="+", default=["sd1", "sdxl"])
     args = parser.parse_args()
+    diffusers_logging.set_verbosity_error()  # "truncated" notes for long prompts, dtype notes
+    figures = {}
     with tempfile.TemporaryDirectory() as folder:
-        scorer = lora_step.save_random_scorer(Path(folder) / "scorer.safetensors", [4, 64, 64])
-        figures = measure(scorer)
+        for family in args.family:
+            side = {"sd1": 64, "sdxl": 128}[family]
+            scorer = Path(folder) / f"scorer-{family}.safetensors"
+            lora_step.save_random_scorer(scorer, [4, side, side])
+            figures[family] = measure(family, scorer)
     if args.json:
         print(json.dumps(figures))
-    else:
-        report(figures)
+        return
+    for family, figured in figures.items():
+        report(family, figured)
+    print("not counted: the CUDA context (≈0.3–0.5 GiB), kernel workspaces, fragmentation")
 
 
 if __name__ == "__main__":

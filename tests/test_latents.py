@@ -108,6 +108,29 @@ class _Fp16OverflowVae(torch.nn.Module):
             mean = mean * float("inf")
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
 
+    def decode(self, latents):
+        self.dtypes.append(self.weight.dtype)
+        pixels = latents[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2).float()
+        if self.weight.dtype == torch.float16:
+            pixels = pixels * float("inf")
+        return SimpleNamespace(sample=pixels)
+
+
+def test_a_vae_that_overflows_in_fp16_decodes_again_in_fp32():
+    vae = _Fp16OverflowVae().half()
+    pixels = lt.decode_latents(torch.rand(2, 4, 8, 8), vae)
+    assert torch.isfinite(pixels).all() and pixels.shape == (2, 3, 64, 64)
+    assert pixels.dtype == torch.float32
+    assert vae.dtypes == [torch.float16, torch.float32] and vae.weight.dtype == torch.float16
+
+
+def test_decoding_inverts_encoding_scale(vae, images):
+    latents = lt.encode_images(images[:2], vae, resolution=RESOLUTION).latents
+    pixels = lt.decode_latents(latents, vae)
+    with torch.no_grad():
+        direct = vae.decode(lt.unscale_latents(latents, vae.config)).sample
+    assert torch.allclose(pixels, direct, atol=1e-5)
+
 
 def test_a_vae_that_overflows_in_fp16_encodes_again_in_fp32():
     vae = _Fp16OverflowVae().half()

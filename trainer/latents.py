@@ -117,23 +117,36 @@ def load_pixels(path: str | Path, resolution: int) -> torch.Tensor:
 @torch.inference_mode()
 def encode_pixels(pixels: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
     """Encode [N,3,R,R] pixels in [-1,1] to scaled latents [N,C,R/8,R/8] (float32, CPU)."""
-    weight = next(vae.parameters())
-    # On a GPU one image at a time: the encoder's activations are ≈ 0.6 GiB per 512 px image
-    # in fp32, and a batch of 8 with its mirrors would not fit beside the rest on 8 GB.
-    step = 1 if weight.device.type == "cuda" else len(pixels)
-    parts = []
-    for chunk in pixels.split(max(step, 1)):
-        latents = _encode_chunk(vae, chunk)
-        if weight.dtype == torch.float16 and not torch.isfinite(latents).all():
-            # SDXL's VAE overflows in fp16 (its config says force_upcast): this chunk again,
-            # in fp32, as diffusers' SDXL pipelines upcast it to decode
-            vae.to(torch.float32)
-            try:
-                latents = _encode_chunk(vae, chunk)
-            finally:
-                vae.to(torch.float16)
-        parts.append(latents.float())
+    parts = [_finite(vae, _encode_chunk, chunk).float() for chunk in _chunks(vae, pixels)]
     return scale_latents(torch.cat(parts), vae.config).cpu()
+
+
+@torch.inference_mode()
+def decode_latents(latents: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
+    """Decode scaled latents [N,C,h,w] (as `encode_pixels` makes them) to pixels [N,3,H,W] in
+    about [-1,1], float32 on the VAE's device."""
+    raw = unscale_latents(latents.float(), vae.config)
+    return torch.cat([_finite(vae, _decode_chunk, chunk).float() for chunk in _chunks(vae, raw)])
+
+
+def _chunks(vae: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """On a GPU one image at a time: the VAE's activations are ≈ 0.6 GiB per 512 px image in
+    fp32 (2.4 GiB at 1024 px), and a batch would not fit beside the rest on 8 GB."""
+    on_gpu = next(vae.parameters()).device.type == "cuda"
+    return batch.split(1 if on_gpu else max(len(batch), 1))
+
+
+def _finite(vae: torch.nn.Module, call, chunk: torch.Tensor) -> torch.Tensor:
+    """`call(vae, chunk)`; where an fp16 VAE overflows (SDXL's does: its config says
+    force_upcast), the chunk again in fp32, as diffusers' SDXL pipelines upcast it."""
+    out = call(vae, chunk)
+    if next(vae.parameters()).dtype == torch.float16 and not torch.isfinite(out).all():
+        vae.to(torch.float32)
+        try:
+            out = call(vae, chunk)
+        finally:
+            vae.to(torch.float16)
+    return out
 
 
 def _encode_chunk(vae: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
@@ -144,6 +157,11 @@ def _encode_chunk(vae: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
         # cache is exact and a scorer sees one target per image (a sample adds noise).
         return output.latent_dist.mean
     return output.latents  # AutoencoderTiny and friends return latents directly
+
+
+def _decode_chunk(vae: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+    weight = next(vae.parameters())
+    return vae.decode(chunk.to(device=weight.device, dtype=weight.dtype)).sample
 
 
 def scale_latents(latents: torch.Tensor, config) -> torch.Tensor:

@@ -31,7 +31,7 @@ from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, loa
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.configs import FromDict
 from trainer.formats import STRENGTHS
-from trainer.latents import encode_pixels, image_pixels, unscale_latents
+from trainer.latents import decode_latents, encode_pixels, image_pixels
 from trainer.lora import ADAPTER, LoraFileError, apply_lora, read_state
 from trainer.prompts import read_prompts
 from trainer.scorer import Scorer, ScorerFileError, load_scorer, predict
@@ -46,9 +46,7 @@ LABEL_HEIGHT = 16  # pixels of each text band in a grid: column labels, row capt
 @torch.no_grad()
 def decode(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
     """Decode scaled latents [N,4,h,w] (as trainer.latents makes them) to PIL images."""
-    vae = pipeline.vae
-    latents = unscale_latents(latents.to(device=vae.device, dtype=vae.dtype), vae.config)
-    pixels = vae.decode(latents).sample
+    pixels = decode_latents(latents, pipeline.vae)
     return pipeline.image_processor.postprocess(pixels, output_type="pil")
 
 
