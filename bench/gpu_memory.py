@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # lora_step, beside this file
 import lora_step  # noqa: E402
@@ -190,8 +191,9 @@ def text_encoder_bytes(family: str) -> int:
 
 def results_bytes(family: str, figures: dict) -> dict:
     """The results phase (grid and blind check): the whole pipeline on the GPU, the LoRA loaded,
-    rendering TASTE_GRID_SEEDS (2) pictures with CFG (4 UNet rows), then decoding one at a time.
-    The render's peak is read off the 8-row evaluation's (half its rows)."""
+    rendering TASTE_GRID_SEEDS (2) pictures with CFG (4 UNet rows); then, with only the VAE on
+    the GPU (trainer.sample.decode_all), decoding them one at a time. The render's peak is read
+    off the 8-row evaluation's (half its rows)."""
     vae_dtype = torch.float32 if family == "sdxl" else HALF
     with torch.device(META):
         vae = sum(p.numel() for p in AutoencoderKL(**SD15_VAE).parameters())
@@ -279,13 +281,15 @@ def report(family: str, figures: dict) -> None:
         f" {figures['encode'][16] / GIB:.2f}"
     )
     results = figures["results"]
-    held = sum(results["held"].values())
-    peak = held + max(results["render_peak"], results["decode_peak"])
+    render = sum(results["held"].values()) + results["render_peak"]
+    decode = results["held"]["vae"] + results["decode_peak"]
     print(
         "results phase (grid, blind check), GiB: held "
         + ", ".join(f"{k} {v / GIB:.2f}" for k, v in results["held"].items())
-        + f"; render {results['render_peak'] / GIB:.2f}, decode one picture"
-        f" {results['decode_peak'] / GIB:.2f}; peak total {peak / GIB:.2f}"
+        + f"; rendering {render / GIB:.2f} in all (its peak {results['render_peak'] / GIB:.2f});"
+        f" decoding one picture with only the VAE on the GPU {decode / GIB:.2f}"
+        f" (its peak {results['decode_peak'] / GIB:.2f});"
+        f" peak total {max(render, decode) / GIB:.2f}"
     )
     print()
 
@@ -297,6 +301,7 @@ def main() -> None:
     parser.add_argument("--family", choices=("sd1", "sdxl"), nargs="+", default=["sd1", "sdxl"])
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()  # "truncated" notes for long prompts, dtype notes
+    transformers_logging.set_verbosity_error()
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
         for family in args.family:

@@ -7,6 +7,7 @@ site passes to the loader); the memory they lead to is counted by bench/gpu_memo
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,6 +94,59 @@ def test_fp16_weights_on_apple_mps_train_under_fp16_autocast_with_loss_scaling()
     assert lora._half(mps, lora.TasteLoraConfig(mixed_precision="no"), torch.float16) is None
     scaler = torch.amp.GradScaler("mps", enabled=True)  # what the loop builds for fp16 on MPS
     assert scaler.is_enabled() and scaler._device == "mps"
+
+
+class _Placed(torch.nn.Module):
+    """A pipeline part that notes where it is sent; the UNet says it is on a CUDA card."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, name: str, moves: list):
+        super().__init__()
+        self.name, self.moves = name, moves
+
+    def to(self, device):
+        self.moves.append((self.name, str(device)))
+        return self
+
+
+def test_pictures_decode_with_only_the_vae_on_the_gpu_after_all_are_rendered(monkeypatch):
+    """SDXL's decoder needs 3 GiB at 1024 px in fp32: beside the UNet and both text encoders
+    it would not fit an 8 GB card, so every part but the VAE waits on the CPU meanwhile."""
+    from trainer import sample
+
+    moves: list = []
+    parts = ("unet", "text_encoder", "text_encoder_2")
+    pipeline = SimpleNamespace(**{name: _Placed(name, moves) for name in parts})
+    decoded = []
+
+    def decode(pipe, latents):
+        decoded.append(sorted(moves))  # where the others are while the VAE decodes
+        return [f"picture {n}" for n in range(len(latents))]
+
+    monkeypatch.setattr(sample, "decode", decode)
+    pictures = sample.decode_all(pipeline, [torch.zeros(2, 4, 8, 8), torch.zeros(1, 4, 8, 8)])
+    assert pictures == [["picture 0", "picture 1"], ["picture 0"]]
+    parked = sorted((name, "cpu") for name in parts)
+    assert decoded == [parked, parked]  # both text encoders too, not just the first
+    assert moves[3:] == [(name, "cuda") for name in parts]  # and back for the next render
+
+
+@pytest.mark.parametrize(("card_gib", "expected"), [(8, lora.SMALL_CARD_PRESET), (12, {})])
+def test_an_sdxl_base_on_an_8_gb_card_trains_at_batch_1_from_the_start(
+    monkeypatch, card_gib, expected
+):
+    from tiny_sdxl import build_tiny_sdxl
+
+    pipeline = build_tiny_sdxl()
+    monkeypatch.setattr(type(pipeline.unet), "device", property(lambda _: torch.device("cuda")))
+    card = SimpleNamespace(total_memory=card_gib * 2**30 - 2**28)  # what a card reports: less
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    base = bases.BaseModel(pipeline, "tiny-sdxl", False, 64, "", family="sdxl")
+    assert lora.preset_for(base) == expected
+    sd1 = load_base(DEMO, device="cpu")
+    plain = bases.BaseModel(sd1.pipeline, "sd1", False, 64, "", family="sd1")
+    assert lora.preset_for(plain) == {}  # SD 1.x fits 8 GB at the defaults (2.7 GiB)
 
 
 def test_ddim_never_clips_whatever_scheduler_the_base_came_with():

@@ -29,6 +29,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from trainer.conditioning import text_encoders
 from trainer.device import pick_device, weights_dtype
 from trainer.edm import as_variance_preserving, is_edm
 from trainer.families import (
@@ -176,20 +177,22 @@ def build_demo_pipeline(seed: int = 0, config: DemoConfig | None = None) -> Stab
 
 @contextmanager
 def only_vae_on_gpu(pipeline: StableDiffusionPipeline):
-    """While encoding images, keep only the VAE on the GPU: the UNet (1.7 GB in fp16 for SD
-    1.x) and the text encoder wait on the CPU, so the encoder's activations have room."""
+    """While encoding or decoding images, keep only the VAE on the GPU: the UNet (1.7 GB in
+    fp16 for SD 1.x, 4.8 GB for SDXL) and the text encoders (SDXL's two: 1.5 GB) wait on the
+    CPU, so the VAE's activations have room (SDXL's decoder: 3 GB at 1024 px in fp32)."""
     device = pipeline.unet.device
     if device.type != "cuda":
         yield
         return
-    pipeline.unet.to("cpu")
-    pipeline.text_encoder.to("cpu")
+    parked = [pipeline.unet, *text_encoders(pipeline)]
+    for module in parked:
+        module.to("cpu")
     torch.cuda.empty_cache()
     try:
         yield
     finally:
-        pipeline.unet.to(device)
-        pipeline.text_encoder.to(device)
+        for module in parked:
+            module.to(device)
 
 
 def ddim_scheduler(config) -> DDIMScheduler:

@@ -36,7 +36,7 @@ from trainer.base import (
     load_base,
 )
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
-from trainer.conditioning import Conditioning, embed, text_encoders
+from trainer.conditioning import Conditioning, embed, is_xl, text_encoders
 from trainer.configs import FromDict
 from trainer.device import half_dtype
 from trainer.formats import (
@@ -267,9 +267,24 @@ DEMO_PRESET = {
 }
 
 
+# An SDXL-family run at the defaults peaks at 7.7 GiB (bench/gpu_memory.py): past an 8 GB card
+# once the CUDA context is counted. At batch 1 and 2 evaluation prompts it needs 6.4 GiB.
+SMALL_CARD_GIB = 10
+SMALL_CARD_PRESET = {"batch_size": 1, "eval_prompts": 2}
+
+
 def preset_for(base: BaseModel) -> dict:
-    """The settings a base needs beyond the SD 1.x defaults; the site and the CLI share them."""
-    return dict(DEMO_PRESET) if base.is_demo else {}
+    """The settings a base needs beyond the SD 1.x defaults; the site and the CLI share them:
+    the demo world's, and on a card under SMALL_CARD_GIB an SDXL-family base's smaller batch
+    (rather than a first attempt that runs out of memory and a retry)."""
+    if base.is_demo:
+        return dict(DEMO_PRESET)
+    device = base.pipeline.unet.device
+    if is_xl(base.pipeline) and device.type == "cuda":
+        card = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if card < SMALL_CARD_GIB:
+            return dict(SMALL_CARD_PRESET)
+    return {}
 
 
 def _adamw(params, config: TasteLoraConfig):

@@ -27,7 +27,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 
-from trainer.base import DEMO, ENV_BASE_MODEL, BaseModel, BaseModelNotFound, load_base
+from trainer.base import (
+    DEMO,
+    ENV_BASE_MODEL,
+    BaseModel,
+    BaseModelNotFound,
+    load_base,
+    only_vae_on_gpu,
+)
 from trainer.callbacks import Progress, StopCheck, never_stop, no_progress
 from trainer.configs import FromDict
 from trainer.formats import STRENGTHS
@@ -48,6 +55,14 @@ def decode(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> list[Ima
     """Decode scaled latents [N,4,h,w] (as trainer.latents makes them) to PIL images."""
     pixels = decode_latents(latents, pipeline.vae)
     return pipeline.image_processor.postprocess(pixels, output_type="pil")
+
+
+def decode_all(pipeline: StableDiffusionPipeline, batches: Sequence[torch.Tensor]) -> list:
+    """Decode batches of rendered latents, once all are rendered, with only the VAE on the GPU:
+    SDXL's decoder needs 3 GiB at 1024 px in fp32, which beside the UNet and both text
+    encoders would not fit an 8 GB card."""
+    with only_vae_on_gpu(pipeline):
+        return [decode(pipeline, latents) for latents in batches]
 
 
 # ---- refinement -----------------------------------------------------------------------------
@@ -199,7 +214,7 @@ def drawn(
     """Render each prompt with its own seeds (one batch per prompt), the taste LoRA loaded
     once; stop early, with the samples made so far, when `should_stop` says so."""
     pipeline = base.pipeline
-    out = []
+    rendered = []  # (prompt, seeds, latents, scores)
     try:
         use_taste(pipeline, lora, strength)
         for done, (prompt, seeds) in enumerate(groups, start=1):
@@ -207,13 +222,16 @@ def drawn(
                 break
             latents = render(pipeline, prompt, seeds, base.resolution, steps, guidance)
             scores = predict(scorer, latents.float()).tolist() if scorer else [None] * len(seeds)
-            pictures = decode(pipeline, latents)
-            for seed, image, x, score in zip(seeds, pictures, latents, scores, strict=True):
-                out.append(Sample(prompt, seed, image, x.float().cpu(), score))
+            rendered.append((prompt, seeds, latents, scores))
             progress(done, len(groups), f"prompt {done} of {len(groups)}")
     finally:
         _remove_taste(pipeline)
-    return out
+    pictures = decode_all(pipeline, [latents for _, _, latents, _ in rendered])
+    return [
+        Sample(prompt, seed, image, x.float().cpu(), score)
+        for (prompt, seeds, latents, scores), images in zip(rendered, pictures, strict=True)
+        for seed, image, x, score in zip(seeds, images, latents, scores, strict=True)
+    ]
 
 
 def write_images(samples: Sequence[Sample], out_dir: str | Path, facts: dict) -> dict:
@@ -338,25 +356,34 @@ def grid(
         raise ValueError("strengths other than 0 need a LoRA folder")
     pipeline = base.pipeline
     jobs = [(c, s, r, p) for c, s in enumerate(strengths) for r, p in enumerate(prompts)]
-    found: dict[tuple[int, int], Cell] = {}  # (row, column) → cell
-    column_in_use, done = None, 0
+    rendered = []  # (column, strength, prompt index, prompt, latents, scores)
+    column_in_use = None
     try:
         for column, strength, p, prompt in jobs:
             if should_stop():
                 break
-            progress(done, len(jobs), f"{column_label(strength)}: prompt {p + 1} of {len(prompts)}")
+            progress(
+                len(rendered),
+                len(jobs),
+                f"{column_label(strength)}: prompt {p + 1} of {len(prompts)}",
+            )
             if column != column_in_use:
                 use_taste(pipeline, lora_folder, strength)
                 column_in_use = column
             latents = render(pipeline, prompt, seeds, base.resolution, steps, guidance)
-            scores = predict(scorer, latents.float())
-            for k, (seed, image) in enumerate(zip(seeds, decode(pipeline, latents), strict=True)):
-                found[p * len(seeds) + k, column] = Cell(
-                    prompt, seed, strength, image, float(scores[k])
-                )
-            done += 1
+            rendered.append(
+                (column, strength, p, prompt, latents, predict(scorer, latents.float()))
+            )
     finally:
         _remove_taste(pipeline)
+    found: dict[tuple[int, int], Cell] = {}  # (row, column) → cell
+    pictures = decode_all(pipeline, [job[4] for job in rendered])
+    for (column, strength, p, prompt, _, scores), images in zip(rendered, pictures, strict=True):
+        for k, (seed, image) in enumerate(zip(seeds, images, strict=True)):
+            found[p * len(seeds) + k, column] = Cell(
+                prompt, seed, strength, image, float(scores[k])
+            )
+    done = len(rendered)
     progress(done, len(jobs), "grid done" if done == len(jobs) else "grid stopped")
     cells = [found[key] for key in sorted(found)]
     by_strength: dict[float, list[float]] = {}
