@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from rating.models import TasteVersion
@@ -25,6 +26,13 @@ def judgements(version: TasteVersion) -> int:
     return version.ratings_count + version.picks_count
 
 
+def beyond_chance(srcc: float, held_out: int) -> bool:
+    """Whether a held-out SRCC shows the scorer ranks better than chance: above the one-sided
+    95% bound of a rank correlation on that many images (1.645 / √(n − 1): 0.52 on 11 images,
+    0.24 on 50), and never below WEAK_SRCC."""
+    return held_out >= 2 and srcc >= max(WEAK_SRCC, 1.645 / math.sqrt(held_out - 1))
+
+
 def scorer_caveat(version: TasteVersion) -> str | None:
     """Why the scorer's own figures are too thin to lean on, or None."""
     scorer = version.metrics.get("scorer") or {}
@@ -34,11 +42,11 @@ def scorer_caveat(version: TasteVersion) -> str | None:
             f"Your scorer was checked on only {held_out} held-out images, too few to judge how"
             " well it knows your taste; every score on this page comes from it."
         )
-    if srcc is None or srcc < WEAK_SRCC:
+    if srcc is None or not beyond_chance(srcc, held_out):
+        ranks = "at chance" if srcc is None else f"at SRCC {srcc:.2f} on {held_out} images"
         return (
-            f"Your scorer is still a rough guess of your taste (it ranks held-out images"
-            f" {'at chance' if srcc is None else f'at SRCC {srcc:.2f}'}), and every score on"
-            " this page comes from it."
+            f"Your scorer doesn't know your taste yet: it ranks your held-out images {ranks},"
+            " which chance alone could give, and every score on this page comes from it."
         )
     return None
 
@@ -59,7 +67,19 @@ def verdict(version: TasteVersion, blind: dict | None = None) -> Verdict | None:
         if count < ENOUGH_JUDGEMENTS
         else "rate more images, or compare pairs, where your taste is least clear"
     )
-    if gain >= MIN_GAIN:
+    doubt = scorer_caveat(version)
+    held_out = (version.metrics.get("scorer") or {}).get("val_size") or 0
+    if gain >= MIN_GAIN and doubt:  # a gain by a scorer that can't rank my images is no claim
+        tone = "open"
+        why = (
+            "whether it knows your taste can't be told from so few held-out images"
+            if held_out < FEW_HELD_OUT
+            else "it doesn't know your taste well enough yet for that to mean much"
+        )
+        line = (
+            f"Your scorer rates this LoRA's pictures {gain:+.2f} stars higher, but {why}; {more}."
+        )
+    elif gain >= MIN_GAIN:
         variety = (
             "without narrowing variety"
             if diversity >= FULL_VARIETY
@@ -73,13 +93,14 @@ def verdict(version: TasteVersion, blind: dict | None = None) -> Verdict | None:
     else:
         tone = "bad"
         line = f"This LoRA didn't beat the base model; {more}."
-    caveats = [c for c in (scorer_caveat(version),) if c]
+    caveats = [doubt] if doubt else []
     if blind:
         said = (
             f"In your blind check you preferred it in {blind['won']:g} of {blind['answered']}"
             f" pairs ({blind['rate']:.0%}, 95% CI {blind['low']:.0%}–{blind['high']:.0%})"
         )
         if blind["low"] > 0.5:
+            tone = "good" if tone == "open" else tone  # their own eyes outrank any scorer
             caveats.insert(0, f"{said}: your own eyes agree.")
         elif blind["high"] < 0.5:
             tone = "bad"
