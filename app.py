@@ -10,10 +10,11 @@ from pathlib import Path
 from flask import Flask, g, render_template, request
 from flask_login import LoginManager
 from flask_migrate import Migrate, upgrade
-from flask_wtf.csrf import CSRFProtect
+from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy import event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import BadRequest
 
 from rating import (
     admin,
@@ -129,6 +130,14 @@ def register_error_pages(app: Flask) -> None:
             db.session.rollback()
         title, hint = hints.get(code, (getattr(error, "name", "Error"), "Go back and try again."))
         detail = getattr(error, "description", "") if code in (400, 403, 429, 503) else ""
+        if code == 400 and detail != BadRequest.description and not isinstance(error, CSRFError):
+            # a form refused with its reason: the person fixes it, nothing to reload
+            title = "Please check what you entered."
+            hint = (
+                "Correct it and send it again; what you typed is still in the form."
+                if request.headers.get("HX-Request")
+                else "Go back, correct it and send it again."
+            )
         context = dict(code=code, title=title, hint=hint, detail=detail)
         if not request.headers.get("HX-Request"):
             return render_template("error.html", **context), code

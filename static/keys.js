@@ -54,3 +54,19 @@ document.addEventListener("htmx:afterSettle", () => {
     reason.textContent = running ? "Your taste is training now — its progress is below." : reason.dataset.idle;
   }
 });
+
+// A form's answer that lands out of sight (a notice at the top of a long page, a new job widget
+// above the form) is scrolled into view, so a refusal or a started import is never missed.
+document.addEventListener("htmx:afterSettle", (event) => {
+  const { target, requestConfig } = event.detail;
+  if (!target || requestConfig?.verb !== "post") return;
+  const form = requestConfig.elt?.closest?.("form") ?? requestConfig.elt;
+  const added = form?.getAttribute?.("hx-swap") === "afterbegin" ? target.firstElementChild : null;
+  const shown = target.id === "notice" ? target : added;
+  if (!shown || !shown.textContent.trim()) return;
+  const header = document.querySelector("header.topbar")?.getBoundingClientRect().bottom ?? 0;
+  const box = shown.getBoundingClientRect();
+  if (box.top < header || box.bottom > window.innerHeight) {
+    shown.scrollIntoView({ block: "center" });
+  }
+});
