@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from rating import jobs
 from rating.auth import admin_required
 from rating.crowd_jobs import crowd_model_info
+from rating.job_kinds import KINDS
 from rating.job_views import job_widget
 from rating.models import (
     GENERATED,
@@ -38,6 +39,9 @@ bp = Blueprint("admin", __name__, url_prefix="/admin")
 MAX_DEMO_PACK = 5000
 
 
+IMPORT_KINDS = tuple(kind.name for kind in KINDS if not kind.gpu)  # the light queue's: imports
+
+
 @bp.get("/")
 @admin_required
 def index():
@@ -49,8 +53,11 @@ def index():
         .group_by(Source.id)
         .order_by(Source.id.desc())
     ).all()
-    recent = db.session.scalars(
-        select(Job).where(Job.owner_id == current_user.id).order_by(Job.id.desc()).limit(5)
+    recent = db.session.scalars(  # the admin's imports; their own trainings live on My taste
+        select(Job)
+        .where(Job.owner_id == current_user.id, Job.kind.in_(IMPORT_KINDS))
+        .order_by(Job.id.desc())
+        .limit(5)
     ).all()
     return page_or_fragment(
         "admin/index.html",

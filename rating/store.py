@@ -12,7 +12,7 @@ from pathlib import Path
 
 import imagehash
 from PIL import Image as PILImage
-from PIL import ImageOps
+from PIL import ImageOps, UnidentifiedImageError
 
 THUMB_EXT = "jpg"
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
@@ -53,6 +53,8 @@ def open_image(data: bytes, *, max_pixels: int, min_side: int) -> tuple[PILImage
         raise
     except (PILImage.DecompressionBombWarning, PILImage.DecompressionBombError) as exc:
         raise ImageRejected(f"refused as a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:  # its message names a BytesIO object: say it plainly
+        raise ImageRejected("not an image file (JPEG, PNG, WebP or GIF)") from exc
     except Exception as exc:  # Pillow raises many types for corrupt or truncated files
         raise ImageRejected(f"not a readable image: {exc}") from exc
     if fmt not in FORMAT_EXT:

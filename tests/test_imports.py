@@ -56,7 +56,7 @@ def test_civitai_import_pages_dedupes_and_reports(importing, fake_civitai):
     assert (tally["added"], tally["duplicates"], tally["near_duplicates"]) == (4, 1, 1)
     assert tally["failed"] == 5
     reasons = " ".join(f["reason"] for f in tally["failures"])
-    for expected in ("not a readable image", "too large", "not an image", "loopback"):
+    for expected in ("not an image file", "too large", "not an image", "loopback"):
         assert expected in reasons
     assert civitai_refs(app) == ["civitai:101", "civitai:102", "civitai:108", "civitai:112"]
     api = fake_civitai.api_requests()

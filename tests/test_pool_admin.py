@@ -109,7 +109,8 @@ def test_uploads_need_the_admin_to_allow_them(app, site, second_site):
     report = upload(second_site, files).text
     assert "added <b>1</b>" in report and "duplicates <b>1</b>" in report
     assert "big.png" in report and "KiB limit" in report
-    assert "not a readable image" in report
+    assert "bad.jpg" in report and "not an image file (JPEG, PNG, WebP or GIF)" in report
+    assert "BytesIO" not in report  # no Python internals in what a person reads
     with app.app_context():
         source = db.session.scalar(db.select(Source).where(Source.kind == "upload"))
         assert source.created_by_id == 2 and len(source.images) == 1
@@ -210,3 +211,16 @@ def test_hidden_images_are_not_served_and_undo_does_not_bring_them_back(
     fields = dict(re.findall(r'name="(queue|skipped|history)" value="([^"]*)"', rated))
     undone = second_site.post("/rate/undo", fields, htmx=True).text
     assert f'data-image-id="{image_id}"' not in undone and "Undone" in undone
+
+
+def test_an_import_that_added_nothing_says_so_and_the_admin_page_lists_only_imports(app, site):
+    site.register("admin")
+    site.post("/admin/pool/settings", {"allow_uploads": "on"})
+    report = upload(site, [("notes.txt", b"not an image"), ("fake.jpg", b"\xff\xd8 nope")]).text
+    assert "nothing added" in report and 'class="status-succeeded"' not in report
+    assert "added <b>0</b>" in report and "failed <b>2</b>" in report
+    with app.app_context():
+        db.session.add(Job(kind="train_taste", owner_id=1, status="succeeded", message="Done."))
+        db.session.commit()
+    page = site.client.get("/admin/").get_data(as_text=True)
+    assert "Upload · job" in page and "Train my taste · job" not in page  # on My taste
