@@ -76,7 +76,11 @@ def overview():
         pool=db.session.scalar(select(func.count(Image.id)).where(Image.hidden.is_(False))),
         raters=db.session.scalar(select(func.count(func.distinct(Rating.user_id)))),
         total=db.session.scalar(select(func.count(Rating.id))),
-        picks=db.session.scalar(select(func.count(Comparison.id))),
+        picks=db.session.scalar(  # of pool images: not people's private blind-check pairs
+            select(func.count(Comparison.id))
+            .join(Image, Comparison.image_a_id == Image.id)
+            .where(Image.hidden.is_(False))
+        ),
         agreed=image_spreads(min_raters, 8, most_agreed=True),
         disputed=image_spreads(min_raters, 8, most_agreed=False),
         agreement=agreement_with_crowd(current_user.id),

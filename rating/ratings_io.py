@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy import or_, select
 from sqlalchemy.orm import aliased
 
-from rating.models import Comparison, Image, Rating, db
+from rating.models import GENERATED, Comparison, Image, Rating, Source, db
 
 FIELDS = [
     "kind",  # rating | comparison
@@ -224,14 +224,17 @@ def validate(rows: list[tuple[int, dict]]) -> list[dict]:
     return clean
 
 
-def _image_lookup(items: list[dict]) -> dict[tuple, int]:
+def _image_lookup(user_id: int, items: list[dict]) -> dict[tuple, int]:
+    """The images rows name, by hash or address; another person's blind-check pictures are
+    theirs alone, so a file naming them (someone else's export) finds nothing there."""
     keys = [item[k] for item in items for k in ("image", "other") if k in item]
     shas = {sha for sha, _ in keys if sha}
     urls = {url for _, url in keys if url}
     found = db.session.execute(
-        select(Image.id, Image.sha256, Image.source_url).where(
-            or_(Image.sha256.in_(shas), Image.source_url.in_(urls))
-        )
+        select(Image.id, Image.sha256, Image.source_url)
+        .join(Source, Image.source_id == Source.id)
+        .where(or_(Image.sha256.in_(shas), Image.source_url.in_(urls)))
+        .where(or_(Source.kind != GENERATED, Source.created_by_id == user_id))
     ).all()
     by_sha = {sha: image_id for image_id, sha, _ in found}
     by_url = {url: image_id for image_id, _, url in found if url}
@@ -241,7 +244,7 @@ def _image_lookup(items: list[dict]) -> dict[tuple, int]:
 def apply(user_id: int, items: list[dict]) -> ImportReport:
     """Write validated rows in one transaction; the newer of two ratings for an image wins."""
     report = ImportReport()
-    image_ids = _image_lookup(items)
+    image_ids = _image_lookup(user_id, items)
     mine = {
         r.image_id: r for r in db.session.scalars(select(Rating).where(Rating.user_id == user_id))
     }

@@ -6,6 +6,8 @@ through HTTP as its owner would; tests/test_blind_rater.py runs it on a really t
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from sqlalchemy import func, select
 
@@ -149,3 +151,24 @@ def test_the_strength_checked_is_the_recommended_one_else_the_one_scored_best():
     specs = blind.plan(["p", "q", "r"], 5, [0.5, 1.0])
     assert [s["prompt"] for s in specs] == ["p", "q", "r", "p", "q"]
     assert len({s["seed"] for s in specs}) == 5 and {s["strength"] for s in specs} == {0.5, 1.0}
+
+
+def test_blind_picks_stay_the_owners_in_exports_and_out_of_the_crowds_count(
+    app, admin_site, version, second_site
+):
+    for index in range(PAIRS):
+        answer(admin_site, version, index, "lora")
+    crowd = admin_site.client.get("/crowd").get_data(as_text=True)
+    assert "<b>0</b><span>pairwise picks</span>" in crowd  # private pictures: not the crowd's
+    exported = admin_site.client.get("/me/ratings.csv").get_data(as_text=True)
+    assert exported.count("\ncomparison,") == PAIRS  # their own picks, in their own file
+    second_site.register("bob")
+    data = {"file": (io.BytesIO(exported.encode()), "admin.csv")}
+    html = second_site.post(
+        "/me/ratings/import", data, content_type="multipart/form-data", follow_redirects=True
+    ).get_data(as_text=True)
+    # the admin's blind-check pictures aren't bob's to judge: as if they weren't there
+    assert "0 picks added" in html and f"{PAIRS} rows skipped: image not in this pool" in html
+    with app.app_context():
+        bobs = select(func.count(Comparison.id)).where(Comparison.user_id == 2)
+        assert db.session.scalar(bobs) == 0
