@@ -199,19 +199,20 @@ def pick(a: int, b: int):
 @bp.post("/pairs/undo")
 @login_required
 def undo_pick():
-    """Take back the last pick of this sitting."""
+    """Take back the last pick of this sitting; its pair comes back to be picked again."""
     history = parse_ids(request.form.get("history"), current_app.config["UNDO_DEPTH"])
-    notice = "Nothing to undo."
+    notice, again = "Nothing to undo.", None
     if history:
         comparison = db.session.get(Comparison, history.pop())
         if comparison is not None and comparison.user_id == current_user.id:
+            again = (comparison.image_a_id, comparison.image_b_id)
             db.session.delete(comparison)
             db.session.commit()
-            notice = "Undone: your last pick is gone."
+            notice = "Undone: that pair is back — pick again."
     return render_pair(
         recent=parse_ids(request.form.get("recent"), 200),
         history=history,
-        upcoming=None,
+        upcoming=again,
         notice=notice,
     )
 

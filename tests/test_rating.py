@@ -188,7 +188,10 @@ def test_pairwise_picks_are_stored_as_comparisons(app, admin_site, client):
         rows = db.session.scalars(db.select(Comparison).order_by(Comparison.id)).all()
         assert [(c.image_a_id, c.image_b_id, c.outcome) for c in rows] == shown
     data = {k: state[k] for k in ("recent", "history", "upcoming")}
-    assert pair(admin_site.post("/pairs/undo", data, htmx=True))["picks"] == 2
+    undone = admin_site.post("/pairs/undo", data, htmx=True)
+    assert pair(undone)["picks"] == 2
+    assert pair(undone)["pair"] == shown[-1][:2]  # the pair undone is back to pick again
+    assert "that pair is back" in undone.get_data(as_text=True)
 
 
 def test_a_pick_must_be_a_b_or_tie(admin_site):
