@@ -22,7 +22,7 @@ bp = Blueprint("auth", __name__, cli_group="user")
 
 USERNAME_RULES = [
     InputRequired(),
-    Length(3, 40),
+    Length(3, 40, message="Use 3 to 40 characters for your username."),
     Regexp(r"^[A-Za-z0-9_.-]+$", message="Use letters, digits, dot, dash or underscore."),
 ]
 
@@ -35,7 +35,10 @@ class LoginForm(FlaskForm):
 
 class RegisterForm(FlaskForm):
     username = StringField("Username", USERNAME_RULES)
-    password = PasswordField("Password", [InputRequired(), Length(8, 200)])
+    password = PasswordField(
+        "Password",
+        [InputRequired(), Length(8, 200, message="Use 8 to 200 characters for your password.")],
+    )
     confirm = PasswordField("Repeat password", [EqualTo("password", "The passwords differ.")])
 
     def validate_username(self, field):
@@ -100,7 +103,11 @@ def register():
         login_user(user)
         flash(f"Welcome, {user.username}!" + (" You are the admin." if user.is_admin else ""))
         return redirect(url_for("rate.home"))
-    return render_template("auth/register.html", form=form), 400 if form.errors else 200
+    first_account = db.session.scalar(select(func.count(User.id))) == 0
+    return (
+        render_template("auth/register.html", form=form, first_account=first_account),
+        400 if form.errors else 200,
+    )
 
 
 def login_limit() -> str:

@@ -52,8 +52,8 @@ class ImportTally:
 
 
 def size_text(n: int) -> str:
-    """Write a byte count for people: 512 KiB, 30 MiB."""
-    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+    """Write a byte count for people: 512 KiB, 30 MiB, 10.5 MiB (one decimal at most)."""
+    return f"{round(n / 2**20, 1):g} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 class PhashIndex:

@@ -16,6 +16,15 @@ def test_first_account_is_admin_and_later_ones_are_not(app, site, second_site):
     assert users["alice"].is_admin and not users["bob"].is_admin
 
 
+def test_the_register_page_says_what_it_asks_before_it_refuses(client, site):
+    page = client.get("/register").get_data(as_text=True)
+    assert "This is the site's first account: it becomes the admin" in page
+    assert "At least 8 characters" in page and 'autocomplete="new-password"' in page
+    assert 'autocomplete="username"' in page
+    site.register("alice")
+    assert "first account" not in client.get("/register").get_data(as_text=True)
+
+
 def test_password_is_stored_hashed(app, site):
     site.register("alice", "a long secret phrase")
     with app.app_context():
@@ -29,7 +38,8 @@ def test_register_validates_and_says_what_is_wrong(site):
     response = site.post("/register", {"username": "x", "password": "short", "confirm": "other"})
     html = response.get_data(as_text=True)
     assert response.status_code == 400
-    assert "Field must be between 3 and 40 characters long." in html
+    assert "Use 3 to 40 characters for your username." in html
+    assert "Use 8 to 200 characters for your password." in html
     assert "The passwords differ." in html
 
 
