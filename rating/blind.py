@@ -201,8 +201,20 @@ def own_version_or_404(version_id: int) -> TasteVersion:
     return version
 
 
+def revealed(version: TasteVersion, answers: dict[int, str]) -> list[dict]:
+    """Once every pair is judged: which side was the LoRA's in each, and what was picked
+    (the LoRA, the base model, or about the same)."""
+    shown = []
+    for index, pair in enumerate(pairs_of(version)):
+        lora_side = "a" if pair["lora_left"] else "b"
+        outcome = answers.get(index)
+        picked = "same" if outcome == "tie" else "lora" if outcome == lora_side else "base"
+        shown.append({"index": index, "lora_left": pair["lora_left"], "picked": picked})
+    return shown
+
+
 def render_check(version: TasteVersion, notice: str = ""):
-    """The next unanswered pair, or, once all are answered, the results."""
+    """The next unanswered pair, or, once all are answered, the results and which was which."""
     pairs, answers = pairs_of(version), picks_of(version)
     waiting = [k for k in range(len(pairs)) if k not in answers]
     context = dict(
@@ -211,6 +223,7 @@ def render_check(version: TasteVersion, notice: str = ""):
         total=len(pairs),
         answered=len(answers),
         results=results(version),
+        reveal=[] if waiting else revealed(version, answers),
         notice=notice,
     )
     return page_or_fragment("taste/blind.html", "taste/_blind_card.html", **context)

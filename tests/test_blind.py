@@ -74,6 +74,15 @@ def test_the_owner_judges_every_pair_unlabelled_and_gets_a_win_rate(app, admin_s
     assert "in <b>2.5 of 4</b>" in result and "<b>62%</b>, 95% CI 22–91%" in result  # a tie is half
     assert "Too close to call from 4 pairs" in result
 
+    # Done: each pair shows which side was the LoRA's, and what was picked.
+    reveal = result.split('class="reveal"')[1]
+    for index, pick in enumerate(("lora", "base", "tie", "lora")):
+        row = reveal.split("<li ")[index + 1]
+        lora_side = "left" if version.metrics["blind"]["pairs"][index]["lora_left"] else "right"
+        assert f'{lora_side}: your taste LoRA"' in row
+        assert f'data-picked="{ {"tie": "same"}.get(pick, pick) }"' in row
+    assert "Which was which" not in card  # nothing revealed while pairs are left
+
     # A resent pick changes nothing: one answer per pair.
     again = answer(admin_site, version, 1, "lora").get_data(as_text=True)
     assert "in <b>2.5 of 4</b>" in again

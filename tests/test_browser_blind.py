@@ -60,6 +60,9 @@ def test_the_blind_check_by_keyboard(page, problems, live_server, screenshots, t
     verdict = card.locator(".blind-done")
     expect(verdict).to_contain_text(f"of {PAIRS}")
     expect(verdict).to_contain_text("95% CI")
+    verdict.get_by_text("Which was which").click()  # the sides, shown once all are judged
+    expect(verdict.locator(".reveal-pairs li")).to_have_count(PAIRS)
+    expect(verdict.locator(".reveal-pairs figcaption", has_text="LoRA")).to_have_count(PAIRS)
     shoot(page, screenshots, "26-blind-verdict")
 
     page.goto(f"/taste/versions/{version.id}")
