@@ -1,0 +1,1 @@
+"""The web UI's Lora-extension code (copies, AGPL-3.0) with stand-ins; see README.md."""
