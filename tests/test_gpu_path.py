@@ -84,6 +84,9 @@ def test_the_precision_setting_chooses_the_weights_dtype(monkeypatch, device, pr
 def test_an_unknown_precision_is_refused_by_name():
     with pytest.raises(ValueError, match="auto, half, full"):
         devices.weights_dtype(torch.device("cpu"), "fp8")
+    from rating import settings  # the site checks the same names without importing torch
+
+    assert settings.PRECISIONS == devices.PRECISIONS
 
 
 def test_fp16_weights_on_apple_mps_train_under_fp16_autocast_with_loss_scaling():
