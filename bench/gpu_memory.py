@@ -148,13 +148,18 @@ def eval_peak(run) -> int:
     return counted.peak
 
 
+def meta_vae(dtype: torch.dtype) -> AutoencoderKL:
+    """SD 1.5's VAE (SDXL's has the same structure) on the meta device."""
+    with torch.device(META):
+        return AutoencoderKL(**SD15_VAE).to(dtype)
+
+
 @torch.no_grad()
 def encode_peak(images: int, side: int) -> int:
     """Peak bytes of one VAE encoder call on `images` pictures `side` px square (SD 1.5's VAE,
     which SDXL's shares in structure; fp16): trainer.latents.encode_pixels makes one call per
     image on CUDA."""
-    with torch.device(META):
-        vae = AutoencoderKL(**SD15_VAE).to(HALF)
+    vae = meta_vae(HALF)
     with lora_step.TensorBytes() as counted:
         vae.encode(torch.zeros(images, 3, side, side, device=META, dtype=HALF))
     return counted.peak
@@ -165,8 +170,7 @@ def decode_peak(side: int, dtype: torch.dtype) -> int:
     """Peak bytes of one VAE decoder call on one picture `side` px square, as
     trainer.latents.decode_latents makes on CUDA (SDXL's VAE decodes in fp32: it overflows in
     fp16)."""
-    with torch.device(META):
-        vae = AutoencoderKL(**SD15_VAE).to(dtype)
+    vae = meta_vae(dtype)
     latents = torch.zeros(1, 4, side // 8, side // 8, device=META, dtype=dtype)
     with lora_step.TensorBytes() as counted:
         vae.decode(latents)
@@ -195,13 +199,11 @@ def results_bytes(family: str, figures: dict) -> dict:
     the GPU (trainer.sample.decode_all), decoding them one at a time. The render's peak is read
     off the 8-row evaluation's (half its rows)."""
     vae_dtype = torch.float32 if family == "sdxl" else HALF
-    with torch.device(META):
-        vae = sum(p.numel() for p in AutoencoderKL(**SD15_VAE).parameters())
     row = figures["rows"][0]
     held = {
         "unet": row["held"]["unet"],
         "text encoders": text_encoder_bytes(family),
-        "vae": vae * (4 if vae_dtype == torch.float32 else 2),
+        "vae": sum(p.nbytes for p in meta_vae(vae_dtype).parameters()),
     }
     render = row["eval_peak"] * 4 // row["eval_rows"] // 2  # eval rows are doubled by CFG
     decode = decode_peak(figures["side"], vae_dtype)
@@ -214,6 +216,7 @@ SETTINGS = {
     "sd1": [(DEFAULT.batch_size, DEFAULT.eval_prompts), (1, DEFAULT.eval_prompts // 2)],
     "sdxl": [(DEFAULT.batch_size, DEFAULT.eval_prompts), (1, DEFAULT.eval_prompts // 2), (1, 1)],
 }
+PIXELS = {"sd1": 512, "sdxl": 1024}  # each family's native resolution; latents are 1/8 of it
 TITLES = {
     "sd1": "SD 1.5-sized UNet (860 M), 512 px (latents 4×64×64)",
     "sdxl": "SDXL-sized UNet (2.6 B), 1024 px (latents 4×128×128)",
@@ -244,7 +247,7 @@ def measure(family: str, scorer: Path) -> dict:
                         "eval_peak": eval_peak(run),
                     }
                 )
-    side = {"sd1": 512, "sdxl": 1024}[family]
+    side = PIXELS[family]
     with on_meta():
         encode = {n: encode_peak(n, side) for n in (1, 16)}
     figures = {"rows": rows, "encode": encode, "side": side}
@@ -305,7 +308,7 @@ def main() -> None:
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
         for family in args.family:
-            side = {"sd1": 64, "sdxl": 128}[family]
+            side = PIXELS[family] // 8
             scorer = Path(folder) / f"scorer-{family}.safetensors"
             lora_step.save_random_scorer(scorer, [4, side, side])
             figures[family] = measure(family, scorer)

@@ -268,7 +268,7 @@ DEMO_PRESET = {
 
 
 # An SDXL-family run at the defaults peaks at 7.7 GiB (bench/gpu_memory.py): past an 8 GB card
-# once the CUDA context is counted. At batch 1 and 2 evaluation prompts it needs 6.4 GiB.
+# once the CUDA context is counted. At batch 1 and 2 evaluation prompts it needs 6.5 GiB.
 SMALL_CARD_GIB = 10
 SMALL_CARD_PRESET = {"batch_size": 1, "eval_prompts": 2}
 

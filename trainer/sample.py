@@ -214,7 +214,7 @@ def drawn(
     """Render each prompt with its own seeds (one batch per prompt), the taste LoRA loaded
     once; stop early, with the samples made so far, when `should_stop` says so."""
     pipeline = base.pipeline
-    rendered = []  # (prompt, seeds, latents, scores)
+    rendered, latents_made = [], []  # (prompt, seeds, scores) and the latents, per prompt
     try:
         use_taste(pipeline, lora, strength)
         for done, (prompt, seeds) in enumerate(groups, start=1):
@@ -222,14 +222,17 @@ def drawn(
                 break
             latents = render(pipeline, prompt, seeds, base.resolution, steps, guidance)
             scores = predict(scorer, latents.float()).tolist() if scorer else [None] * len(seeds)
-            rendered.append((prompt, seeds, latents, scores))
+            rendered.append((prompt, seeds, scores))
+            latents_made.append(latents)
             progress(done, len(groups), f"prompt {done} of {len(groups)}")
     finally:
         _remove_taste(pipeline)
-    pictures = decode_all(pipeline, [latents for _, _, latents, _ in rendered])
+    pictures = decode_all(pipeline, latents_made)
     return [
         Sample(prompt, seed, image, x.float().cpu(), score)
-        for (prompt, seeds, latents, scores), images in zip(rendered, pictures, strict=True)
+        for (prompt, seeds, scores), latents, images in zip(
+            rendered, latents_made, pictures, strict=True
+        )
         for seed, image, x, score in zip(seeds, images, latents, scores, strict=True)
     ]
 
@@ -356,7 +359,7 @@ def grid(
         raise ValueError("strengths other than 0 need a LoRA folder")
     pipeline = base.pipeline
     jobs = [(c, s, r, p) for c, s in enumerate(strengths) for r, p in enumerate(prompts)]
-    rendered = []  # (column, strength, prompt index, prompt, latents, scores)
+    rendered, latents_made = [], []  # (column, strength, prompt index, prompt, scores); latents
     column_in_use = None
     try:
         for column, strength, p, prompt in jobs:
@@ -371,14 +374,13 @@ def grid(
                 use_taste(pipeline, lora_folder, strength)
                 column_in_use = column
             latents = render(pipeline, prompt, seeds, base.resolution, steps, guidance)
-            rendered.append(
-                (column, strength, p, prompt, latents, predict(scorer, latents.float()))
-            )
+            rendered.append((column, strength, p, prompt, predict(scorer, latents.float())))
+            latents_made.append(latents)
     finally:
         _remove_taste(pipeline)
     found: dict[tuple[int, int], Cell] = {}  # (row, column) → cell
-    pictures = decode_all(pipeline, [job[4] for job in rendered])
-    for (column, strength, p, prompt, _, scores), images in zip(rendered, pictures, strict=True):
+    pictures = decode_all(pipeline, latents_made)
+    for (column, strength, p, prompt, scores), images in zip(rendered, pictures, strict=True):
         for k, (seed, image) in enumerate(zip(seeds, images, strict=True)):
             found[p * len(seeds) + k, column] = Cell(
                 prompt, seed, strength, image, float(scores[k])
