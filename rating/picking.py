@@ -6,6 +6,7 @@ import random
 
 from flask import current_app
 from sqlalchemy import bindparam, func, select
+from sqlalchemy.orm import joinedload
 
 from rating.models import Comparison, Image, Rating, Source, TasteVersion, db
 
@@ -117,12 +118,24 @@ STILL_UNRATED = _unrated(bindparam("user_id"), []).where(
 )
 
 
+UNRATED_IMAGES = STILL_UNRATED.with_only_columns(Image).options(joinedload(Image.source))
+
+
 def still_unrated(user_id: int, ids: list[int]) -> list[int]:
     """Keep the ids (in order) that are visible and not yet rated by the person."""
     if not ids:
         return []
     ok = set(db.session.scalars(STILL_UNRATED, {"user_id": user_id, "ids": ids}))
     return [i for i in ids if i in ok]
+
+
+def unrated_images(user_id: int, ids: list[int]) -> dict[int, Image]:
+    """The images among `ids` that are visible and not yet rated by the person, with their
+    sources, by id: what still_unrated keeps, loaded in the same statement."""
+    if not ids:
+        return {}
+    found = db.session.scalars(UNRATED_IMAGES, {"user_id": user_id, "ids": ids})
+    return {image.id: image for image in found}
 
 
 def next_pair(user_id: int, recent: list[int], tries: int = 8) -> tuple[int, int] | None:

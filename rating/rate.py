@@ -18,7 +18,7 @@ from rating.picking import (
     next_pair,
     parse_history,
     parse_ids,
-    still_unrated,
+    unrated_images,
 )
 from rating.ratings import save_pick, save_rating, undo_rating
 
@@ -26,6 +26,14 @@ bp = Blueprint("rate", __name__)
 
 RATED_COUNT = select(func.count(Rating.id)).where(Rating.user_id == bindparam("user_id"))
 PICKS_COUNT = select(func.count(Comparison.id)).where(Comparison.user_id == bindparam("user_id"))
+JUDGED_COUNTS = select(RATED_COUNT.scalar_subquery(), PICKS_COUNT.scalar_subquery())
+
+
+def judged_counts(user_id: int) -> tuple[int, int]:
+    """A person's star ratings and pairwise picks, counted in one statement (rate-and-next
+    asks on every key press)."""
+    rated, picked = db.session.execute(JUDGED_COUNTS, {"user_id": user_id}).one()
+    return rated, picked
 
 
 @dataclass
@@ -65,11 +73,11 @@ def visible_image_or_404(image_id: int) -> Image:
 
 def rate_from_form(image_id: int) -> int:
     """Save the posted stars (1–5) for a visible image and return them; else 400/404."""
-    visible_image_or_404(image_id)
     stars = request.form.get("stars", type=int)
     if stars not in range(1, 6):
         abort(400, description="Choose 1 to 5 stars.")
-    save_rating(current_user.id, image_id, stars)
+    if not save_rating(current_user.id, image_id, stars):
+        abort(404)
     return stars
 
 
@@ -135,7 +143,8 @@ def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
     """Render the rating card for the next image, refilling the prefetch queue."""
     user_id = current_user.id
     config = current_app.config
-    queue = still_unrated(user_id, sitting.queue)
+    images = unrated_images(user_id, sitting.queue)  # the queue's ids and images at once
+    queue = [i for i in sitting.queue if i in images]
     if focus is not None:
         queue = [focus, *(i for i in queue if i != focus)]
     if len(queue) <= config["PREFETCH"]:  # choosing is the costly part: choose a batch at once
@@ -143,18 +152,18 @@ def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
         queue += next_image_ids(user_id, [*sitting.skipped, *queue], more)
     sitting.queue = queue[: 1 + config["PICK_AHEAD"]]
     queue = queue[: 1 + config["PREFETCH"]]  # shown now, and loaded ahead by the browser
-    shown = select(Image).options(joinedload(Image.source)).where(Image.id.in_(queue))
-    images = {i.id: i for i in db.session.scalars(shown)}
+    missing = [i for i in queue if i not in images]  # just chosen, or the undone one
+    if missing:
+        shown = select(Image).options(joinedload(Image.source)).where(Image.id.in_(missing))
+        images |= {i.id: i for i in db.session.scalars(shown)}
     image = images.get(queue[0]) if queue else None
     current = None
     if image is not None and focus is not None:  # the rest of the queue is unrated by design
         current = db.session.scalar(
             select(Rating.stars).where(Rating.user_id == user_id, Rating.image_id == image.id)
         )
-    rated = db.session.scalar(RATED_COUNT, {"user_id": user_id})
-    to_train = config["TASTE_MIN_RATINGS"] - rated
-    if to_train > 0:  # picks count toward training too; only asked while it matters
-        to_train -= db.session.scalar(PICKS_COUNT, {"user_id": user_id})
+    rated, picked = judged_counts(user_id)
+    to_train = config["TASTE_MIN_RATINGS"] - rated - picked  # picks count toward training too
     return page_or_fragment(
         "rate.html",
         "_rate_card.html",

@@ -8,22 +8,31 @@ from sqlalchemy import bindparam, case, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from rating.models import Comparison, Rating, db, utcnow
+from rating.database import write_turn
+from rating.models import Comparison, Image, Rating, db, utcnow
 
 
 @functools.cache
 def _upsert(dialect: str):
-    """Build the rating upsert once per dialect; rate-and-next runs it on every key press."""
+    """Build the rating upsert once per dialect; rate-and-next runs it on every key press.
+
+    It inserts from a SELECT of the image that is still in the pool, so rating a hidden or
+    missing image writes nothing, in the same statement (typed parameters: PostgreSQL must
+    know what a bare parameter in a SELECT list is)."""
     insert = (postgresql if dialect == "postgresql" else sqlite).insert(Rating.__table__)
-    statement = insert.values(
-        user_id=bindparam("user_id"),
-        image_id=bindparam("image_id"),
-        stars=bindparam("stars"),
-        created_at=bindparam("now"),
-        updated_at=bindparam("now"),
-    )
     table = Rating.__table__.c
-    return statement.on_conflict_do_update(
+    now = bindparam("now", type_=table.created_at.type)
+    visible = select(
+        bindparam("user_id", type_=table.user_id.type),
+        Image.id,
+        bindparam("stars", type_=table.stars.type),
+        now,
+        now,
+    ).where(Image.id == bindparam("image_id"), Image.hidden.is_(False))
+    statement = insert.from_select(
+        ["user_id", "image_id", "stars", "created_at", "updated_at"], visible
+    )
+    upsert = statement.on_conflict_do_update(
         index_elements=["user_id", "image_id"],
         set_={
             "undo_stars": case(
@@ -33,18 +42,22 @@ def _upsert(dialect: str):
             "updated_at": statement.excluded.updated_at,
         },
     )
+    return upsert.returning(table.id)  # a row when stored (cursor rowcounts vary by driver)
 
 
-def save_rating(user_id: int, image_id: int, stars: int) -> None:
-    """Store (or change) a person's stars for an image and commit at once.
+def save_rating(user_id: int, image_id: int, stars: int) -> bool:
+    """Store (or change) a person's stars for an image in the pool and commit at once; return
+    whether it was stored (False: the image is hidden or gone).
 
     One INSERT … ON CONFLICT statement, so two clicks racing each other cannot both insert.
     The old stars go to `undo_stars` unless they are the same (a double click keeps undo useful).
     """
     statement = _upsert(db.session.get_bind().dialect.name)
     params = {"user_id": user_id, "image_id": image_id, "stars": stars, "now": utcnow()}
-    db.session.execute(statement, params)
-    db.session.commit()
+    with write_turn():
+        stored = db.session.execute(statement, params).first() is not None
+        db.session.commit()
+    return stored
 
 
 def save_pick(user_id: int, a: int, b: int, outcome: str, token: str | None) -> int:
@@ -59,7 +72,8 @@ def save_pick(user_id: int, a: int, b: int, outcome: str, token: str | None) -> 
     )
     db.session.add(comparison)
     try:
-        db.session.commit()
+        with write_turn():
+            db.session.commit()
         return comparison.id
     except IntegrityError:
         db.session.rollback()
@@ -82,5 +96,6 @@ def undo_rating(user_id: int, image_id: int, stars: int) -> bool:
         db.session.delete(rating)
     else:
         rating.stars, rating.undo_stars, rating.updated_at = rating.undo_stars, None, utcnow()
-    db.session.commit()
+    with write_turn():
+        db.session.commit()
     return True

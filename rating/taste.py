@@ -22,7 +22,7 @@ from rating import blind, jobs, refine_jobs, sharing, verdict
 from rating import taste_files as files
 from rating.job_views import job_widget, widget
 from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
-from rating.rate import PICKS_COUNT, RATED_COUNT, page_or_fragment, visible_image_or_404
+from rating.rate import judged_counts, page_or_fragment, visible_image_or_404
 from rating.taste_jobs import PHASES
 
 bp = Blueprint("taste", __name__, url_prefix="/taste")
@@ -59,8 +59,7 @@ def blind_summary(version: TasteVersion) -> dict | None:
 
 def judgement_count(user_id: int) -> int:
     """Count a person's star ratings and pairwise picks: each teaches their scorer."""
-    who = {"user_id": user_id}
-    return db.session.scalar(RATED_COUNT, who) + db.session.scalar(PICKS_COUNT, who)
+    return sum(judged_counts(user_id))
 
 
 def latest_job(user_id: int, kind: str, **params) -> Job | None:

@@ -22,7 +22,7 @@ from rating.crowd_jobs import crowd_model_path
 from rating.gpu_work import base_model, encode_pictures, gpu_job, plain, release_memory
 from rating.jobs import JobCancelled, JobProgress
 from rating.models import Job, TasteVersion, db
-from rating.rate import PICKS_COUNT, RATED_COUNT
+from rating.rate import judged_counts
 from rating.taste_data import Judged, active_candidates
 from rating.taste_files import (
     GRID_CELLS,
@@ -54,12 +54,12 @@ def new_version(job: Job) -> TasteVersion:
         )
     )
     base_model = current_app.config["BASE_MODEL"]
-    who = {"user_id": job.owner_id}  # what it starts from; encode() counts them exactly
+    rated, picked = judged_counts(job.owner_id)  # what it starts from; encode() counts exactly
     version = TasteVersion(
         owner_id=job.owner_id,
         number=number + 1,
-        ratings_count=db.session.scalar(RATED_COUNT, who),
-        picks_count=db.session.scalar(PICKS_COUNT, who),
+        ratings_count=rated,
+        picks_count=picked,
         job_id=job.id,
         base_model=base_model,
         is_demo=base_model.strip() == "demo",

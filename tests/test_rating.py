@@ -6,6 +6,7 @@ import io
 import re
 
 from PIL import Image as PILImage
+from sqlalchemy import event
 
 from rating.models import Comparison, Image, Rating, db
 
@@ -144,6 +145,30 @@ def test_unknown_or_hidden_images_answer_404(app, admin_site):
         db.session.get(Image, 1).hidden = True
         db.session.commit()
     assert admin_site.post("/rate/1", {"stars": 3}).status_code == 404
+    assert my_ratings(app) == {}  # the same statement that checks the pool stores nothing
+
+
+def test_a_key_press_costs_four_statements(app, admin_site, client):
+    """Rate-and-next runs on every key press: the person, the rating, the queue's images and
+    the counts, one statement each; choosing more images happens once per PICK_AHEAD."""
+    statements, token = [], admin_site.token()
+    with app.app_context():
+        engine = db.engine
+    record = lambda *args: statements.append(args[2])  # noqa: E731 (conn, cursor, statement…)
+    state, counts = card(client.get("/rate")), []
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        for stars in [1, 2, 3, 4, 5] * 2:  # 10 of the 12 images
+            statements.clear()
+            data = {k: state[k] for k in ("queue", "skipped", "history")}
+            data |= {"stars": stars, "csrf_token": token}
+            headers = {"HX-Request": "true"}
+            state = card(client.post(f"/rate/{state['image']}", data=data, headers=headers))
+            counts.append(len(statements))
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert sorted(counts)[len(counts) // 2] == 4, counts
+    assert sum(c > 4 for c in counts) <= 2, counts  # a refill every PICK_AHEAD - PREFETCH
 
 
 def test_garbage_sitting_fields_are_ignored(admin_site, client):
