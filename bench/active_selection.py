@@ -5,8 +5,10 @@ A simulated sitting: the person rates `--start` images drawn at random and train
 from then on each batch of 8 images (the page's PICK_AHEAD) holds the share of images the
 scorer asks for (`rating.taste_data.active_candidates` on `--guess-pool` unrated images, as
 the taste job computes them, taken in turn as `rating.picking.active_ids` does), the rest drawn
-at random; they retrain at each checkpoint. The scorer is the product's (`trainer.scorer`,
-default settings); SRCC is against the rater's stars on held-out images.
+at random; they retrain at each checkpoint. As on the site, the list is made once per trained
+scorer and the page works down it (skipping what is rated) until the next one. The scorer is
+the product's (`trainer.scorer`, default settings); SRCC is against the rater's stars on
+held-out images.
 
     .venv/bin/python bench/active_selection.py        # --raters ..., --checkpoints 30 50 100 200
 """
@@ -49,21 +51,18 @@ def sitting(stars, pool, test, test_stars, share: float, args, seed: int) -> dic
     order = torch.randperm(len(pool), generator=g).tolist()
     rated = order[: args.start]
     explore = [i for i in order if i not in set(rated)]
-    found, model = {}, None
+    found, asked = {}, []
     for checkpoint in args.checkpoints:
         while len(rated) < checkpoint:
-            batch = []
-            wanted = round(BATCH * share) if model is not None else 0
-            if wanted:
-                asked = asked_for(model, pool, stars, rated, args.guess_pool, g)
-                batch = [i for i in asked if i not in set(rated)][:wanted]
+            batch = [i for i in asked if i not in set(rated)][: round(BATCH * share)]
             batch += [i for i in explore if i not in set(rated) and i not in batch][
                 : BATCH - len(batch)
             ]
             rated += batch[: checkpoint - len(rated)]
-        trained = sc.train(data_file(pool[rated], stars[rated]))
-        model = trained.model
+        model = sc.train(data_file(pool[rated], stars[rated])).model
         found[checkpoint] = srcc(sc.predict(model, test), test_stars)
+        if share:  # one list per trained scorer, as the taste job records it
+            asked = asked_for(model, pool, stars, rated, args.guess_pool, g)
     return found
 
 

@@ -14,16 +14,22 @@ from sqlalchemy import func, select
 from rating.models import Comparison, Image, Rating, db
 
 ACTIVE_KEPT = 50  # unrated images kept per list for the rating page to mix in
+# the edge of the top sharpens what a person loves but teaches the whole ranking less: the page
+# takes the two lists in turn, so a short one is a small part of what is asked (bench/README.md)
+EDGE_KEPT = 5
 OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
-def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> dict:
+def active_candidates(
+    guesses: list[dict], stars, keep: int = ACTIVE_KEPT, edge_kept: int = EDGE_KEPT
+) -> dict:
     """The unrated images most worth rating next, by id: those whose rating would teach the
-    scorer most (`value`, see trainer.scorer.rating_value), and those whose predicted score
-    sits nearest the edge of the person's top fifth (where a rating best separates what they
-    love from what they merely like), least sure first; and the pairs whose outcome the scorer
-    finds closest to a coin flip (nearly equal predicted scores, least sure first), for the
-    compare page."""
+    scorer most, as a batch (`value`, see trainer.scorer.rating_value: the first k are the
+    greedy batch of k, so working down the list never piles onto one kind of image), and a
+    few whose predicted score sits nearest the edge of the person's top fifth (where a rating
+    best separates what they love from what they merely like), least sure first; and the
+    pairs whose outcome the scorer finds closest to a coin flip (nearly equal predicted
+    scores, least sure first), for the compare page."""
     import torch
 
     rated = stars[torch.isfinite(stars)]
@@ -38,7 +44,7 @@ def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> di
     )
     return {
         "informative": [g["image_id"] for g in informative[:keep]],
-        "edge_of_top": [g["image_id"] for g in near_top[:keep]],
+        "edge_of_top": [g["image_id"] for g in near_top[: min(keep, edge_kept)]],
         "top_edge_stars": round(edge, 2),
         "coin_flips": [[a["image_id"], b["image_id"]] for a, b in close[: keep // 2]],
     }

@@ -628,13 +628,50 @@ def uncertainty(model: Scorer, latents: torch.Tensor) -> torch.Tensor:
     return guesses.std(1)
 
 
+def sherman_morrison(inverse: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(A + x xᵀ)⁻¹ from a symmetric A⁻¹: the ridge inverse once one more image is rated."""
+    ax = inverse @ x
+    return inverse - torch.outer(ax, ax) / (1 + x @ ax)
+
+
+def greedy_variance_reduction(
+    z: torch.Tensor, inverse: torch.Tensor, spread: torch.Tensor
+) -> torch.Tensor:
+    """Order candidates (rows of z) as a greedy batch V-optimal design: each next one is the
+    one whose rating would most reduce the predictive variance left, over `spread`, once the
+    ones before it are rated too (A⁻¹ updated by Sherman–Morrison after each choice). Returns
+    each candidate's reduction when chosen, made non-increasing along the order, so the top k
+    by value are the greedy batch of k: spread over directions, not piled onto one.
+
+    Works on A⁻¹x per candidate rather than A⁻¹ itself: one rank-one update of n rows a step,
+    O(n²·p) in all for n candidates of p statistics."""
+    ax = z @ inverse  # A⁻¹x for each candidate
+    s_ax = ax @ spread
+    chosen = torch.zeros(len(z), dtype=torch.bool)
+    value = torch.empty(len(z), dtype=z.dtype)
+    last = math.inf
+    for _ in range(len(z)):
+        reduction = (s_ax * ax).sum(1) / (1 + (ax * z).sum(1))
+        reduction[chosen] = -math.inf
+        best = int(reduction.argmax())
+        last = min(last, float(reduction[best]))  # a later gain may creep up: keep the order
+        value[best], chosen[best] = last, True
+        u, s_u = ax[best].clone(), s_ax[best].clone()
+        shrink = (z @ u) / (1 + z[best] @ u)  # xᵢᵀA⁻¹x / (1 + xᵀA⁻¹x), x the chosen one
+        ax -= shrink[:, None] * u
+        s_ax -= shrink[:, None] * s_u
+    return value
+
+
 @torch.no_grad()
 def rating_value(
     model: Scorer, rated: torch.Tensor, stars: torch.Tensor, candidates: torch.Tensor
 ) -> torch.Tensor:
-    """How much rating each candidate would teach the scorer: the drop in the statistics
-    head's predictive variance over the candidates that one more rating of it would bring
-    (expected variance reduction for a ridge fit; zeros without a statistics head)."""
+    """How much rating each candidate would teach the scorer, as a batch: the drop in the
+    statistics head's predictive variance over the candidates that rating it would bring once
+    those valued above it are rated too (greedy expected variance reduction for a ridge fit,
+    `greedy_variance_reduction`; zeros without a statistics head). The top k by value are
+    the batch of k worth asking for, in the order worth asking."""
     if model.stats_head is None or not len(candidates):
         return torch.zeros(len(candidates))
     known = torch.isfinite(stars)
@@ -644,8 +681,7 @@ def rating_value(
     alpha = float(model.stats_alpha)
     inverse = torch.linalg.inv(zr.T @ zr + alpha * torch.eye(zr.shape[1], dtype=zr.dtype))
     spread = zc.T @ zc / len(zc)  # the candidates stand for the images to be scored
-    ax = zc @ inverse  # A⁻¹x for each candidate
-    return (((ax @ spread) * ax).sum(1) / (1 + (ax * zc).sum(1))).float()
+    return greedy_variance_reduction(zc, inverse, spread).float()
 
 
 def _load_trunk(model: Scorer, path: str | Path) -> bool:
