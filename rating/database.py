@@ -58,7 +58,7 @@ def write_turn():
 
     SQLite lets one connection write at a time; one that finds the database locked sleeps in
     growing steps (1, 2, 5, 10… ms) before trying again, so under many raters a rating could
-    wait tens of milliseconds after the writer before it had already finished. Here writers
+    go on sleeping tens of milliseconds after the writer before it had finished. Here writers
     queue instead: on a lock of this process's threads, then on a lock file beside the
     database shared by every process, and each wakes as soon as the one before is done.
     Other databases queue writers themselves: for them this does nothing."""
