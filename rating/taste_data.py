@@ -20,9 +20,7 @@ EDGE_KEPT = 5
 OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
-def active_candidates(
-    guesses: list[dict], stars, keep: int = ACTIVE_KEPT, edge_kept: int = EDGE_KEPT
-) -> dict:
+def active_candidates(guesses: list[dict], stars, keep: int = ACTIVE_KEPT) -> dict:
     """The unrated images most worth rating next, by id: those whose rating would teach the
     scorer most, as a batch (`value`, see trainer.scorer.rating_value: the first k are the
     greedy batch of k, so working down the list never piles onto one kind of image), and a
@@ -44,7 +42,7 @@ def active_candidates(
     )
     return {
         "informative": [g["image_id"] for g in informative[:keep]],
-        "edge_of_top": [g["image_id"] for g in near_top[: min(keep, edge_kept)]],
+        "edge_of_top": [g["image_id"] for g in near_top[: min(keep, EDGE_KEPT)]],
         "top_edge_stars": round(edge, 2),
         "coin_flips": [[a["image_id"], b["image_id"]] for a, b in close[: keep // 2]],
     }

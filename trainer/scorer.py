@@ -628,12 +628,6 @@ def uncertainty(model: Scorer, latents: torch.Tensor) -> torch.Tensor:
     return guesses.std(1)
 
 
-def sherman_morrison(inverse: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(A + x xᵀ)⁻¹ from a symmetric A⁻¹: the ridge inverse once one more image is rated."""
-    ax = inverse @ x
-    return inverse - torch.outer(ax, ax) / (1 + x @ ax)
-
-
 def greedy_variance_reduction(
     z: torch.Tensor, inverse: torch.Tensor, spread: torch.Tensor
 ) -> torch.Tensor:
