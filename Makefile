@@ -11,7 +11,7 @@ run: $(VENV)/.installed-run
 # The tests that matter when scaled out, run again on real PostgreSQL and Redis servers.
 SCALE_TESTS ?= tests/test_migrations.py tests/test_rating.py tests/test_accounts.py \
 	tests/test_imports.py tests/test_demo_pack.py tests/test_job_sweeper.py \
-	tests/test_stale_jobs.py tests/test_queue_down.py tests/test_scale.py
+	tests/test_stale_jobs.py tests/test_queue_down.py tests/test_scale.py tests/test_idle_ping.py
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -103,6 +103,8 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             event.listen(db.engine, "connect", database.tune_sqlite)
+        else:  # a server: a connection it dropped (a restart) is replaced
+            database.ping_after_idle(db.engine, app.config["DATABASE_IDLE_PING"])
         if app.config["AUTO_MIGRATE"]:
             with database.migration_lock():
                 upgrade(directory=MIGRATIONS)

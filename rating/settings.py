@@ -21,6 +21,9 @@ DEFAULTS: dict[str, object] = {
     "WEB_PROCESSES": 1,
     # Database URL; empty means a SQLite file in the instance folder.
     "DATABASE_URL": "",
+    # A database server's pooled connection idle this many seconds is checked before use, so
+    # one dropped by a server restart is replaced; a busy one is not (rating.database).
+    "DATABASE_IDLE_PING": 1.0,
     # Root for images (and later latents and models); empty means the instance folder.
     "STORAGE_ROOT": "",
     # Job queue: "sqlite" (embedded worker thread), "redis" (set REDIS_URL) or "immediate" (tests).
@@ -156,8 +159,6 @@ def load_settings(app, test_config: dict | None) -> None:
     app.config["SQLALCHEMY_DATABASE_URI"] = (
         app.config["DATABASE_URL"] or f"sqlite:///{instance / 'tastebud.db'}"
     )
-    if app.config["DATABASE_URL"]:  # a server: a connection it dropped (a restart) is replaced
-        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
     # Limits are counted where every web process sees them: in Redis when there is one (while
     # it is down, each process counts its own rather than refusing every sign-in).
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"] or "memory://")
