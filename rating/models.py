@@ -59,6 +59,9 @@ class User(UserMixin, db.Model):
     session_token: Mapped[str | None] = mapped_column(String(32))
     # Admins can disable an account without deleting the ratings it made.
     disabled: Mapped[bool] = mapped_column(default=False)
+    # The number of this person's newest taste version, deleted or not: the next one gets the
+    # number after it, so a deleted version's number (and its old links) never names another.
+    last_taste_number: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     @property
@@ -234,9 +237,11 @@ class TasteVersion(db.Model):
     columns name them relative to it, and stay empty until that file is complete.
     """
 
+    __table_args__ = (UniqueConstraint("owner_id", "number", name="uq_taste_version_owner_number"),)
+
     id: Mapped[int] = mapped_column(primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("user.id"), index=True)
-    number: Mapped[int]  # 1, 2, … per person: "version 3"
+    number: Mapped[int]  # 1, 2, … per person: "version 3" (see User.last_taste_number)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     ratings_count: Mapped[int] = mapped_column(default=0)

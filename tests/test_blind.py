@@ -24,7 +24,9 @@ def checkable_version(app, username: str, pairs: int = PAIRS) -> TasteVersion:
     drawn at random), as a trained version's results phase would."""
     with app.app_context():
         owner = db.session.scalar(select(User).where(User.username == username))
-        found = TasteVersion(owner_id=owner.id, number=1, base_model="demo", metrics={})
+        owner.last_taste_number += 1  # numbered as a train_taste job numbers it
+        number = owner.last_taste_number
+        found = TasteVersion(owner_id=owner.id, number=number, base_model="demo", metrics={})
         db.session.add(found)
         db.session.flush()
         source = blind.generated_source(found)
