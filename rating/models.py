@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -234,7 +235,9 @@ class TasteVersion(db.Model):
     """One run of "Train my taste": the scorer and taste LoRA made from a person's ratings.
 
     Its files live in their own folder (see rating.taste_files.version_folder); the *_file
-    columns name them relative to it, and stay empty until that file is complete.
+    columns name them relative to it, and stay empty until that file is complete. Its owner's
+    URLs name it by `number`, never by `id`: the global id would tell how many versions
+    other people trained.
     """
 
     __table_args__ = (UniqueConstraint("owner_id", "number", name="uq_taste_version_owner_number"),)
@@ -284,6 +287,16 @@ def get_or_404(model, ident, owner: User | None = None):
     if owner is not None and getattr(row, owner_field) != owner.id:
         abort(404)
     return row
+
+
+def get_version_or_404(number: int, owner: User) -> TasteVersion:
+    """Load the owner's taste version by its number ("version 3") or abort 404."""
+    found = db.session.scalar(
+        select(TasteVersion).where(TasteVersion.owner_id == owner.id, TasteVersion.number == number)
+    )
+    if found is None:
+        abort(404)
+    return found
 
 
 class Setting(db.Model):
