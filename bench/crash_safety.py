@@ -151,10 +151,10 @@ def kill_mid_training(instance: Path) -> dict:
         http, token = signed_in(base, "rater00")
         status, _, html = job_state(http, base, job_id)
         with closing(sqlite3.connect(instance / "tastebud.db")) as con:
-            version_id, lora_dir = con.execute(
-                "SELECT id, lora_dir FROM taste_version WHERE job_id = ?", (job_id,)
+            number, lora_dir = con.execute(
+                "SELECT number, lora_dir FROM taste_version WHERE job_id = ?", (job_id,)
             ).fetchone()
-        bundle = http.get(f"{base}/taste/versions/{version_id}/download/lora", timeout=60)
+        bundle = http.get(f"{base}/taste/versions/{number}/download/lora", timeout=60)
         half_written = [
             p.name for p in instance.rglob("*") if ".tmp" in p.name or p.name[:3] == "tmp"
         ]

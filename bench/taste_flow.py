@@ -89,9 +89,9 @@ def main() -> None:
             version = db.session.scalar(select(TasteVersion).where(TasteVersion.job_id == job_id))
             if job.status != "succeeded":
                 raise SystemExit(f"the job {job.status}: {job.error or job.message}")
-            metrics, version_id = version.metrics, version.id
-        blind = take_blind_check(person, version_id, saturation)
-        bundle = person.client.get(f"/taste/versions/{version_id}/download/lora")
+            metrics, number = version.metrics, version.number
+        blind = take_blind_check(person, number, saturation)
+        bundle = person.client.get(f"/taste/versions/{number}/download/lora")
         lora = metrics.get("lora", {})
         report = {
             "phases_s": metrics.get("seconds", {}),

@@ -21,11 +21,19 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from rating.media import image_store
-from rating.models import GENERATED, Comparison, Image, Source, TasteVersion, db, get_or_404
+from rating.models import (
+    GENERATED,
+    Comparison,
+    Image,
+    Source,
+    TasteVersion,
+    db,
+    get_version_or_404,
+)
 from rating.rate import page_or_fragment
 from rating.ratings import save_pick
 
-bp = Blueprint("blind", __name__, url_prefix="/taste/versions/<int:version_id>/blind")
+bp = Blueprint("blind", __name__, url_prefix="/taste/versions/<int:number>/blind")
 
 SEED_OFFSET = 1000  # the check's seeds: past the grid's and the LoRA evaluation's own
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
@@ -193,9 +201,9 @@ def summary(version: TasteVersion) -> dict | None:
     return record(sum(r["won"] for r in found), sum(r["answered"] for r in found))
 
 
-def own_version_or_404(version_id: int) -> TasteVersion:
-    """My version, with a blind check to take (404 otherwise)."""
-    version = get_or_404(TasteVersion, version_id, owner=current_user)
+def own_version_or_404(number: int) -> TasteVersion:
+    """My version `number`, with a blind check to take (404 otherwise)."""
+    version = get_version_or_404(number, current_user)
     if not pairs_of(version):
         abort(404)
     return version
@@ -231,16 +239,16 @@ def render_check(version: TasteVersion, notice: str = ""):
 
 @bp.get("/")
 @login_required
-def page(version_id: int):
+def page(number: int):
     """Show the blind check: the next pair to judge, or my win rate once all are judged."""
-    return render_check(own_version_or_404(version_id))
+    return render_check(own_version_or_404(number))
 
 
 @bp.post("/<int:index>")
 @login_required
-def pick(version_id: int, index: int):
+def pick(number: int, index: int):
     """Store my pick for pair `index` (a: left, b: right, tie) and show the next pair."""
-    version = own_version_or_404(version_id)
+    version = own_version_or_404(number)
     pairs = pairs_of(version)
     outcome = request.form.get("outcome")
     if not 0 <= index < len(pairs) or outcome not in ("a", "b", "tie"):
@@ -252,9 +260,9 @@ def pick(version_id: int, index: int):
 
 @bp.post("/undo")
 @login_required
-def undo(version_id: int):
+def undo(number: int):
     """Take back my latest pick of this check."""
-    version = own_version_or_404(version_id)
+    version = own_version_or_404(number)
     latest = db.session.scalars(answered(version)).all()
     if not latest:
         return render_check(version, notice="Nothing to undo.")
@@ -265,9 +273,9 @@ def undo(version_id: int):
 
 @bp.get("/<int:index>/<any(left, right):side>.png")
 @login_required
-def picture(version_id: int, index: int, side: str):
+def picture(number: int, index: int, side: str):
     """Send one picture of a pair by its side: the URL says nothing of which model drew it."""
-    pairs = pairs_of(own_version_or_404(version_id))
+    pairs = pairs_of(own_version_or_404(number))
     if not 0 <= index < len(pairs):
         abort(404)
     left, right = sides(pairs[index])

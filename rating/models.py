@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -59,6 +60,9 @@ class User(UserMixin, db.Model):
     session_token: Mapped[str | None] = mapped_column(String(32))
     # Admins can disable an account without deleting the ratings it made.
     disabled: Mapped[bool] = mapped_column(default=False)
+    # The number of this person's newest taste version, deleted or not: the next one gets the
+    # number after it, so a deleted version's number (and its old links) never names another.
+    last_taste_number: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     @property
@@ -231,12 +235,16 @@ class TasteVersion(db.Model):
     """One run of "Train my taste": the scorer and taste LoRA made from a person's ratings.
 
     Its files live in their own folder (see rating.taste_files.version_folder); the *_file
-    columns name them relative to it, and stay empty until that file is complete.
+    columns name them relative to it, and stay empty until that file is complete. Its owner's
+    URLs name it by `number`, never by `id`: the global id would tell how many versions
+    other people trained.
     """
+
+    __table_args__ = (UniqueConstraint("owner_id", "number", name="uq_taste_version_owner_number"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("user.id"), index=True)
-    number: Mapped[int]  # 1, 2, … per person: "version 3"
+    number: Mapped[int]  # 1, 2, … per person: "version 3" (see User.last_taste_number)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     ratings_count: Mapped[int] = mapped_column(default=0)
@@ -279,6 +287,16 @@ def get_or_404(model, ident, owner: User | None = None):
     if owner is not None and getattr(row, owner_field) != owner.id:
         abort(404)
     return row
+
+
+def get_version_or_404(number: int, owner: User) -> TasteVersion:
+    """Load the owner's taste version by its number ("version 3") or abort 404."""
+    found = db.session.scalar(
+        select(TasteVersion).where(TasteVersion.owner_id == owner.id, TasteVersion.number == number)
+    )
+    if found is None:
+        abort(404)
+    return found
 
 
 class Setting(db.Model):

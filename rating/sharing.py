@@ -1,7 +1,8 @@
 """What sharing a taste version exposes — the whole policy, in one place.
 
-- A version is private to its owner until they make it public. Its owner reaches it by id
-  (/taste/versions/<id>); nobody else ever does, public or not.
+- A version is private to its owner until they make it public. Its owner reaches it by its
+  number, 1, 2, … per person (/taste/versions/<number>), never by the database id, which
+  would tell how many versions other people trained; nobody else ever does, public or not.
 - A public version is reached only through its share link, /taste/shared/<token>: 128 random
   bits, never the sequential id, so public versions can't be listed by counting. Making it
   private ends the link; making it public again gives a new one.
@@ -66,7 +67,7 @@ def downloads_for(version: TasteVersion) -> tuple[str, ...]:
 def version_url(version: TasteVersion, endpoint: str, **values) -> str:
     """The URL of a version's page, grid cell or download, as this viewer may reach it."""
     if viewer_owns(version):
-        return url_for(f"taste.{endpoint}", version_id=version.id, **values)
+        return url_for(f"taste.{endpoint}", number=version.number, **values)
     return url_for(f"taste.shared_{endpoint}", token=version.public_token, **values)
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from rating import blind, jobs, refine_jobs, sharing, verdict
 from rating import taste_files as files
 from rating.job_views import job_widget, widget
-from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404
+from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404, get_version_or_404
 from rating.rate import judged_counts, page_or_fragment, visible_image_or_404
 from rating.taste_jobs import PHASES
 
@@ -197,11 +197,11 @@ def render_version(found: TasteVersion):
     )
 
 
-@bp.get("/versions/<int:version_id>")
+@bp.get("/versions/<int:number>")
 @login_required
-def version(version_id: int):
+def version(number: int):
     """Show my taste version: figures, the grid, downloads, sharing."""
-    return render_version(get_or_404(TasteVersion, version_id, owner=current_user))
+    return render_version(get_version_or_404(number, current_user))
 
 
 @bp.get("/shared/<token>")
@@ -210,27 +210,27 @@ def shared_version(token: str):
     return render_version(sharing.shared_version_or_404(token))
 
 
-@bp.post("/versions/<int:version_id>/public")
+@bp.post("/versions/<int:number>/public")
 @login_required
-def set_public(version_id: int):
+def set_public(number: int):
     """Make my version public (a share link anyone may open) or private again."""
-    found = get_or_404(TasteVersion, version_id, owner=current_user)
+    found = get_version_or_404(number, current_user)
     form = request.form
     sharing.publish(found, form.get("public") == "1", share_scorer=form.get("share_scorer") == "1")
     db.session.commit()
     if not request.headers.get("HX-Request"):
-        return redirect(url_for("taste.version", version_id=found.id))
+        return redirect(url_for("taste.version", number=found.number))
     return render_template("taste/_share.html", version=found)
 
 
-@bp.post("/versions/<int:version_id>/delete")
+@bp.post("/versions/<int:number>/delete")
 @login_required
-def delete(version_id: int):
+def delete(number: int):
     """Delete my version and its files (not while it is training)."""
-    found = get_or_404(TasteVersion, version_id, owner=current_user)
+    found = get_version_or_404(number, current_user)
     if found.training:
         flash("That version is still training: cancel it first, then delete it.")
-        return redirect(url_for("taste.version", version_id=found.id))
+        return redirect(url_for("taste.version", number=found.number))
     shutil.rmtree(files.version_folder(found), ignore_errors=True)
     db.session.delete(found)
     db.session.commit()
@@ -250,11 +250,11 @@ def send_download(found: TasteVersion, what: str):
     return send_file(path, mimetype=mimetype, as_attachment=True, download_name=name)
 
 
-@bp.get("/versions/<int:version_id>/download/<what>")
+@bp.get("/versions/<int:number>/download/<what>")
 @login_required
-def download(version_id: int, what: str):
+def download(number: int, what: str):
     """Download my version's LoRA bundle (zip), scorer or latents+scores file."""
-    return send_download(get_or_404(TasteVersion, version_id, owner=current_user), what)
+    return send_download(get_version_or_404(number, current_user), what)
 
 
 @bp.get("/shared/<token>/download/<what>")
@@ -272,11 +272,11 @@ def send_grid_cell(found: TasteVersion, index: int):
     return send_file(path, mimetype="image/png", max_age=3600)
 
 
-@bp.get("/versions/<int:version_id>/grid/<int:index>.png")
+@bp.get("/versions/<int:number>/grid/<int:index>.png")
 @login_required
-def grid_cell(version_id: int, index: int):
+def grid_cell(number: int, index: int):
     """Send one image of my version's grid."""
-    return send_grid_cell(get_or_404(TasteVersion, version_id, owner=current_user), index)
+    return send_grid_cell(get_version_or_404(number, current_user), index)
 
 
 @bp.get("/shared/<token>/grid/<int:index>.png")

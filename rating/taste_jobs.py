@@ -15,13 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from flask import current_app
-from sqlalchemy import func, select
+from sqlalchemy import update
 
 from rating import blind
 from rating.crowd_jobs import crowd_model_path
 from rating.gpu_work import base_model, encode_pictures, gpu_job, plain, release_memory
 from rating.jobs import JobCancelled, JobProgress
-from rating.models import Job, TasteVersion, db
+from rating.models import Job, TasteVersion, User, db
 from rating.rate import judged_counts
 from rating.taste_data import Judged, active_candidates
 from rating.taste_files import (
@@ -48,16 +48,19 @@ LOVE_HATE = 8  # unrated images shown as the scorer's best and worst guesses
 
 def new_version(job: Job) -> TasteVersion:
     """Create the version a train_taste job fills, numbered after the owner's last one."""
-    number = db.session.scalar(
-        select(func.coalesce(func.max(TasteVersion.number), 0)).where(
-            TasteVersion.owner_id == job.owner_id
-        )
-    )
+    # One UPDATE takes the next number: it locks the owner's row until the commit below, so
+    # two jobs at once get different numbers, and a deleted version's number is never reused.
+    number = db.session.execute(
+        update(User)
+        .where(User.id == job.owner_id)
+        .values(last_taste_number=User.last_taste_number + 1)
+        .returning(User.last_taste_number)
+    ).scalar_one()
     base_model = current_app.config["BASE_MODEL"]
     rated, picked = judged_counts(job.owner_id)  # what it starts from; encode() counts exactly
     version = TasteVersion(
         owner_id=job.owner_id,
-        number=number + 1,
+        number=number,
         ratings_count=rated,
         picks_count=picked,
         job_id=job.id,

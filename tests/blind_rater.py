@@ -18,10 +18,10 @@ def fetched(site: Site, url: str) -> bytes:
         return response.get_data()
 
 
-def take_blind_check(site: Site, version_id: int, liking: Callable[[bytes], float]) -> dict:
+def take_blind_check(site: Site, number: int, liking: Callable[[bytes], float]) -> dict:
     """Judge every pair by `liking` (higher is better) on the two pictures as served, left and
     right; return the page's verdict: won, answered, rate and the interval's low end."""
-    card = site.client.get(f"/taste/versions/{version_id}/blind/").get_data(as_text=True)
+    card = site.client.get(f"/taste/versions/{number}/blind/").get_data(as_text=True)
     for _ in range(1000):  # at most one round per pair; a check has far fewer
         found = ACTION.search(card)
         if found is None:

@@ -24,7 +24,9 @@ def checkable_version(app, username: str, pairs: int = PAIRS) -> TasteVersion:
     drawn at random), as a trained version's results phase would."""
     with app.app_context():
         owner = db.session.scalar(select(User).where(User.username == username))
-        found = TasteVersion(owner_id=owner.id, number=1, base_model="demo", metrics={})
+        owner.last_taste_number += 1  # numbered as a train_taste job numbers it
+        number = owner.last_taste_number
+        found = TasteVersion(owner_id=owner.id, number=number, base_model="demo", metrics={})
         db.session.add(found)
         db.session.flush()
         source = blind.generated_source(found)
@@ -54,12 +56,12 @@ def answer(site: Site, version: TasteVersion, index: int, pick: str):
     pair = version.metrics["blind"]["pairs"][index]
     lora_side, base_side = ("a", "b") if pair["lora_left"] else ("b", "a")
     outcome = {"lora": lora_side, "base": base_side, "tie": "tie"}[pick]
-    url = f"/taste/versions/{version.id}/blind/{index}"
+    url = f"/taste/versions/{version.number}/blind/{index}"
     return site.post(url, {"outcome": outcome}, htmx=True)
 
 
 def test_the_owner_judges_every_pair_unlabelled_and_gets_a_win_rate(app, admin_site, version):
-    url = f"/taste/versions/{version.id}/blind/"
+    url = f"/taste/versions/{version.number}/blind/"
     page = admin_site.client.get(url).get_data(as_text=True)
     card = page.split('id="blind-card"')[1]
     assert "Pair 1 of 4" in card and 'data-keys="ArrowLeft"' in card and "ArrowDown" in card
@@ -92,7 +94,7 @@ def test_the_owner_judges_every_pair_unlabelled_and_gets_a_win_rate(app, admin_s
         assert all(db.session.get(Image, c.image_a_id).hidden for c in picks)  # not in the pool
     listed = admin_site.client.get("/taste/").get_data(as_text=True)
     assert "62% <small" in listed  # the version list shows the win rate
-    shown = admin_site.client.get(f"/taste/versions/{version.id}").get_data(as_text=True)
+    shown = admin_site.client.get(f"/taste/versions/{version.number}").get_data(as_text=True)
     assert "you preferred this LoRA in <b>2.5 of 4</b>" in shown
 
     # Undo takes back the latest pick, and that pair comes back.
@@ -111,7 +113,7 @@ def test_a_clear_preference_reads_as_more_than_chance():
 
 def test_nobody_else_sees_or_judges_the_check(app, version, second_site):
     second_site.register("bob")
-    url = f"/taste/versions/{version.id}/blind/"
+    url = f"/taste/versions/{version.number}/blind/"
     assert second_site.client.get(url).status_code == 404
     assert second_site.client.get(f"{url}0/left.png").status_code == 404
     assert second_site.post(f"{url}0", {"outcome": "a"}).status_code == 404
@@ -134,7 +136,7 @@ def test_generated_pictures_stay_out_of_the_pool_and_the_admin_pages(app, admin_
 
 
 def test_a_bad_pick_is_refused_with_the_reason(app, admin_site, version):
-    url = f"/taste/versions/{version.id}/blind/"
+    url = f"/taste/versions/{version.number}/blind/"
     refused = admin_site.post(f"{url}0", {"outcome": "left"})
     assert refused.status_code == 400 and "Pick the left picture" in refused.get_data(as_text=True)
     assert admin_site.post(f"{url}{PAIRS}", {"outcome": "a"}).status_code == 400
@@ -144,7 +146,7 @@ def test_a_bad_pick_is_refused_with_the_reason(app, admin_site, version):
 
 
 def test_a_check_needs_the_csrf_token(app, admin_site, version):
-    raw = admin_site.client.post(f"/taste/versions/{version.id}/blind/0", data={"outcome": "a"})
+    raw = admin_site.client.post(f"/taste/versions/{version.number}/blind/0", data={"outcome": "a"})
     assert raw.status_code == 400
     with app.app_context():
         assert db.session.scalar(select(func.count(Comparison.id))) == 0

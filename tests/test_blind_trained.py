@@ -56,10 +56,10 @@ def test_a_vivid_loving_rater_prefers_its_taste_lora_blind(tmp_path):
 
         html = wait_for(ended, "the taste job", 900)
         assert 'data-status="succeeded"' in html, html
-        version_id = int(VERSION.search(html).group(1))
-        page = rater.client.get(f"/taste/versions/{version_id}").get_data(as_text=True)
+        number = int(VERSION.search(html).group(1))
+        page = rater.client.get(f"/taste/versions/{number}").get_data(as_text=True)
         assert "Start the blind check" in page
-        verdict = take_blind_check(rater, version_id, saturation)
+        verdict = take_blind_check(rater, number, saturation)
     finally:
         workers.stop(graceful=True)
         with app.app_context():

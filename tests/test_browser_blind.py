@@ -38,11 +38,11 @@ def screenshots():
 def test_the_blind_check_by_keyboard(page, problems, live_server, screenshots, tmp_path):
     e2e.register_first_account(page, tmp_path, "ada")
     version = checkable_version(live_server.app, "ada")
-    page.goto(f"/taste/versions/{version.id}")
+    page.goto(f"/taste/versions/{version.number}")
     call = page.locator("#blind-call")
     expect(call).to_contain_text(f"{PAIRS} pairs")
     call.get_by_role("link", name="Start the blind check").click()
-    arrive(page, f"/taste/versions/{version.id}/blind/")
+    arrive(page, f"/taste/versions/{version.number}/blind/")
     card = page.locator("#blind-card")
     expect(card).to_contain_text(f"Pair 1 of {PAIRS}")
     expect(card.locator("img.generated")).to_have_count(2)
@@ -65,7 +65,7 @@ def test_the_blind_check_by_keyboard(page, problems, live_server, screenshots, t
     expect(verdict.locator(".reveal-pairs figcaption", has_text="LoRA")).to_have_count(PAIRS)
     shoot(page, screenshots, "26-blind-verdict")
 
-    page.goto(f"/taste/versions/{version.id}")
+    page.goto(f"/taste/versions/{version.number}")
     expect(page.locator("#blind-call")).to_contain_text("Blind check: you preferred this LoRA")
     assert not problems, problems
 
@@ -97,7 +97,7 @@ def test_the_top_bar_keeps_every_link_in_view_at_phone_width(
         assert all(seen for _, seen in links), (path, links)
     shoot(page, screenshots, "27-phone-width")
     version = checkable_version(live_server.app, "ada")  # the check, on a phone
-    page.goto(f"/taste/versions/{version.id}/blind/")
+    page.goto(f"/taste/versions/{version.number}/blind/")
     pictures = page.locator("#blind-card img.generated").evaluate_all(IN_VIEW)
     assert len(pictures) == 2 and all(seen for _, seen in pictures), pictures
     shoot(page, screenshots, "28-phone-blind-pair")

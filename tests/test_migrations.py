@@ -14,7 +14,7 @@ from flask_migrate import downgrade, upgrade
 from sqlalchemy import inspect
 
 from app import MIGRATIONS, create_app
-from rating.models import Rating, Source, User, db
+from rating.models import Rating, Source, TasteVersion, User, db
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +101,41 @@ def test_processes_starting_at_once_migrate_one_at_a_time(tmp_path):
         assert compare_metadata(MigrationContext.configure(connection), db.metadata) == []
     with app.app_context():
         db.engine.dispose()
+
+
+def test_version_numbers_become_unique_and_remember_deleted_ones(tmp_path):
+    """0008: a duplicate number (never expected) moves past the owner's highest, and each
+    person's counter starts past their newest version, deleted or not (its job still names it)."""
+    app = create_app(
+        {"TESTING": True, "QUEUE": "immediate", "AUTO_MIGRATE": False}, instance_path=str(tmp_path)
+    )
+    with app.app_context():
+        upgrade(directory=MIGRATIONS, revision="0007")
+        with db.engine.begin() as connection:
+            for user_id, name in ((1, "ada"), (2, "bob"), (3, "cy")):
+                connection.exec_driver_sql(
+                    'INSERT INTO "user" (id, username, password_hash, is_admin, disabled,'
+                    f" created_at) VALUES ({user_id}, '{name}', 'x', FALSE, FALSE, '2026-01-01')"
+                )
+            # ada: 1, 2 and a second 2; bob: 1, and a 2 deleted since (only its job is left)
+            for version_id, owner_id, number in ((1, 1, 1), (2, 1, 2), (3, 2, 1), (4, 1, 2)):
+                connection.exec_driver_sql(
+                    "INSERT INTO taste_version (id, owner_id, number, created_at, ratings_count,"
+                    " picks_count, base_model, is_demo, metrics, public) VALUES"
+                    f" ({version_id}, {owner_id}, {number}, '2026-01-01', 0, 0, 'demo', TRUE,"
+                    " '{}', FALSE)"
+                )
+            jobs = ((1, '{"version_id": 1}'), (1, '{"version_id": 2}'), (2, '{"version_id": 3}'))
+            jobs += ((1, '{"version_id": 4}'), (2, '{"version_id": 5}'), (2, "{}"))
+            for owner_id, params in jobs:
+                connection.exec_driver_sql(
+                    "INSERT INTO job (owner_id, kind, status, progress, total, message, params,"
+                    " result, stop_requested, phase, log, created_at) VALUES"
+                    f" ({owner_id}, 'train_taste', 'succeeded', 0, 0, '', '{params}', '{{}}',"
+                    " FALSE, '', '', '2026-01-01')"
+                )
+        upgrade(directory=MIGRATIONS)
+        numbers = db.session.execute(db.select(TasteVersion.id, TasteVersion.number)).all()
+        assert dict(numbers) == {1: 1, 2: 2, 3: 1, 4: 3}  # the older 2 keeps its number
+        counters = db.session.execute(db.select(User.username, User.last_taste_number)).all()
+        assert dict(counters) == {"ada": 3, "bob": 2, "cy": 0}

@@ -138,7 +138,7 @@ def test_the_whole_flow_across_processes_and_a_killed_gpu_worker(deployment, dat
         deployment.logs,
     )
     assert done.status == "succeeded", (done.message, done.error, deployment.logs())
-    version = database.scalar(select(TasteVersion.id).order_by(TasteVersion.id.desc()))
+    version = database.scalar(select(TasteVersion.number).order_by(TasteVersion.id.desc()))
     download = admin.get(f"/taste/versions/{version}/download/lora")
     assert download.status_code == 200
     with zipfile.ZipFile(io.BytesIO(download.content)) as bundle:  # the LoRA as loaders take it

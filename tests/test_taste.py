@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from app import create_app
 from rating import jobs, taste_files
 from rating.jobs import JobProgress
 from rating.models import Image, Job, TasteVersion, User, db, utcnow
+from rating.taste_jobs import new_version
 from tests.conftest import Site
 from tests.widgets import job_state
 from trainer.lora import TasteLoraConfig
@@ -215,11 +217,11 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     blind = version.metrics["blind"]  # a LoRA kept at step 0 draws what the base draws
     assert len(blind["pairs"]) + blind["identical"] == TINY["TASTE_BLIND_PAIRS"]
     assert '<small class="muted"> ±' in page  # the guesses say how sure they are
-    cell = fetch(ada, f"/taste/versions/{version.id}/grid/0.png")
+    cell = fetch(ada, f"/taste/versions/{version.number}/grid/0.png")
     assert cell.status_code == 200 and cell.data.startswith(b"\x89PNG")
 
     # Downloads with their names; the kohya file loads into a fresh demo pipeline.
-    zipped = fetch(ada, f"/taste/versions/{version.id}/download/lora")
+    zipped = fetch(ada, f"/taste/versions/{version.number}/download/lora")
     assert zipped.headers["Content-Disposition"] == (
         "attachment; filename=tastebud-ada-taste-v1-lora.zip"
     )
@@ -239,7 +241,7 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     assert_kohya_file_loads(tmp_path / "bundle", "tastebud-ada-taste-v1.safetensors", checkpoint)
     assert_other_downloads(ada, version, tmp_path)
     # What each download is, where it goes, and its size.
-    shown = ada.client.get(f"/taste/versions/{version.id}").get_data(as_text=True)
+    shown = ada.client.get(f"/taste/versions/{version.number}").get_data(as_text=True)
     for words in ("models/Lora", "models/loras", "load_lora_weights", "&lt;lora:tastebud-ada"):
         assert words in shown, words
     assert re.search(r"LoRA \.zip</a> <span class=\"muted\">\d+ KiB</span>", shown)
@@ -247,11 +249,11 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     improve_an_image(site_app, ada)
     others_see_nothing_until_it_is_public(site_app, ada, version, job_id)
 
-    deleted = ada.post(f"/taste/versions/{version.id}/delete")
+    deleted = ada.post(f"/taste/versions/{version.number}/delete")
     assert deleted.status_code == 302
     with site_app.app_context():
         assert not taste_files.version_folder(version).exists()
-    assert ada.client.get(f"/taste/versions/{version.id}").status_code == 404
+    assert ada.client.get(f"/taste/versions/{version.number}").status_code == 404
 
 
 def assert_kohya_file_loads(folder: Path, kohya_name: str, checkpoint: Path) -> None:
@@ -281,7 +283,7 @@ def assert_other_downloads(site: Site, version: TasteVersion, tmp_path: Path) ->
     from trainer.scorer import load_scorer
 
     for what, suffix in (("scorer", "scorer"), ("latents", "latents")):
-        response = fetch(site, f"/taste/versions/{version.id}/download/{what}")
+        response = fetch(site, f"/taste/versions/{version.number}/download/{what}")
         name = f"tastebud-ada-taste-v1-{suffix}.safetensors"
         assert response.headers["Content-Disposition"] == f"attachment; filename={name}"
         (tmp_path / name).write_bytes(response.data)
@@ -316,7 +318,7 @@ def others_see_nothing_until_it_is_public(app, ada: Site, version: TasteVersion,
     """Another person gets 404 for everything of mine; a public version they may download."""
     bob = Site(app.test_client())
     bob.register("bob")
-    base = f"/taste/versions/{version.id}"
+    base = f"/taste/versions/{version.number}"
     private = [f"{base}", f"{base}/download/lora", f"{base}/download/scorer",
                f"{base}/download/latents", f"{base}/grid/0.png", f"/jobs/{job_id}",
                f"/taste/refined/{app.config['REFINE_JOB']}/after.png"]  # fmt: skip
@@ -346,6 +348,7 @@ def others_see_nothing_until_it_is_public(app, ada: Site, version: TasteVersion,
     visitor = Visitor()
     seen = visitor.get(page).get_data(as_text=True)
     assert "by ada" in seen and "its owner&#39;s scorer" in seen and "my scorer" not in seen
+    assert "/taste/versions/" not in seen and "/jobs/" not in seen  # no owner's URL, no id
     assert visitor.get(f"{page}/grid/0.png").status_code == 200
     lora = visitor.get(f"{page}/download/lora")
     assert lora.status_code == 200 and lora.data.startswith(b"PK")
@@ -384,7 +387,7 @@ def test_cancel_works_during_each_phase(site_app, gate, phase):
     html, status, shown = widget(site, job_id)
     assert (status, shown) == ("running", phase) and "Cancel" in html
     version = version_of(site_app, job_id)
-    refused = site.post(f"/taste/versions/{version.id}/delete", follow_redirects=True)
+    refused = site.post(f"/taste/versions/{version.number}/delete", follow_redirects=True)
     assert "still training" in refused.get_data(as_text=True)
 
     pressed = site.post(f"/jobs/{job_id}/cancel", htmx=True).get_data(as_text=True)
@@ -473,7 +476,7 @@ def test_a_failure_says_why_removes_partial_files_and_keeps_the_checkpoint(site_
         folder = taste_files.version_folder(version)
         assert not (folder / "grid.png").exists()  # the partial file is gone
         assert (folder / version.lora_dir / "pytorch_lora_weights.safetensors").is_file()
-    assert fetch(site, f"/taste/versions/{version.id}/download/lora").status_code == 200
+    assert fetch(site, f"/taste/versions/{version.number}/download/lora").status_code == 200
 
 
 WORKER = """
@@ -745,9 +748,9 @@ def test_train_my_taste_on_an_sdxl_family_base_gives_sdxl_files(site_app, tmp_pa
     assert status == "succeeded", html
     version = version_of(site_app, job_id)
     assert version.complete and version.metrics["family"].startswith("SDXL family")
-    page = xl.client.get(f"/taste/versions/{version.id}").get_data(as_text=True)
+    page = xl.client.get(f"/taste/versions/{version.number}").get_data(as_text=True)
     assert "SDXL family" in page
-    zipped = fetch(xl, f"/taste/versions/{version.id}/download/lora")
+    zipped = fetch(xl, f"/taste/versions/{version.number}/download/lora")
     with zipfile.ZipFile(io.BytesIO(zipped.data)) as archive:
         archive.extractall(tmp_path)
     stem = tmp_path / "bundle" / "tastebud-xl-fan-taste-v1"
@@ -762,6 +765,45 @@ def test_train_my_taste_on_an_sdxl_family_base_gives_sdxl_files(site_app, tmp_pa
     for path in (latents, scorer):
         with safe_open(str(path), framework="pt") as file:
             assert file.metadata()["family"] == "sdxl", path
+
+
+def test_each_person_numbers_their_own_versions_and_never_reuses_one(app, site):
+    """My URLs name my versions 1, 2, … (never the global id); another's number is 404 to me;
+    a deleted version's number never names a new one, so an old link can't open another model."""
+    bob = Site(app.test_client())
+    site.register("ada")
+    bob.register("bob")
+
+    def train(username: str) -> int:
+        """Make a version as a train_taste job does; return its number."""
+        with app.app_context():
+            owner = db.session.scalar(select(User).where(User.username == username))
+            job = Job(owner_id=owner.id, kind="train_taste", status="succeeded")
+            db.session.add(job)
+            db.session.commit()
+            version = new_version(job)
+            version.base_model = f"{username}-base"
+            db.session.commit()
+            return version.number
+
+    assert [train("ada"), train("bob"), train("ada")] == [1, 1, 2]  # ids 1, 2, 3
+    for person, name in ((site, "ada"), (bob, "bob")):
+        shown = person.client.get("/taste/versions/1").get_data(as_text=True)
+        assert f"<b>{name}-base</b>" in shown and "Delete version 1" in shown
+    listed = site.client.get("/taste/").get_data(as_text=True)
+    assert 'href="/taste/versions/2"' in listed and "/taste/versions/3" not in listed
+    for url in ("/taste/versions/2", "/taste/versions/2/download/lora"):
+        assert bob.client.get(url).status_code == 404, url
+    for url in ("/taste/versions/2/public", "/taste/versions/2/delete"):
+        assert bob.post(url, {"public": "1"}).status_code == 404, url
+
+    assert site.post("/taste/versions/2/delete").status_code == 302
+    assert site.client.get("/taste/versions/2").status_code == 404
+    assert train("ada") == 3  # not 2 again
+    assert site.client.get("/taste/versions/2").status_code == 404
+    with app.app_context(), pytest.raises(IntegrityError):  # the database refuses a twin
+        db.session.add(TasteVersion(owner_id=1, number=1, base_model="demo", metrics={}))
+        db.session.commit()
 
 
 def test_the_download_says_at_which_strength_to_use_the_lora(app, site):
@@ -780,14 +822,13 @@ def test_the_download_says_at_which_strength_to_use_the_lora(app, site):
         folder = taste_files.version_folder(version)
         folder.mkdir(parents=True)
         (folder / "bundle.zip").write_bytes(b"PK")
-        version_id = version.id
-    shown = site.client.get(f"/taste/versions/{version_id}").get_data(as_text=True)
+    shown = site.client.get("/taste/versions/1").get_data(as_text=True)
     assert "Use it at strength 0.7</b>" in shown and "stronger than this, it scored lower" in shown
     assert "&lt;lora:tastebud-ada-taste-v1:0.7&gt;" in shown and "lora_scale=0.7" in shown
     listed = site.client.get("/taste/").get_data(as_text=True)
     assert re.search(r"LoRA \.zip</a> <small [^>]*>at 0\.7</small>", listed)
     with app.app_context():  # a version from before the recommendation: strength 1, unsaid
-        db.session.get(TasteVersion, version_id).metrics = {"lora": {"score_gain": 0.4}}
+        db.session.get(TasteVersion, version.id).metrics = {"lora": {"score_gain": 0.4}}
         db.session.commit()
-    shown = site.client.get(f"/taste/versions/{version_id}").get_data(as_text=True)
+    shown = site.client.get("/taste/versions/1").get_data(as_text=True)
     assert "Use it at strength" not in shown and "&lt;lora:tastebud-ada-taste-v1:1&gt;" in shown
