@@ -2,7 +2,7 @@
 
 Revision ID: 0008
 Revises: 0007
-Create Date: 2026-12-06 10:00:00
+Create Date: 2026-12-05 17:00:00
 
 """
 from alembic import op
