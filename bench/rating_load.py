@@ -117,14 +117,17 @@ class Rater:
         self.image, self.fields = int(image.group(1)), fields
         return True
 
-    def step(self) -> bool:
-        """Rate the image on screen with random stars; the answer is the next card."""
+    def step(self) -> str | None:
+        """Rate the image on screen with random stars; the answer is the next card. Returns
+        what went wrong, if anything."""
         form = {**self.fields, "stars": random.randint(1, 5)}
         headers = {"HX-Request": "true", "HX-Target": "rate-card"}
         url = f"{self.base}/rate/{self.image}"
         response = self.http.post(url, data=form, headers=headers, timeout=60)
-        self.acknowledged += response.status_code == 200
-        return response.status_code == 200 and self.read(response.text)
+        if response.status_code != 200:
+            return f"rate: HTTP {response.status_code}"
+        self.acknowledged += 1
+        return None if self.read(response.text) else "rate: the answer held no next card"
 
 
 class Fetcher:
@@ -133,9 +136,10 @@ class Fetcher:
     def __init__(self, base: str, _name: str):  # same signature as Rater
         self.url, self.http = f"{base}/static/style.css", requests.Session()
 
-    def step(self) -> bool:
-        """Fetch the stylesheet once."""
-        return self.http.get(self.url, timeout=60).status_code == 200
+    def step(self) -> str | None:
+        """Fetch the stylesheet once; returns what went wrong, if anything."""
+        status = self.http.get(self.url, timeout=60).status_code
+        return None if status == 200 else f"static: HTTP {status}"
 
 
 def run_phase(make, base: str, clients: int, seconds: float, probe: bool = False):
@@ -145,7 +149,7 @@ def run_phase(make, base: str, clients: int, seconds: float, probe: bool = False
     the server's floor under the same load. Returns (summary, probe summary, agents).
     """
     agents = [make(base, f"rater{n:02d}") for n in range(clients)]
-    timings = {"main": ([], [0]), "probe": ([], [0])}
+    timings = {"main": ([], []), "probe": ([], [])}
     lock = threading.Lock()
     start = threading.Barrier(clients + 1 + probe)
 
@@ -155,13 +159,14 @@ def run_phase(make, base: str, clients: int, seconds: float, probe: bool = False
         while time.monotonic() < deadline:
             began = time.perf_counter()
             try:
-                ok = agent.step()
-            except requests.RequestException:
-                ok = False
+                problem = agent.step()
+            except requests.RequestException as error:
+                problem = f"{type(error).__name__}: {error}"[:160]
             with lock:
                 latencies.append(time.perf_counter() - began)
-                failures[0] += not ok
-            if not ok and isinstance(agent, Rater):
+                if problem:
+                    failures.append(problem)
+            if problem and isinstance(agent, Rater):
                 return  # the card is gone (or the pool is rated out): this person stops
             time.sleep(pause)
 
@@ -176,17 +181,19 @@ def run_phase(make, base: str, clients: int, seconds: float, probe: bool = False
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - started
-    main, side = (summarise(times, failed[0], elapsed) for times, failed in timings.values())
+    main, side = (summarise(times, failed, elapsed) for times, failed in timings.values())
     return main, side, agents
 
 
-def summarise(latencies: list[float], failures: int, seconds: float) -> dict:
-    """Count requests and failures; requests per second; p50/p95/p99 in milliseconds."""
+def summarise(latencies: list[float], failures: list[str], seconds: float) -> dict:
+    """Count requests and failures (with the first few reasons); requests per second;
+    p50/p95/p99 in milliseconds."""
     ms = [1000 * s for s in latencies] or [0.0]
     cuts = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
     return {
         "requests": len(latencies),
-        "failures": failures,
+        "failures": len(failures),
+        "why": sorted(set(failures))[:3],
         "rps": len(latencies) / seconds,
         "p50_ms": cuts[49],
         "p95_ms": cuts[94],
@@ -212,6 +219,8 @@ def report(result: dict) -> None:
             f"{name:<22}{r['requests']:>9}{r['failures']:>9}{r['rps']:>9.1f}"
             f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
         )
+        for why in r["why"]:
+            print(f"  failed: {why}")
     print(f"p99 ratio rate/static: {result['p99_ratio']:.2f} (target <= {TARGET:g})")
     print(
         "p99 ratio rate/static measured under the same rating load:"
@@ -243,6 +252,10 @@ def report_side_by_side(results: list[dict]) -> None:
             f"{r['p99_ratio']:>11.2f}{str(r['stored'] == r['acknowledged']):>12}"
             f"{'PASS' if r['pass'] else 'FAIL':>9}"
         )
+    for r in results:
+        for name in ("static", "rate_and_next"):
+            for why in r[name]["why"]:
+                print(f"  {r['database']}, {r['processes']} process(es), failed: {why}")
 
 
 def run_config(args, database: str, processes: int, postgres) -> dict:
@@ -309,7 +322,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0, help="demo pack seed")
     parser.add_argument("--threads", type=int, help="server threads (default: the app's setting)")
     parser.add_argument(
