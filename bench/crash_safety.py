@@ -72,7 +72,7 @@ def kill_under_rating_load(instance: Path, raters: int, seconds: float) -> tuple
     """Serve, rate, SIGKILL after `seconds`; return (acknowledged, lost)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(instance, port, None)
+    server = start_server(instance, "", port, None, 1)
     wait_until_up(server, base)
     people = [RecordingRater(base, f"rater{n:02d}") for n in range(raters)]
 
@@ -126,7 +126,7 @@ def kill_mid_training(instance: Path) -> dict:
     """Train, SIGKILL in the LoRA phase after a checkpoint, restart, check, train again."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(instance, port, None)
+    server = start_server(instance, "", port, None, 1)
     wait_until_up(server, base)
     ratings_before = stored_ratings(instance)
     http, token = signed_in(base, "rater00")
@@ -145,7 +145,7 @@ def kill_mid_training(instance: Path) -> dict:
     killed_after = time.monotonic() - started
     server.kill()
     server.wait()
-    server = start_server(instance, port, None)  # app.py fails jobs a dead worker left running
+    server = start_server(instance, "", port, None, 1)  # app.py fails jobs a dead worker left running
     try:
         wait_until_up(server, base)
         http, token = signed_in(base, "rater00")
@@ -191,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     instance = Path(tempfile.mkdtemp(prefix="tastebud-crash-"))
     try:
-        prepare(instance, args.raters, args.images, seed=0)
+        prepare(instance, "", args.raters, args.images, seed=0)
         total_acked = total_lost = 0
         print(f"kill -9 under rating load: {args.raters} raters, {args.seconds:g} s each run")
         for run in range(1, args.runs + 1):

@@ -102,13 +102,13 @@ def main() -> None:
     instance = Path(tempfile.mkdtemp(prefix="tastebud-bench-"))
     server = None
     try:
-        prepare(instance, 2 * args.raters + 1, args.images, seed=0)
+        prepare(instance, "", 2 * args.raters + 1, args.images, seed=0)
         allow_uploads(instance)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         base = f"http://127.0.0.1:{port}"
-        server = start_server(instance, port, None)
+        server = start_server(instance, "", port, None, 1)
         wait_until_up(server, base)
         alone, _, _ = run_phase(Rater, base, args.raters, args.seconds)
         uploader = Uploader(base, f"rater{2 * args.raters:02d}", args.files)
