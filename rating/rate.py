@@ -71,13 +71,24 @@ def visible_image_or_404(image_id: int) -> Image:
     return image
 
 
-def rate_from_form(image_id: int) -> int:
-    """Save the posted stars (1–5) for a visible image and return them; else 400/404."""
+def posted_stars() -> int:
+    """The posted stars (1–5), else 400."""
     stars = request.form.get("stars", type=int)
     if stars not in range(1, 6):
         abort(400, description="Choose 1 to 5 stars.")
+    return stars
+
+
+def save_or_404(image_id: int, stars: int) -> None:
+    """Save the stars for a visible image and commit; 404 when it is hidden or gone."""
     if not save_rating(current_user.id, image_id, stars):
         abort(404)
+
+
+def rate_from_form(image_id: int) -> int:
+    """Save the posted stars (1–5) for a visible image and return them; else 400/404."""
+    stars = posted_stars()
+    save_or_404(image_id, stars)
     return stars
 
 
@@ -103,12 +114,19 @@ def rate_page():
 @bp.post("/rate/<int:image_id>")
 @login_required
 def rate_image(image_id: int):
-    """Save 1–5 stars for an image and show the next one."""
-    stars = rate_from_form(image_id)
+    """Save 1–5 stars for an image and show the next one.
+
+    The next card is made first and the rating written last, in the same transaction: the
+    write's commit is the request's last round trip, and no read-only transaction is left to
+    roll back (on PostgreSQL a rollback also drops the connection's prepared statements). The
+    answer goes out only once the rating is committed."""
+    stars = posted_stars()
     sitting = Sitting.from_form()
     sitting.history = [*sitting.history, (image_id, stars)][-current_app.config["UNDO_DEPTH"] :]
     sitting.queue = [i for i in sitting.queue if i != image_id]
-    return render_card(sitting)
+    card = render_card(sitting, rating=image_id)
+    save_or_404(image_id, stars)
+    return card
 
 
 @bp.post("/rate/<int:image_id>/skip")
@@ -139,17 +157,23 @@ def undo():
     return render_card(sitting, focus=image_id if shown else None, notice=notice)
 
 
-def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
-    """Render the rating card for the next image, refilling the prefetch queue."""
+def render_card(
+    sitting: Sitting, focus: int | None = None, notice: str = "", rating: int | None = None
+):
+    """Render the rating card for the next image, refilling the prefetch queue. `rating` is
+    the image this request is about to rate: counted as rated, never chosen."""
     user_id = current_user.id
     config = current_app.config
-    images = unrated_images(user_id, sitting.queue)  # the queue's ids and images at once
+    ids = sitting.queue if rating is None else [rating, *sitting.queue]
+    images = unrated_images(user_id, ids)  # the queue's ids and images at once
+    newly_rated = rating is not None and images.pop(rating, None) is not None
     queue = [i for i in sitting.queue if i in images]
     if focus is not None:
         queue = [focus, *(i for i in queue if i != focus)]
     if len(queue) <= config["PREFETCH"]:  # choosing is the costly part: choose a batch at once
         more = 1 + config["PICK_AHEAD"] - len(queue)
-        queue += next_image_ids(user_id, [*sitting.skipped, *queue], more)
+        chosen = [*sitting.skipped, *queue, *([rating] if rating is not None else [])]
+        queue += next_image_ids(user_id, chosen, more)
     sitting.queue = queue[: 1 + config["PICK_AHEAD"]]
     queue = queue[: 1 + config["PREFETCH"]]  # shown now, and loaded ahead by the browser
     missing = [i for i in queue if i not in images]  # just chosen, or the undone one
@@ -163,6 +187,7 @@ def render_card(sitting: Sitting, focus: int | None = None, notice: str = ""):
             select(Rating.stars).where(Rating.user_id == user_id, Rating.image_id == image.id)
         )
     rated, picked = judged_counts(user_id)
+    rated += newly_rated
     to_train = config["TASTE_MIN_RATINGS"] - rated - picked  # picks count toward training too
     return page_or_fragment(
         "rate.html",
