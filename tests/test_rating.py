@@ -163,8 +163,12 @@ def test_a_key_press_costs_four_statements(app, admin_site, client):
             data = {k: state[k] for k in ("queue", "skipped", "history")}
             data |= {"stars": stars, "csrf_token": token}
             headers = {"HX-Request": "true"}
+            rated = state["rated"]
             state = card(client.post(f"/rate/{state['image']}", data=data, headers=headers))
             counts.append(len(statements))
+            # the card is made first, the rating written last: its commit ends the request
+            assert statements[-1].lstrip().startswith("INSERT INTO rating"), statements
+            assert state["rated"] == rated + 1  # yet the card counts it
     finally:
         event.remove(engine, "before_cursor_execute", record)
     assert sorted(counts)[len(counts) // 2] == 4, counts
