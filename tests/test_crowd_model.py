@@ -181,7 +181,7 @@ def _three_tastes(n: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return latents, [(t - t.mean()) / t.std() for t in raw]
 
 
-def test_a_newcomer_with_a_taste_from_the_crowd_is_read_from_fewer_ratings(tmp_path):
+def test_a_newcomer_with_a_taste_from_the_crowd_is_read_from_few_ratings(tmp_path):
     latents, tastes = _three_tastes(600, seed=1)
     g = torch.Generator().manual_seed(2)
     ids, rows, stars = [], [], []
@@ -199,13 +199,18 @@ def test_a_newcomer_with_a_taste_from_the_crowd_is_read_from_fewer_ratings(tmp_p
     sc.save_scorer(path, trained)
     assert torch.equal(sc.load_scorer(path)[0].stats_tastes, trained.model.stats_tastes)
 
-    # a newcomer who likes channel 1, the crowd's average taste or not, rates 30 images
+    # a newcomer who likes channel 1, the crowd's average taste or not, rates 10, then 30
     mine = (3 + tastes[1][:30] + 0.4 * torch.randn(30, generator=g)).round().clamp(1, 5)
-    newcomer = LatentsFile(latents[:30], mine, None, None, {})
     test_latents, test_tastes = _three_tastes(300, seed=3)
     found = {}
-    for start, init in (("scratch", None), ("crowd", path)):
-        tuned = sc.train(newcomer, TINY, init=init)
-        predicted = sc.predict(tuned.model, test_latents)
-        found[start] = sc.metrics(predicted, test_tastes[1])["srcc"]
-    assert found["crowd"] > 0.8 and found["crowd"] > found["scratch"] + 0.1, found
+    for n in (10, 30):
+        newcomer = LatentsFile(latents[:n], mine[:n], None, None, {})
+        for start, init in (("scratch", None), ("crowd", path)):
+            tuned = sc.train(newcomer, TINY, init=init)
+            predicted = sc.predict(tuned.model, test_latents)
+            found[start, n] = sc.metrics(predicted, test_tastes[1])["srcc"]
+    # Read from the crowd's start from 10 ratings on. (A taste for one global quantity is
+    # plain from their own ratings too, now that the statistics' groups are weighed: the crowd
+    # is no longer needed for it, and must cost little; the benches measure where it helps.)
+    for n in (10, 30):
+        assert found["crowd", n] > 0.85 and found["crowd", n] > found["scratch", n] - 0.08, found

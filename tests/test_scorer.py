@@ -261,8 +261,40 @@ def test_layout_maps_let_the_scorer_learn_a_liking_for_a_place_in_the_frame():
     train, test = _spot_taste(400, seed=1), _spot_taste(300, seed=2)
     (_, summary), (model, layout) = (_fitted_head_alone(train, test, s) for s in (1, 2))
     assert layout > 0.85 and layout > summary + 0.05, (summary, layout)
-    maps = sc.layout_mask()  # cross-validation gave the layout maps their say, and only them
-    assert model.stats_scale[maps].min() > 0 and (model.stats_scale[~maps] == 1).all()
+    maps = sc.layout_mask()  # cross-validation gave the layout maps their say, and the most
+    assert model.stats_scale[maps].min() > 0
+    assert model.stats_scale[maps].min() >= model.stats_scale[~maps].max()
+
+
+def _level_taste(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and stars for a liked middle level of one channel: one global quantity among
+    the thousands of statistics."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 4, 8, 8, generator=g)
+    latents = F.interpolate(coarse, size=(16, 16), mode="bilinear")
+    latents += 0.5 * torch.randn(n, 4, 1, 1, generator=g)
+    liking = -(latents[:, 0].mean((1, 2)) - 0.3).square()
+    liking += 0.3 * liking.std() * torch.randn(n, generator=g)
+    return latents, (3 + 1.25 * (liking - liking.mean()) / liking.std()).clamp(1, 5).round()
+
+
+def test_weighing_the_groups_of_statistics_finds_a_taste_for_one_global_quantity():
+    (train, y), (test, y_test) = _level_taste(400, seed=1), _level_taste(300, seed=2)
+    stats = sc.stats_of(train)
+    mean, std = stats.mean(0), stats.std(0) + 1e-6
+    z, z_test = (stats - mean) / std, (sc.stats_of(test) - mean) / std
+    groups = sc.stats_groups()
+    one_penalty = sc.ridge_choice(z, y, sc.designs(sc.layout_mask(), sc.LAYOUT_SCALES), 3.0)
+    weighed = sc.refine_groups(z, y, one_penalty, groups, 3.0)
+
+    def held_out(found) -> float:
+        _, alpha, design = found
+        weights, _ = sc.ridge(design.features(z), y - 3.0, alpha)
+        return sc.metrics(design.features(z_test) @ weights, y_test)["srcc"]
+
+    assert held_out(weighed) > held_out(one_penalty) + 0.03, (held_out(one_penalty), weighed)
+    scales = {g: float(weighed[2].scale[groups == k][0]) for k, g in enumerate(sc.STAT_GROUPS)}
+    assert max(scales, key=scales.get) == "balance", scales  # where the squared levels are
 
 
 def test_for_a_global_taste_the_layout_maps_cost_little():
@@ -273,6 +305,7 @@ def test_for_a_global_taste_the_layout_maps_cost_little():
 
 def test_a_scorer_file_from_before_the_layout_maps_still_loads(tmp_path):
     trained = sc.train(synthetic(), replace(TINY, stats=1, epochs=1))
+    trained.model.stats_scale.fill_(1.0)  # format 2 knew no scales: every statistic weighed 1
     path = tmp_path / "v2.safetensors"
     sc.save_scorer(path, trained)
     from trainer.tensorfiles import read_safetensors, write_atomic

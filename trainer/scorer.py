@@ -88,6 +88,9 @@ LAYOUT_GRIDS = (4, 8, 16, 32)  # where the energy sits, coarse to fine (composit
 LAYOUT_SCALES = (0.0, 0.3, 1.0)  # the layout maps' weight against the summary, chosen by CV
 
 
+STAT_GROUPS = ("level", "energy", "spread", "detail", "balance", "layout")
+
+
 def latent_stats(x: torch.Tensor, version: int = 2) -> torch.Tensor:
     """[N,4,H,W] latents → [N,K] statistics a taste may weigh, whatever the latent size.
 
@@ -99,25 +102,38 @@ def latent_stats(x: torch.Tensor, version: int = 2) -> torch.Tensor:
     a liked middle level). Version 2 adds the layout maps: the mean energy over the channels
     on `LAYOUT_GRIDS` grids, fine enough to find a liking for any place in the frame.
     """
+    return torch.cat([part for _, part in _stat_parts(x, version)], 1)
+
+
+def _stat_parts(x: torch.Tensor, version: int) -> list[tuple[str, torch.Tensor]]:
+    """`latent_stats`, part by part, each with its group (`STAT_GROUPS`)."""
     x = x.float()
-    parts = [F.adaptive_avg_pool2d(x, grid).flatten(1) for grid in (1, 2, 3, 4)]
-    parts += [F.adaptive_avg_pool2d(x.square(), grid).sqrt().flatten(1) for grid in (3, 5, 6, 9)]
+    parts = [("level", F.adaptive_avg_pool2d(x, grid).flatten(1)) for grid in (1, 2, 3, 4)]
+    parts += [
+        ("energy", F.adaptive_avg_pool2d(x.square(), grid).sqrt().flatten(1))
+        for grid in (3, 5, 6, 9)
+    ]
     for grid in (1, 2):
         mean = F.adaptive_avg_pool2d(x, grid)
         square = F.adaptive_avg_pool2d(x.square(), grid)
-        parts.append((square - mean.square()).clamp_min(0).add(1e-6).sqrt().flatten(1))
+        spread = (square - mean.square()).clamp_min(0).add(1e-6).sqrt()
+        parts.append(("spread", spread.flatten(1)))
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs()
     dy = (x[..., 1:, :] - x[..., :-1, :]).abs()
     lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1]
     lap = (lap - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).abs()
     for energy in (dx, dy, lap):
-        parts += [F.adaptive_avg_pool2d(energy, grid).flatten(1) for grid in (1, 2)]
+        parts += [("detail", F.adaptive_avg_pool2d(energy, grid).flatten(1)) for grid in (1, 2)]
     flat = x.flatten(2) - x.flatten(2).mean(-1, keepdim=True)
     covariance = flat @ flat.transpose(1, 2) / flat.shape[-1]
     i, j = torch.triu_indices(x.shape[1], x.shape[1], offset=1)
     means = x.mean((2, 3))
     a, b = torch.triu_indices(x.shape[1], x.shape[1])  # pairs with repeats: squares too
-    parts += [covariance[:, i, j], (means[:, i] - means[:, j]).abs(), means[:, a] * means[:, b]]
+    parts += [
+        ("balance", covariance[:, i, j]),
+        ("balance", (means[:, i] - means[:, j]).abs()),
+        ("balance", means[:, a] * means[:, b]),
+    ]
     if version >= 2:
         energy = x.square().mean(1, keepdim=True)
         for grid in LAYOUT_GRIDS:
@@ -125,8 +141,16 @@ def latent_stats(x: torch.Tensor, version: int = 2) -> torch.Tensor:
             # more in a ridge fit: the latents' own pixels, zeros for the rest (same width)
             fine = min(grid, *x.shape[-2:])
             pooled = F.adaptive_avg_pool2d(energy, fine).flatten(1)
-            parts.append(F.pad(pooled, (0, grid * grid - pooled.shape[1])))
-    return torch.cat(parts, 1)
+            parts.append(("layout", F.pad(pooled, (0, grid * grid - pooled.shape[1]))))
+    return parts
+
+
+def stats_groups(version: int = 2, channels: int = 4) -> torch.Tensor:
+    """Each statistic's group, as an index into `STAT_GROUPS`."""
+    parts = _stat_parts(torch.zeros(1, channels, 8, 8), version)
+    return torch.cat(
+        [torch.full((part.shape[1],), STAT_GROUPS.index(group)) for group, part in parts]
+    )
 
 
 def stats_of(latents: torch.Tensor, version: int = 2, batch: int = 256) -> torch.Tensor:
@@ -141,9 +165,7 @@ def stats_width(version: int = 2, channels: int = 4) -> int:
 
 def layout_mask(version: int = 2, channels: int = 4) -> torch.Tensor:
     """Which of the statistics are layout maps (their weight is chosen apart)."""
-    mask = torch.zeros(stats_width(version, channels), dtype=torch.bool)
-    mask[stats_width(1, channels) :] = True
-    return mask
+    return stats_groups(version, channels) == STAT_GROUPS.index("layout")
 
 
 class Scorer(nn.Module):
@@ -340,6 +362,44 @@ def ridge_choice(
     return found[alpha, d], alpha, candidates[d]
 
 
+GROUP_SCALES = (0.0, 0.3, 1.0, 3.0)  # what a group of statistics may weigh, against the rest
+
+
+def refine_groups(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    found: tuple[float, float, RidgeDesign],
+    groups: torch.Tensor,
+    start: torch.Tensor | float = 3.0,
+    frozen: Sequence[int] = (),
+) -> tuple[float, float, RidgeDesign]:
+    """Let each group of statistics (`STAT_GROUPS`) weigh what the ratings say it should.
+
+    One ridge penalty for every statistic spreads a taste for one global quantity (a middle
+    brightness, the balance of two channels) over hundreds of unrelated ones. Here, one group
+    at a time, the group's scale is tried at each of `GROUP_SCALES` (0 leaves it out), and
+    kept when cross-validation says the whole fit ranks better; `found` is `ridge_choice`'s
+    answer to start from, and the same is returned, improved or not. `frozen` groups keep
+    their scale."""
+    quality, alpha, design = found
+    if math.isnan(quality):
+        return found
+    for group in range(len(STAT_GROUPS)):
+        members = groups == group
+        if not members.any() or group in frozen:
+            continue
+        current = float(design.scale[members][0])
+        trials = [
+            replace(design, scale=torch.where(members, scale, design.scale))
+            for scale in GROUP_SCALES
+            if scale != current
+        ]
+        tried = ridge_choice(z, y, trials, start)
+        if tried[0] > quality:
+            quality, alpha, design = tried
+    return quality, alpha, design
+
+
 def fit_stats_head(
     model: Scorer,
     latents: torch.Tensor,
@@ -347,6 +407,7 @@ def fit_stats_head(
     rows: torch.Tensor,
     on_top: bool = False,
     picks: Sequence[Pick] = (),
+    again: bool = False,
 ) -> float:
     """Set the statistics head to a ridge regression of the stars on the statistics.
 
@@ -361,6 +422,7 @@ def fit_stats_head(
 
     Someone with no stars yet but `picks` (rows of the same latents) gets a ridge fit of the
     picks instead: each pick's statistics difference against one star for its winner.
+    `again` fits once more with the penalty and scales chosen before (on more rows).
     """
     rows = rows[torch.isfinite(scores[rows])]
     with torch.no_grad():
@@ -370,21 +432,31 @@ def fit_stats_head(
             z, y = _pick_differences(model, latents, picks)
         else:
             return 1.0
-        layout = layout_mask(model.stats_version)
-        if on_top:
-            kept, start, candidates = _crowd_weight(model, latents[rows], z, y, layout)
+        groups = stats_groups(model.stats_version, latents.shape[1])
+        layout = groups == STAT_GROUPS.index("layout")
+        crowd_scale = model.stats_scale.clone()
+        if again:
+            kept, start = 1.0, 3.0
+            alpha, design = float(model.stats_alpha), RidgeDesign(model.stats_scale.clone())
+        elif on_top:
+            kept, start, (_, alpha, design) = _crowd_weight(model, latents[rows], z, y, groups)
         else:
-            kept, start, candidates = 1.0, 3.0, designs(layout, LAYOUT_SCALES)
-        _, alpha, design = ridge_choice(z, y, candidates, start)
+            kept, start = 1.0, 3.0
+            found = ridge_choice(z, y, designs(layout, LAYOUT_SCALES), start)
+            _, alpha, design = refine_groups(z, y, found, groups, start)
+        # A crowd head that keeps a say reads the statistics at the scale it was fitted on:
+        # the personal weights are carried over to it (a group it left out stayed out).
+        scale = crowd_scale if on_top and kept else design.scale
+        onto = torch.where(scale > 0, design.scale / scale.clamp_min(1e-12), 0.0)
         x = design.features(z)
         weights, intercept = ridge(x, y - start, alpha)
-        weights = design.fold(weights)
+        weights = design.fold(weights) * onto
         generator = torch.Generator().manual_seed(len(y))
         for b in range(BOOTSTRAP):
             drawn = torch.randint(len(y), (len(y),), generator=generator)
             w, c = ridge(x[drawn], (y - start)[drawn], alpha)
-            model.stats_bootstrap[b] = torch.cat([design.fold(w), c.view(1)])
-        model.stats_scale.copy_(design.scale)
+            model.stats_bootstrap[b] = torch.cat([design.fold(w) * onto, c.view(1)])
+        model.stats_scale.copy_(scale)
         model.stats_alpha.fill_(alpha)
         bins = 0.5 * (model.stars - 3)
         head = model.stats_head
@@ -400,13 +472,15 @@ CROWD_WEIGHTS = (1.0, 0.5, 0.0)  # how much of a crowd model's say a personal fi
 
 
 def _crowd_weight(
-    model: Scorer, latents: torch.Tensor, z: torch.Tensor, y: torch.Tensor, layout: torch.Tensor
-) -> tuple[float, torch.Tensor | float, list[RidgeDesign]]:
+    model: Scorer, latents: torch.Tensor, z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor
+) -> tuple[float, torch.Tensor | float, tuple[float, float, RidgeDesign]]:
     """Scale a crowd-started model's own say (its last layer and statistics head) to the
     weight in `CROWD_WEIGHTS` whose scores, plus a personal ridge fit, best predict y in
     cross-validation. Returns that weight, the scaled model's scores of `latents` (the start
-    the personal fit adds to) and the designs that fit may choose from (`designs`)."""
+    the personal fit adds to) and that fit's `ridge_choice`, its groups of statistics weighed
+    (`refine_groups`), except a group the crowd's head left out while it keeps a say."""
     model.eval()
+    layout = groups == STAT_GROUPS.index("layout")
     parts = [model.net.fc.weight, model.net.fc.bias, model.stats_head.weight, model.stats_head.bias]
     crowd = [part.detach().clone() for part in parts]
     crowd_share = model.stats_scale[layout][:1].tolist()  # the share the crowd's head was fit on
@@ -418,15 +492,17 @@ def _crowd_weight(
 
     found = {}
     tastes = model.stats_tastes
+    left_out = [g for g in range(len(STAT_GROUPS)) if (model.stats_scale[groups == g] == 0).any()]
     for weight in CROWD_WEIGHTS:
         start = weigh(weight)
         shares = crowd_share if weight else LAYOUT_SCALES  # no crowd head left: choose afresh
-        candidates = designs(layout, shares, tastes)
-        found[weight] = (ridge_choice(z, y, candidates, start)[0], start, candidates)
-    judged = {w: f for w, f in found.items() if not math.isnan(f[0])}
-    best = max(judged, key=lambda w: judged[w][0]) if judged else CROWD_WEIGHTS[0]
+        choice = ridge_choice(z, y, designs(layout, shares, tastes), start)
+        frozen = left_out if weight else ()  # what the crowd's head can't read stays out
+        found[weight] = (refine_groups(z, y, choice, groups, start, frozen), start)
+    judged = {w: f for w, f in found.items() if not math.isnan(f[0][0])}
+    best = max(judged, key=lambda w: judged[w][0][0]) if judged else CROWD_WEIGHTS[0]
     weigh(best)
-    return best, found[best][1], found[best][2]
+    return best, found[best][1], found[best][0]
 
 
 def _pick_differences(
@@ -806,11 +882,14 @@ def train(
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    if best_epoch == 0 and model.stats_head is not None and not crowd_head:
-        # the fitted head alone did best: fit it again on every rating, held-out ones too
-        # (the figures stay those measured on the held-out images before this refit)
+    if best_epoch == 0 and model.stats_head is not None and (not crowd_head or crowd_weight == 0):
+        # the fitted head alone did best (with no say left to a crowd): fit it again on every
+        # rating, held-out ones too (the figures stay those measured on the held-out images
+        # before this refit): from scratch as chosen on the training rows; with the crowd set
+        # aside, choosing afresh, as its choice leaned on the crowd's tastes
         every = torch.arange(len(data.scores))
-        fit_stats_head(model.cpu(), data.latents, data.scores, every, picks=picks)
+        again = not crowd_head
+        fit_stats_head(model.cpu(), data.latents, data.scores, every, picks=picks, again=again)
     model.eval()
     result = dict(best or {})
     result.update(
