@@ -127,7 +127,11 @@ class Rater:
         if response.status_code != 200:
             return f"rate: HTTP {response.status_code}"
         self.acknowledged += 1
-        return None if self.read(response.text) else "rate: the answer held no next card"
+        if self.read(response.text):
+            return None
+        if "Nothing left to rate" in response.text:  # the bench's pool, not the server
+            return "rate: this rater rated the whole pool (raise --images)"
+        return "rate: the answer held no next card"
 
 
 class Fetcher:
@@ -322,7 +326,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--images", type=int, default=800)
+    parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0, help="demo pack seed")
     parser.add_argument("--threads", type=int, help="server threads (default: the app's setting)")
     parser.add_argument(
