@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ bp = Blueprint("media", __name__)
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 ONE_YEAR = 365 * 24 * 3600
+IN_MEMORY = 1 << 20  # files up to this size (every thumbnail) are sent from memory
 
 
 def image_store() -> ImageStore:
@@ -27,7 +29,20 @@ def image_store() -> ImageStore:
 def _send_immutable(path: Path, mimetype: str):
     if not path.is_file():
         abort(404)
-    response = send_file(path, mimetype=mimetype, max_age=ONE_YEAR, conditional=True)
+    found = path.stat()
+    source = path
+    if found.st_size <= IN_MEMORY:
+        # Read at once: a browser that drops the request (a key pressed before the card's
+        # images arrive) leaves no open file behind in the server.
+        source = io.BytesIO(path.read_bytes())
+    response = send_file(
+        source,
+        mimetype=mimetype,
+        max_age=ONE_YEAR,
+        conditional=True,
+        etag=path.stem,  # the content's hash: the same bytes, whichever way they are sent
+        last_modified=found.st_mtime,
+    )
     # The URL names the content, so it never changes; private: only signed-in people see it.
     response.cache_control.immutable = True
     response.cache_control.private = True

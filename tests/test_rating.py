@@ -253,7 +253,10 @@ def test_thumbnails_are_small_and_cached_for_long(app, admin_site, client):
         assert "immutable" in response.headers["Cache-Control"]
         assert "max-age=31536000" in response.headers["Cache-Control"]
         thumb = PILImage.open(io.BytesIO(response.data))
+        etag = response.headers["ETag"]
     assert max(thumb.size) <= 768
+    with client.get(f"/img/{sha}.jpg", headers={"If-None-Match": etag}) as again:
+        assert again.status_code == 304  # a browser's revalidation costs no bytes
     with client.get(f"/img/{sha}/original") as original:
         assert original.status_code == 200, original.get_data(as_text=True)
         assert PILImage.open(io.BytesIO(original.data)).size == (image.width, image.height)
