@@ -145,9 +145,8 @@ def kill_mid_training(instance: Path) -> dict:
     killed_after = time.monotonic() - started
     server.kill()
     server.wait()
-    server = start_server(
-        instance, "", port, None, 1
-    )  # app.py fails jobs a dead worker left running
+    # app.py fails jobs a dead worker left running
+    server = start_server(instance, "", port, None, 1)
     try:
         wait_until_up(server, base)
         http, token = signed_in(base, "rater00")

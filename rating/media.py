@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import stat
 from pathlib import Path
 
 from flask import Blueprint, abort, current_app, send_file
@@ -27,9 +28,12 @@ def image_store() -> ImageStore:
 
 
 def _send_immutable(path: Path, mimetype: str):
-    if not path.is_file():
+    try:
+        found = path.stat()
+    except OSError:
         abort(404)
-    found = path.stat()
+    if not stat.S_ISREG(found.st_mode):
+        abort(404)
     source = path
     if found.st_size <= IN_MEMORY:
         # Read at once: a browser that drops the request (a key pressed before the card's

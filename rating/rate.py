@@ -164,16 +164,15 @@ def render_card(
     the image this request is about to rate: counted as rated, never chosen."""
     user_id = current_user.id
     config = current_app.config
-    ids = sitting.queue if rating is None else [rating, *sitting.queue]
-    images = unrated_images(user_id, ids)  # the queue's ids and images at once
+    rating_now = [] if rating is None else [rating]
+    images = unrated_images(user_id, [*rating_now, *sitting.queue])  # ids and images at once
     newly_rated = rating is not None and images.pop(rating, None) is not None
     queue = [i for i in sitting.queue if i in images]
     if focus is not None:
         queue = [focus, *(i for i in queue if i != focus)]
     if len(queue) <= config["PREFETCH"]:  # choosing is the costly part: choose a batch at once
         more = 1 + config["PICK_AHEAD"] - len(queue)
-        chosen = [*sitting.skipped, *queue, *([rating] if rating is not None else [])]
-        queue += next_image_ids(user_id, chosen, more)
+        queue += next_image_ids(user_id, [*sitting.skipped, *queue, *rating_now], more)
     sitting.queue = queue[: 1 + config["PICK_AHEAD"]]
     queue = queue[: 1 + config["PREFETCH"]]  # shown now, and loaded ahead by the browser
     missing = [i for i in queue if i not in images]  # just chosen, or the undone one

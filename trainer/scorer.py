@@ -435,13 +435,12 @@ def fit_stats_head(
         groups = stats_groups(model.stats_version, latents.shape[1])
         layout = groups == STAT_GROUPS.index("layout")
         crowd_scale = model.stats_scale.clone()
+        kept, start = 1.0, 3.0
         if again:
-            kept, start = 1.0, 3.0
-            alpha, design = float(model.stats_alpha), RidgeDesign(model.stats_scale.clone())
+            alpha, design = float(model.stats_alpha), RidgeDesign(crowd_scale)
         elif on_top:
             kept, start, (_, alpha, design) = _crowd_weight(model, latents[rows], z, y, groups)
         else:
-            kept, start = 1.0, 3.0
             found = ridge_choice(z, y, designs(layout, LAYOUT_SCALES), start)
             _, alpha, design = refine_groups(z, y, found, groups, start)
         # A crowd head that keeps a say reads the statistics at the scale it was fitted on:
