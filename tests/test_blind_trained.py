@@ -18,7 +18,10 @@ from tests.images import saturation, saturation_stars
 from tests.test_taste import wait_for
 from tests.widgets import job_state
 
-POOL, RATED, PAIRS = 300, 40, 24  # as bench/taste_flow.py, with twice the pairs: a surer rate
+# As bench/taste_flow.py, with more pairs. The rater prefers this LoRA in about 4 pairs of 5
+# (0.78–0.91 in eight runs of 24 to 64 pairs); with 64, the interval's low end clears 0.5 from
+# 40 wins, which such a LoRA misses about once in a thousand runs.
+POOL, RATED, PAIRS = 300, 40, 64
 VERSION = re.compile(r'href="/taste/versions/(\d+)"')
 
 
@@ -66,4 +69,4 @@ def test_a_vivid_loving_rater_prefers_its_taste_lora_blind(tmp_path):
             db.engine.dispose()
     print(f"blind check: {verdict}")
     assert verdict["answered"] == PAIRS
-    assert verdict["rate"] >= 0.7 and verdict["low"] > 0.5, verdict  # clearly above chance
+    assert verdict["low"] > 0.5, verdict  # clearly above chance: the 95% interval is above it

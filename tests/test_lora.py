@@ -386,6 +386,7 @@ def test_the_recommended_strength_is_the_top_of_the_score_curve():
         return lora.recommended_strength({"0.5": half, "1": full, "-1": 2.0}, base)
 
     assert recommend(3.5, 4.0) == 1.0  # still rising at 1
+    assert recommend(3.9, 4.0) == 1.0  # bending near the top of the scale, yet still rising
     assert recommend(3.5, 3.2) == 0.55  # a peak between: f = 3 + 1.8·s − 1.6·s², top 0.5625
     assert recommend(3.5, 3.5) == 0.75
     assert recommend(3.01, 2.5) == 0.25  # never below a quarter

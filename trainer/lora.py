@@ -562,12 +562,17 @@ SCORE_RESOLUTION = 1e-3  # held-out scores are kept to 4 decimals; closer than t
 
 def recommended_strength(scores: dict[str, float], base_score: float) -> float | None:
     """The strength to use this LoRA at, read from its held-out scores at 0 (the base), 0.5
-    and 1: the top of the parabola through them, between 0.25 and 1, to the nearest 0.05.
-    Past the top a stronger LoRA only scores lower (overdone); a curve still rising at 1 says 1
-    (the evaluation never looks beyond it). None when no strength beats the base."""
+    and 1. A curve still rising from 0.5 to 1 says 1 (the evaluation never looks beyond it):
+    a scorer's scores bend as they near the top of the star scale, so a parabola through a
+    rising curve would put its top below 1 where the taste itself still grows. A curve that
+    stops rising, or falls, past 0.5 says the top of the parabola through the three points,
+    between 0.25 and 1, to the nearest 0.05: past it a stronger LoRA only scores lower
+    (overdone). None when no strength beats the base."""
     half, full = scores["0.5"], scores["1"]
     if max(half, full) - base_score < SCORE_RESOLUTION:  # an untrained adapter ties the base
         return None
+    if full - half >= SCORE_RESOLUTION:
+        return 1.0
     curvature = 2 * (full - 2 * half + base_score)  # f(s) = base + slope·s + curvature·s²
     slope = full - base_score - curvature
     top = -slope / (2 * curvature) if curvature < 0 else 1.0
