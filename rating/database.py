@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from functools import wraps
 
 try:
     import fcntl
@@ -108,6 +109,24 @@ def write_turn():
             yield
         finally:
             fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+
+def statement_by_statement(view):
+    """Run a view with each statement its own transaction (autocommit), for a hot path whose
+    one write is a single atomic statement and whose reads need no common snapshot.
+
+    A server database then sees no BEGIN and no COMMIT: two round trips fewer on every call,
+    each a wait for another process's turn on a busy machine. The setting lasts while the
+    request holds its connection; the pool restores the usual transactions when it returns.
+    Outermost, above `login_required`, so that loading the person is a statement like the
+    rest."""
+
+    @wraps(view)
+    def each_statement_commits(*args, **kwargs):
+        db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        return view(*args, **kwargs)
+
+    return each_statement_commits
 
 
 def end_session(_error) -> None:

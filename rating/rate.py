@@ -10,6 +10,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import joinedload
 
+from rating.database import statement_by_statement
 from rating.models import Comparison, Image, Rating, db
 from rating.picking import (
     join_history,
@@ -112,14 +113,16 @@ def rate_page():
 
 
 @bp.post("/rate/<int:image_id>")
+@statement_by_statement
 @login_required
 def rate_image(image_id: int):
     """Save 1–5 stars for an image and show the next one.
 
-    The next card is made first and the rating written last, in the same transaction: the
-    write's commit is the request's last round trip, and no read-only transaction is left to
-    roll back (on PostgreSQL a rollback also drops the connection's prepared statements). The
-    answer goes out only once the rating is committed."""
+    The next card is made first and the rating written last: the write, one atomic statement
+    that commits as it runs, is the request's last round trip, and the answer goes out only
+    once the rating is stored. The reads before it need no common snapshot, so each statement
+    is its own transaction: no BEGIN, COMMIT or ROLLBACK (on PostgreSQL a rollback would also
+    drop the connection's prepared statements)."""
     stars = posted_stars()
     sitting = Sitting.from_form()
     sitting.history = [*sitting.history, (image_id, stars)][-current_app.config["UNDO_DEPTH"] :]

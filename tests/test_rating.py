@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
 from PIL import Image as PILImage
 from sqlalchemy import event
 
@@ -173,6 +174,30 @@ def test_a_key_press_costs_four_statements(app, admin_site, client):
         event.remove(engine, "before_cursor_execute", record)
     assert sorted(counts)[len(counts) // 2] == 4, counts
     assert sum(c > 4 for c in counts) <= 2, counts  # a refill every PICK_AHEAD - PREFETCH
+
+
+@pytest.mark.services
+def test_on_postgres_a_key_press_is_its_statements_alone(app, admin_site, client, on_services):
+    """No BEGIN, COMMIT or ROLLBACK goes to the server: each is a round trip, a wait for the
+    server's process on a busy machine. Read from PostgreSQL's own statement log."""
+    with app.app_context():
+        name = db.engine.url.database
+        db.engine.dispose()  # new connections take the setting below
+    on_services.postgres.sql(f"ALTER DATABASE \"{name}\" SET log_statement = 'all'")
+    log = on_services.postgres.root / "log"
+    state, token, counts = card(client.get("/rate")), admin_site.token(), []
+    for stars in [1, 2, 3, 4, 5, 1]:
+        start = log.stat().st_size
+        data = {k: state[k] for k in ("queue", "skipped", "history")}
+        data |= {"stars": stars, "csrf_token": token}
+        state = card(client.post(f"/rate/{state['image']}", data=data, headers={"HX-Request": "1"}))
+        with log.open() as lines:
+            lines.seek(start)
+            sent = [line for line in lines if re.search(r"LOG:\s+(statement|execute)", line)]
+        assert not [line for line in sent if re.search(r"BEGIN|COMMIT|ROLLBACK", line)], sent
+        counts.append(len(sent))
+    assert sorted(counts)[len(counts) // 2] == 4, counts  # as on SQLite: the statements alone
+    assert my_ratings(app) and len(my_ratings(app)) == 6
 
 
 def test_garbage_sitting_fields_are_ignored(admin_site, client):
