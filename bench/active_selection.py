@@ -10,6 +10,9 @@ scorer and the page works down it (skipping what is rated) until the next one. T
 the product's (`trainer.scorer`, default settings); SRCC is against the rater's stars on
 held-out images.
 
+With --refresh N the list is also remade every N ratings between checkpoints, from a quick
+refit (`REFRESH`), as a page that kept its scorer up to date while the person rates would.
+
     .venv/bin/python bench/active_selection.py        # --raters ..., --checkpoints 30 50 100 200
 """
 
@@ -27,6 +30,9 @@ from rating.taste_data import active_candidates
 from trainer import scorer as sc
 
 BATCH = 8  # images the rating page picks ahead at a time
+REFRESH = sc.ScorerConfig(
+    epochs=1, min_steps=0, patience=1
+)  # a quick refit: mostly its fitted head
 
 
 def asked_for(model, pool, stars, rated: list[int], guess_pool: int, g) -> list[int]:
@@ -58,7 +64,16 @@ def sitting(stars, pool, test, test_stars, share: float, args, seed: int) -> dic
             batch += [i for i in explore if i not in set(rated) and i not in batch][
                 : BATCH - len(batch)
             ]
+            before = len(rated)
             rated += batch[: checkpoint - len(rated)]
+            if (
+                share
+                and args.refresh
+                and len(rated) < checkpoint
+                and (len(rated) // args.refresh > before // args.refresh)
+            ):
+                quick = sc.train(data_file(pool[rated], stars[rated]), REFRESH).model
+                asked = asked_for(quick, pool, stars, rated, args.guess_pool, g)
         model = sc.train(data_file(pool[rated], stars[rated])).model
         found[checkpoint] = srcc(sc.predict(model, test), test_stars)
         if share:  # one list per trained scorer, as the taste job records it
@@ -77,6 +92,7 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 1.0])
     parser.add_argument("--raters", nargs="+", help="names from the battery (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refresh", type=int, default=0, help="refit the list every N ratings")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(args.seed)
     battery = tastes(args.side)
