@@ -30,9 +30,8 @@ from rating.taste_data import active_candidates
 from trainer import scorer as sc
 
 BATCH = 8  # images the rating page picks ahead at a time
-REFRESH = sc.ScorerConfig(
-    epochs=1, min_steps=0, patience=1
-)  # a quick refit: mostly its fitted head
+# --refresh's quick refit: one short epoch beside the fitted head (kept when the CNN adds nothing)
+REFRESH = sc.ScorerConfig(epochs=1, min_steps=0, patience=1)
 
 
 def asked_for(model, pool, stars, rated: list[int], guess_pool: int, g) -> list[int]:
