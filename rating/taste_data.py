@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from rating.models import Comparison, Image, Rating, db
 
@@ -54,12 +55,16 @@ class Judged:
 
     rated: list  # (Image, stars), by image id
     picked: list[Image]  # images of their picks they never rated
-    unrated: list[Image]  # a random sample of the pool they haven't judged
+    unrated: list[Image]  # a sample of the pool they haven't judged, drawn from their judgements
     comparisons: list  # (image a id, image b id, outcome)
 
     @classmethod
     def of(cls, owner: int, sample: int) -> Judged:
-        """Read a person's ratings and picks, and sample up to `sample` unjudged images."""
+        """Read a person's ratings and picks, and sample up to `sample` unjudged images.
+
+        The sample is drawn at random with a seed made of the person and how many judgements
+        they have: the same ratings train the same scorer and LoRA again (the trainers are
+        seeded too), and each new rating draws a fresh sample."""
         rated = db.session.execute(
             select(Image, Rating.stars)
             .join(Rating, Rating.image_id == Image.id)
@@ -75,11 +80,15 @@ class Judged:
         picked_ids = {i for a, b, _ in comparisons for i in (a, b)} - rated_ids
         picked = db.session.scalars(select(Image).where(Image.id.in_(picked_ids))).all()
         mine = select(Rating.image_id).where(Rating.user_id == owner)
-        unrated = db.session.scalars(
-            select(Image)
+        candidates = db.session.scalars(
+            select(Image.id)
             .where(Image.hidden.is_(False), Image.id.not_in(mine), Image.id.not_in(picked_ids))
-            .order_by(func.random())
-            .limit(sample)
+            .order_by(Image.id)
+        ).all()
+        seed = f"{owner}:{len(rated)}:{len(comparisons)}"
+        chosen = random.Random(seed).sample(candidates, min(sample, len(candidates)))
+        unrated = db.session.scalars(
+            select(Image).where(Image.id.in_(chosen)).order_by(Image.id)
         ).all()
         return cls(list(rated), list(picked), list(unrated), list(comparisons))
 
