@@ -55,7 +55,7 @@ class Judged:
 
     rated: list  # (Image, stars), by image id
     picked: list[Image]  # images of their picks they never rated
-    unrated: list[Image]  # a sample of the pool they haven't judged, drawn from their judgements
+    unrated: list[Image]  # a sample of the pool they haven't judged, seeded by their judgements
     comparisons: list  # (image a id, image b id, outcome)
 
     @classmethod
