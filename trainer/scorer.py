@@ -89,6 +89,7 @@ LAYOUT_SCALES = (0.0, 0.3, 1.0)  # the layout maps' weight against the summary, 
 
 
 STAT_GROUPS = ("level", "energy", "spread", "detail", "balance", "layout")
+LAYOUT = STAT_GROUPS.index("layout")  # the layout maps' group: its share is chosen first
 
 
 def latent_stats(x: torch.Tensor, version: int = 2) -> torch.Tensor:
@@ -165,7 +166,7 @@ def stats_width(version: int = 2, channels: int = 4) -> int:
 
 def layout_mask(version: int = 2, channels: int = 4) -> torch.Tensor:
     """Which of the statistics are layout maps (their weight is chosen apart)."""
-    return stats_groups(version, channels) == STAT_GROUPS.index("layout")
+    return stats_groups(version, channels) == LAYOUT
 
 
 class Scorer(nn.Module):
@@ -433,7 +434,6 @@ def fit_stats_head(
         else:
             return 1.0
         groups = stats_groups(model.stats_version, latents.shape[1])
-        layout = groups == STAT_GROUPS.index("layout")
         crowd_scale = model.stats_scale.clone()
         kept, start = 1.0, 3.0
         if again:
@@ -441,7 +441,7 @@ def fit_stats_head(
         elif on_top:
             kept, start, (_, alpha, design) = _crowd_weight(model, latents[rows], z, y, groups)
         else:
-            found = ridge_choice(z, y, designs(layout, LAYOUT_SCALES), start)
+            found = ridge_choice(z, y, designs(groups == LAYOUT, LAYOUT_SCALES), start)
             _, alpha, design = refine_groups(z, y, found, groups, start)
         # A crowd head that keeps a say reads the statistics at the scale it was fitted on:
         # the personal weights are carried over to it (a group it left out stayed out).
@@ -479,7 +479,7 @@ def _crowd_weight(
     the personal fit adds to) and that fit's `ridge_choice`, its groups of statistics weighed
     (`refine_groups`), except a group the crowd's head left out while it keeps a say."""
     model.eval()
-    layout = groups == STAT_GROUPS.index("layout")
+    layout = groups == LAYOUT
     parts = [model.net.fc.weight, model.net.fc.bias, model.stats_head.weight, model.stats_head.bias]
     crowd = [part.detach().clone() for part in parts]
     crowd_share = model.stats_scale[layout][:1].tolist()  # the share the crowd's head was fit on
