@@ -200,7 +200,9 @@ def main() -> None:
         print("First start: open that address and create an account; it becomes the admin.")
     try:
         if web is None:
-            server.create_server(app, host, port).run()
+            alone = server.create_server(app, host, port)
+            server.settle_heap()
+            alone.run()
         else:
             server.stop_on_sigterm()
             web.supervise()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import select
 import socket
 import time
@@ -10,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 from flask import Flask, request
 
-from rating.server import MAX_CHUNK_LINE, MAX_TRAILER
+from rating.server import MAX_CHUNK_LINE, MAX_TRAILER, server_threads, settle_heap
 from tests.serving import serving
 
 HEAD = (
@@ -92,3 +93,23 @@ def test_other_clients_are_served_while_one_sends_a_bad_line(echo_url):
         assert _exchange(
             echo_url, [b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"]
         ).endswith("pong")
+
+
+def test_one_web_process_gets_four_threads_and_several_two_each():
+    app = Flask(__name__)
+    app.config.update(SERVER_THREADS=0, WEB_PROCESSES=1)
+    assert server_threads(app) == 4
+    app.config.update(WEB_PROCESSES=3)
+    assert server_threads(app) == 2
+    app.config.update(SERVER_THREADS=6)
+    assert server_threads(app) == 6  # as set
+
+
+def test_a_web_process_serves_with_what_it_made_at_start_out_of_the_collectors_sight():
+    made = [{"object": n} for n in range(10_000)]  # long-lived, as the app and its modules
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() >= len(made)
+        assert not any(o is made for o in gc.get_objects())  # a full collection walks none
+    finally:
+        gc.unfreeze()
