@@ -15,11 +15,12 @@ import io
 import math
 import secrets
 
-from flask import Blueprint, abort, request, send_file
+from flask import Blueprint, abort, current_app, redirect, request, send_file, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from rating import jobs
 from rating.media import image_store
 from rating.models import (
     GENERATED,
@@ -38,6 +39,7 @@ bp = Blueprint("blind", __name__, url_prefix="/taste/versions/<int:number>/blind
 SEED_OFFSET = 1000  # the check's seeds: past the grid's and the LoRA evaluation's own
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
 COUNTS = ("wins", "ties", "losses")  # the LoRA's, per strength
+MORE_PAIRS = "blind_pairs"  # the job kind that draws more pairs for a check
 
 
 def prefix(version: TasteVersion) -> str:
@@ -62,20 +64,34 @@ def chosen_strengths(lora: dict, configured) -> list[float]:
     return [max(positive, key=positive.get)] if positive else [1.0]
 
 
-def plan(prompts: list[str], pairs: int, strengths: list[float]) -> list[dict]:
-    """Lay out the pairs: prompts in turn, a fresh seed each, strengths in turn."""
+def plan(prompts: list[str], pairs: int, strengths: list[float], start: int = 0) -> list[dict]:
+    """Lay out the pairs: prompts in turn, a fresh seed each, strengths in turn; `start` is
+    how many were laid out before (more pairs go on where those stopped)."""
     return [
         {
             "prompt": prompts[k % len(prompts)],
             "seed": SEED_OFFSET + k,
             "strength": strengths[k % len(strengths)],
         }
-        for k in range(pairs)
+        for k in range(start, start + pairs)
     ]
 
 
+def drawn_so_far(version: TasteVersion) -> int:
+    """How many pairs the version's check has laid out: those offered and the identical ones
+    dropped (their seeds are used up too)."""
+    checked = version.metrics.get("blind") or {}
+    return len(checked.get("pairs") or []) + int(checked.get("identical") or 0)
+
+
 def generated_source(version: TasteVersion) -> Source:
-    """Make the (private) source that holds a version's generated pictures."""
+    """The (private) source that holds a version's generated pictures: made on first use."""
+    made = db.session.scalars(
+        select(Source).where(Source.kind == GENERATED, Source.created_by_id == version.owner_id)
+    )
+    found = next((s for s in made if (s.params or {}).get("version_id") == version.id), None)
+    if found is not None:
+        return found
     source = Source(
         kind=GENERATED,
         label=f"Blind check of taste version {version.number}",
@@ -222,7 +238,8 @@ def revealed(version: TasteVersion, answers: dict[int, str]) -> list[dict]:
 
 
 def render_check(version: TasteVersion, notice: str = ""):
-    """The next unanswered pair, or, once all are answered, the results and which was which."""
+    """The next unanswered pair, or, once all are answered, the results and which was which
+    (and the job drawing more pairs, when I asked for more)."""
     pairs, answers = pairs_of(version), picks_of(version)
     waiting = [k for k in range(len(pairs)) if k not in answers]
     context = dict(
@@ -233,6 +250,8 @@ def render_check(version: TasteVersion, notice: str = ""):
         results=results(version),
         reveal=[] if waiting else revealed(version, answers),
         notice=notice,
+        more_job=jobs.latest(version.owner_id, MORE_PAIRS, version_id=version.id),
+        more_pairs=more_pairs(),
     )
     return page_or_fragment("taste/blind.html", "taste/_blind_card.html", **context)
 
@@ -255,6 +274,29 @@ def pick(number: int, index: int):
         abort(400, description="Pick the left picture, the right one, or “about the same”.")
     left, right = sides(pairs[index])
     save_pick(current_user.id, left, right, outcome, token(version, index))
+    return render_check(version)
+
+
+def more_pairs() -> int:
+    """How many pairs "Judge more pairs" adds: as many as a check starts with."""
+    return max(1, int(current_app.config["TASTE_BLIND_PAIRS"]))
+
+
+@bp.post("/more")
+@login_required
+def more(number: int):
+    """Draw more pairs for my check, as a GPU job (one at a time per version); answer with the
+    check, which shows the job's progress and then the new pairs."""
+    version = own_version_or_404(number)
+    jobs.enqueue_once(
+        MORE_PAIRS,
+        current_user.id,
+        lock_key=f"blind:{version.id}",
+        version_id=version.id,
+        pairs=more_pairs(),
+    )
+    if not request.headers.get("HX-Request"):
+        return redirect(url_for("blind.page", number=number))
     return render_check(version)
 
 

@@ -7,6 +7,7 @@ import gc
 import math
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 from flask import current_app
 
@@ -29,6 +30,11 @@ def base_model(spec: str, *, vae_only: bool = False):
         config=config["BASE_MODEL_CONFIG"] or None,
         precision=config["PRECISION"],
     )
+
+
+def prompts_file(base) -> Path:
+    """The prompt set a job samples from: the TASTE_PROMPTS setting, else the base model's own."""
+    return Path(current_app.config.get("TASTE_PROMPTS") or base.prompts_file)
 
 
 @contextmanager

@@ -4,7 +4,7 @@ them); nothing registers itself by being imported."""
 
 from __future__ import annotations
 
-from rating import crowd_jobs, imports, refine_jobs, taste_files, taste_jobs
+from rating import blind, blind_jobs, crowd_jobs, imports, refine_jobs, taste_files, taste_jobs
 from rating.jobs import JobKind
 from rating.sources import demo
 
@@ -19,4 +19,5 @@ KINDS = (
     JobKind("train_taste", taste_jobs.train_taste, gpu=True, salvage=taste_files.salvage_orphan),
     JobKind("train_crowd", crowd_jobs.train_crowd, gpu=True),
     JobKind("refine_image", refine_jobs.refine_image, gpu=True),
+    JobKind(blind.MORE_PAIRS, blind_jobs.draw_more_pairs, gpu=True),
 )

@@ -228,6 +228,17 @@ def enqueue_once(kind: str, owner_id: int | None, lock_key: str, **params) -> Jo
         return busy.job
 
 
+def latest(owner_id: int, kind: str, **params) -> Job | None:
+    """A person's newest job of `kind` whose params include `params` (among their last 100)."""
+    found = db.session.scalars(
+        db.select(Job)
+        .where(Job.owner_id == owner_id, Job.kind == kind)
+        .order_by(Job.id.desc())
+        .limit(100)
+    )
+    return next((j for j in found if params.items() <= j.params.items()), None)
+
+
 def waiting_text(kind: str) -> str:
     """Say what a queued job waits for."""
     if kind in GPU_KINDS:

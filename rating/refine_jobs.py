@@ -43,7 +43,9 @@ def refine_image(job: Job, progress: JobProgress) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     refined.before.save(folder / "before.png")
     refined.after.save(folder / "after.png")
-    job.message = f"My scorer: {refined.before_score:.2f} before, {refined.after_score:.2f} after."
+    job.message = (
+        f"Your scorer: {refined.before_score:.2f} before, {refined.after_score:.2f} after."
+    )
     return plain(
         {
             "before_score": refined.before_score,

@@ -62,17 +62,6 @@ def judgement_count(user_id: int) -> int:
     return sum(judged_counts(user_id))
 
 
-def latest_job(user_id: int, kind: str, **params) -> Job | None:
-    """Return a person's newest job of `kind` (whose params include `params`)."""
-    found = db.session.scalars(
-        select(Job)
-        .where(Job.owner_id == user_id, Job.kind == kind)
-        .order_by(Job.id.desc())
-        .limit(100)
-    )
-    return next((j for j in found if params.items() <= j.params.items()), None)
-
-
 def phase_states(job: Job) -> list[tuple[str, str, str]]:
     """Return (name, label, state) per phase: done, running, waiting, failed or cancelled."""
     names = list(PHASES)
@@ -147,7 +136,7 @@ def taste_context(user_id: int) -> dict:
         shown=shown,
         rows=grid_rows(shown) if shown else [],
         shown_guesses=guesses(shown),
-    ) | job_context(latest_job(user_id, "train_taste"))
+    ) | job_context(jobs.latest(user_id, "train_taste"))
 
 
 def refine_context(job: Job) -> dict:
@@ -298,7 +287,7 @@ def image(image_id: int):
         image=shown,
         stars=stars,
         version=refine_jobs.latest_scorer_version(current_user),
-        job=latest_job(current_user.id, "refine_image", image_id=image_id),
+        job=jobs.latest(current_user.id, "refine_image", image_id=image_id),
     )
 
 

@@ -96,7 +96,7 @@ class Judged:
         """Say what is encoded, as the progress bar shows it."""
         said = f"{len(self.rated)} rated images"
         if self.picked:
-            said += f", {len(self.picked)} only in my picks"
+            said += f", {len(self.picked)} only in your picks"
         if self.unrated:
             said += f" and {len(self.unrated)} unrated ones, to guess what I'd love and hate"
         return said

@@ -17,9 +17,16 @@ from pathlib import Path
 from flask import current_app
 from sqlalchemy import update
 
-from rating import blind
+from rating import blind, blind_jobs
 from rating.crowd_jobs import crowd_model_path
-from rating.gpu_work import base_model, encode_pictures, gpu_job, plain, release_memory
+from rating.gpu_work import (
+    base_model,
+    encode_pictures,
+    gpu_job,
+    plain,
+    prompts_file,
+    release_memory,
+)
 from rating.jobs import JobCancelled, JobProgress
 from rating.models import Job, TasteVersion, User, db
 from rating.rate import judged_counts
@@ -130,7 +137,7 @@ class TasteRun:
         self.version.ratings_count, self.version.picks_count = len(judged.rated), len(self.picks)
         cached = len(set(encoded.sha256s)) - encoded.encoded
         self.progress.log(
-            f"encoded {encoded.encoded} new images ({len(judged.picked)} only in my picks); "
+            f"encoded {encoded.encoded} new images ({len(judged.picked)} only in your picks); "
             f"{cached} came from the cache"
         )
         counts = {"new": encoded.encoded, "cached": cached, "picked_only": len(judged.picked)}
@@ -215,7 +222,7 @@ class TasteRun:
     @property
     def prompts_file(self) -> Path:
         """The prompt set: the TASTE_PROMPTS setting, else the base model's own."""
-        return Path(self.config.get("TASTE_PROMPTS") or self.base.prompts_file)
+        return prompts_file(self.base)
 
     def train_lora(self) -> None:
         """Train my taste LoRA against my scorer; on GPU OOM retry once, smaller."""
@@ -324,7 +331,6 @@ class TasteRun:
     def render_blind_check(self) -> None:
         """Render the blind check's pairs: a held-out prompt and a fresh seed, drawn by the base
         model and by my LoRA, each kept as a hidden image for the owner to judge unlabelled."""
-        from trainer import sample
         from trainer.prompts import read_prompts
 
         wanted = int(self.config["TASTE_BLIND_PAIRS"])
@@ -334,38 +340,7 @@ class TasteRun:
             self.version.metrics.get("lora") or {}, self.config["TASTE_BLIND_STRENGTHS"]
         )
         specs = blind.plan(read_prompts("eval", self.prompts_file), wanted, strengths)
-        steps = int(self.config["TASTE_SAMPLE_STEPS"])
-        lora_folder = self.folder / self.version.lora_dir
-        pictures = {}  # (strength, pair index) → picture; each strength's adapter loaded once
-        for strength in (0.0, *strengths):
-            rows = [
-                k for k, spec in enumerate(specs) if not strength or spec["strength"] == strength
-            ]
-            said = "base model" if strength == 0 else f"LoRA at {strength:g}"
-            drawn = sample.drawn(
-                self.base,
-                [(specs[k]["prompt"], [specs[k]["seed"]]) for k in rows],
-                lora=lora_folder if strength else None,
-                strength=strength,
-                steps=steps,
-                progress=lambda done, total, _, said=said: self.progress.report(
-                    done, total, f"blind check, {said}: pair {done} of {total}"
-                ),
-                should_stop=self.progress.should_stop,
-            )
-            self.progress.check()
-            pictures |= {(strength, k): made.image for k, made in zip(rows, drawn, strict=True)}
-        source = blind.generated_source(self.version)
-        pairs, same = [], 0
-        for k, spec in enumerate(specs):
-            base_id, lora_id = (
-                blind.keep_picture(pictures[key, k], source, spec["prompt"])
-                for key in (0.0, spec["strength"])
-            )
-            if base_id == lora_id:  # the LoRA changed nothing here: no choice to offer
-                same += 1
-                continue
-            pairs.append(blind.new_pair(spec, base_id, lora_id))
+        pairs, same = blind_jobs.draw(self.base, self.version, specs, self.progress)
         self.record(blind={"pairs": pairs, "strengths": strengths, "identical": same})
 
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from rating import blind
-from rating.models import Comparison, Image, TasteVersion, User, db
+from rating.models import Comparison, Image, Job, TasteVersion, User, db
 from tests.conftest import Site
 from trainer.demo_art import render_demo_image
 
@@ -183,3 +183,43 @@ def test_blind_picks_stay_the_owners_in_exports_and_out_of_the_crowds_count(
     with app.app_context():
         bobs = select(func.count(Comparison.id)).where(Comparison.user_id == 2)
         assert db.session.scalar(bobs) == 0
+
+
+def test_when_the_check_is_done_more_pairs_can_be_asked_for_by_the_owner_alone(
+    app, admin_site, version, second_site
+):
+    url = f"/taste/versions/{version.number}/blind/"
+    for index, pick in enumerate(("lora", "base", "lora", "base")):
+        done = answer(admin_site, version, index, pick).get_data(as_text=True)
+    assert "Too close to call from 4 pairs" in done
+    more = app.config["TASTE_BLIND_PAIRS"]
+    assert f"judge {more} more and the verdict is made from all {PAIRS + more}" in done
+    assert f'hx-post="{url}more"' in done and 'data-keys="m"' in done
+    assert admin_site.client.post(f"{url}more").status_code == 400  # no CSRF token
+    second_site.register("bob")
+    assert second_site.post(f"{url}more").status_code == 404  # not bob's version
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Job.id)).where(Job.kind == "blind_pairs")) == 0
+
+    # This version has no LoRA to draw with (made by hand): the job fails and says why, and
+    # the button is there to try again.
+    failed = admin_site.post(f"{url}more", htmx=True).get_data(as_text=True)
+    assert "More pairs could not be drawn. Failed: " in failed and "no blind check to" in failed
+    assert f"Judge {more} more pairs" in failed
+    with app.app_context():
+        job = db.session.scalar(select(Job).where(Job.kind == "blind_pairs"))
+        assert (job.kind, job.status, job.lock_key) == ("blind_pairs", "failed", None)
+        assert job.params == {"version_id": version.id, "pairs": more}
+
+
+def test_more_pairs_go_on_after_the_prompts_and_seeds_already_drawn(app, admin_site, version):
+    with app.app_context():
+        found = db.session.get(TasteVersion, version.id)
+        found.metrics = {"blind": {**found.metrics["blind"], "identical": 2}}
+        assert blind.drawn_so_far(found) == PAIRS + 2
+        source = blind.generated_source(found)
+        assert blind.generated_source(found).id == source.id  # one source per version
+    first = blind.plan(["p", "q", "r"], 3, [1.0])
+    both = blind.plan(["p", "q", "r"], 6, [1.0])
+    assert first + blind.plan(["p", "q", "r"], 3, [1.0], start=3) == both
+    assert len({s["seed"] for s in both}) == 6

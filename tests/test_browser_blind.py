@@ -63,7 +63,13 @@ def test_the_blind_check_by_keyboard(page, problems, live_server, screenshots, t
     verdict.get_by_text("Which was which").click()  # the sides, shown once all are judged
     expect(verdict.locator(".reveal-pairs li")).to_have_count(PAIRS)
     expect(verdict.locator(".reveal-pairs figcaption", has_text="LoRA")).to_have_count(PAIRS)
+    more = live_server.app.config["TASTE_BLIND_PAIRS"]
+    expect(verdict.get_by_role("button", name=f"Judge {more} more pairs")).to_be_visible()
     shoot(page, screenshots, "26-blind-verdict")
+    # M asks for more pairs: a job of its own, whose end the card shows by itself. This version
+    # was made by hand, with no LoRA to draw with, so the job fails and says why.
+    press(page, "m")
+    expect(card).to_contain_text("More pairs could not be drawn. Failed: that taste version was")
 
     page.goto(f"/taste/versions/{version.number}")
     expect(page.locator("#blind-call")).to_contain_text("Blind check: you preferred this LoRA")

@@ -347,7 +347,7 @@ def others_see_nothing_until_it_is_public(app, ada: Site, version: TasteVersion,
 
     visitor = Visitor()
     seen = visitor.get(page).get_data(as_text=True)
-    assert "by ada" in seen and "its owner&#39;s scorer" in seen and "my scorer" not in seen
+    assert "by ada" in seen and "its owner&#39;s scorer" in seen and "your scorer" not in seen
     assert "/taste/versions/" not in seen and "/jobs/" not in seen  # no owner's URL, no id
     assert visitor.get(f"{page}/grid/0.png").status_code == 200
     lora = visitor.get(f"{page}/download/lora")
