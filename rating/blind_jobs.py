@@ -73,7 +73,9 @@ def draw_more_pairs(job: Job, progress: JobProgress) -> dict:
             read_prompts("eval", prompts_file(base)), int(job.params["pairs"]), strengths, start
         )
         pairs, same = draw(base, version, specs, progress)
-    db.session.refresh(version)  # its metrics as they are now, not as the job began
+    version = db.session.get(TasteVersion, version.id, populate_existing=True)  # as it is now
+    if version is None:
+        raise RuntimeError("that taste version was deleted while its pairs were drawn")
     checked = version.metrics["blind"]
     grown = {"pairs": checked["pairs"] + pairs, "identical": checked.get("identical", 0) + same}
     version.metrics = {**version.metrics, "blind": checked | plain(grown)}
