@@ -223,3 +223,26 @@ def test_more_pairs_go_on_after_the_prompts_and_seeds_already_drawn(app, admin_s
     both = blind.plan(["p", "q", "r"], 6, [1.0])
     assert first + blind.plan(["p", "q", "r"], 3, [1.0], start=3) == both
     assert len({s["seed"] for s in both}) == 6
+
+
+def test_a_version_deleted_while_its_pairs_are_drawn_fails_the_job_with_that_reason(
+    app, admin_site, version, monkeypatch
+):
+    from rating import blind_jobs
+    from rating.jobs import JobProgress
+
+    def drawn_while_deleted(_base, drawn_for, _specs, _progress):
+        db.session.delete(db.session.get(TasteVersion, drawn_for.id))
+        db.session.commit()
+        return [], 0
+
+    monkeypatch.setattr(blind_jobs, "draw", drawn_while_deleted)
+    with app.app_context():
+        found = db.session.get(TasteVersion, version.id)
+        found.lora_dir = "lora"  # as a trained version has; `draw` stands in for the drawing
+        params = {"version_id": found.id, "pairs": 2}
+        job = Job(kind="blind_pairs", owner_id=found.owner_id, params=params)
+        db.session.add(job)
+        db.session.commit()
+        with pytest.raises(RuntimeError, match="deleted while its pairs were drawn"):
+            blind_jobs.draw_more_pairs(job, JobProgress(job))
