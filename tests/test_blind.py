@@ -96,6 +96,7 @@ def test_the_owner_judges_every_pair_unlabelled_and_gets_a_win_rate(app, admin_s
     assert "62% <small" in listed  # the version list shows the win rate
     shown = admin_site.client.get(f"/taste/versions/{version.number}").get_data(as_text=True)
     assert "you preferred this LoRA in <b>2.5 of 4</b>" in shown
+    assert "Too close to call: judge more pairs</a>" in shown  # the way on, from the version
 
     # Undo takes back the latest pick, and that pair comes back.
     undone = admin_site.post(f"{url}undo", htmx=True).get_data(as_text=True)
