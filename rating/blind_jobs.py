@@ -25,17 +25,19 @@ def draw(base, version: TasteVersion, specs: list[dict], progress: JobProgress) 
     lora_folder = version_folder(version) / version.lora_dir
     steps = int(current_app.config["TASTE_SAMPLE_STEPS"])
     pictures = {}  # (strength, pair index) → picture; each strength's adapter loaded once
+    count = 2 * len(specs)  # one bar for both sides: it never starts over at the LoRA's turn
     for strength in (0.0, *sorted({spec["strength"] for spec in specs})):
         rows = [k for k, spec in enumerate(specs) if not strength or spec["strength"] == strength]
         said = "base model" if strength == 0 else f"LoRA at {strength:g}"
+        before = len(pictures)  # pictures drawn so far, of `count`
         drawn = sample.drawn(
             base,
             [(specs[k]["prompt"], [specs[k]["seed"]]) for k in rows],
             lora=lora_folder if strength else None,
             strength=strength,
             steps=steps,
-            progress=lambda done, total, _, said=said: progress.report(
-                done, total, f"blind check, {said}: pair {done} of {total}"
+            progress=lambda done, total, _, said=said, before=before: progress.report(
+                before + done, count, f"blind check, {said}: pair {done} of {total}"
             ),
             should_stop=progress.should_stop,
         )

@@ -156,7 +156,8 @@ def undo():
     if not undone:
         notice = "Already undone, or changed since."
     else:
-        notice = "Undone — rate it again." if shown else "Undone."
+        given = f"you had given it {stars} star{'s' if stars != 1 else ''}"
+        notice = f"Undone ({given}) — rate it again." if shown else f"Undone ({given})."
     return render_card(sitting, focus=image_id if shown else None, notice=notice)
 
 

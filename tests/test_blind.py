@@ -247,3 +247,43 @@ def test_a_version_deleted_while_its_pairs_are_drawn_fails_the_job_with_that_rea
         db.session.commit()
         with pytest.raises(RuntimeError, match="deleted while its pairs were drawn"):
             blind_jobs.draw_more_pairs(job, JobProgress(job))
+
+
+def test_drawing_pairs_counts_both_sides_on_one_bar_that_never_goes_back(
+    app, admin_site, version, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from rating import blind_jobs
+    from trainer import sample
+
+    def drawn(_base, groups, *, lora, strength, steps, progress, should_stop):
+        made = []
+        for n, _group in enumerate(groups, start=1):
+            progress(n, len(groups), None)
+            made.append(SimpleNamespace(image=render_demo_image(n + 10 * bool(lora), seed=3)))
+        return made
+
+    class Progress:
+        def __init__(self):
+            self.reports = []
+
+        def report(self, done, total, message):
+            self.reports.append((done, total, message))
+
+        def check(self):
+            pass
+
+        def should_stop(self):
+            return False
+
+    monkeypatch.setattr(sample, "drawn", drawn)
+    progress = Progress()
+    with app.app_context():
+        found = db.session.get(TasteVersion, version.id)
+        found.lora_dir = "lora"
+        specs = blind.plan(["a pastel mandala", "a grainy vivid landscape"], 3, [1.0])
+        pairs, same = blind_jobs.draw(None, found, specs, progress)
+    assert [(done, total) for done, total, _ in progress.reports] == [(n, 6) for n in range(1, 7)]
+    assert progress.reports[3][2] == "blind check, LoRA at 1: pair 1 of 3"
+    assert len(pairs) == 3 and same == 0

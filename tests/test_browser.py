@@ -224,7 +224,7 @@ def pick_pairs(page: Page, keys: list[str]) -> list[tuple[int, int]]:
         shown.append((int(a), int(b)))
         page.keyboard.press(key)
         expect(card).to_have_attribute("data-picks", str(done))
-        expect(card.locator(".count")).to_have_text(f"{done} picks")
+        expect(card.locator(".count")).to_have_text(f"{done} pick{'' if done == 1 else 's'}")
     return shown
 
 
@@ -249,11 +249,12 @@ def test_rate_compare_and_review_by_keyboard(page, problems, live_server, screen
 
     # Undo (U) takes the last rating back and shows that image again, unrated.
     last = list(rated)[-1]
-    del rated[last]
+    given = rated.pop(last)
     page.keyboard.press("u")
     expect(card).to_have_attribute("data-rated", "9")
     expect(card.locator("figure.stage")).to_have_attribute("data-image-id", str(last))
-    expect(card.locator(".notice")).to_have_text("Undone — rate it again.")
+    said = f"you had given it {given} star{'s' if given != 1 else ''}"
+    expect(card.locator(".notice")).to_have_text(f"Undone ({said}) — rate it again.")
     expect(card.locator(".star.on")).to_have_count(0)
     shoot(page, screenshots, "04-rate")
 
