@@ -12,6 +12,11 @@ FEW_HELD_OUT = 10  # held-out images below which the scorer's figures can't be j
 WEAK_SRCC = 0.3  # a scorer ranking held-out images worse than this is a rough guess
 ENOUGH_JUDGEMENTS = 100  # ratings + picks from which scorers usually settle
 FULL_VARIETY = 0.95  # diversity (against the base model) that counts as not narrowed
+KEPT_NOTHING = (
+    "A LoRA changes how the picture a prompt asks for looks, not what it asks for: if your"
+    " stars follow what a prompt names (a subject, a style), there is little for it to learn."
+    " Rate by what you like within each kind of picture, and train again."
+)
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,18 @@ def verdict(version: TasteVersion, blind: dict | None = None) -> Verdict | None:
             f"Your taste LoRA raises your scorer's score by {gain:+.2f} stars on prompts it never"
             f" trained on, {variety}."
         )
+    elif lora.get("chosen_step") == 0:
+        tone = "bad"
+        line = (
+            "No checkpoint of this LoRA beat the base model without drifting from it or"
+            f" narrowing its variety, so it kept step 0 and draws what the base draws; {more}."
+        )
     else:
         tone = "bad"
         line = f"This LoRA didn't beat the base model; {more}."
     caveats = [doubt] if doubt else []
+    if lora.get("chosen_step") == 0:
+        caveats.append(KEPT_NOTHING)
     if blind:
         said = (
             f"In your blind check you preferred it in {blind['won']:g} of {blind['answered']}"

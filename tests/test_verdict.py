@@ -58,3 +58,16 @@ def test_the_persons_own_eyes_settle_it_either_way():
     assert said.tone == "good" and said.caveats[0].endswith("your own eyes agree.")
     disagree = {"won": 2, "answered": 12, "rate": 0.17, "low": 0.05, "high": 0.45}
     assert verdict(version(0.7, 20), blind=disagree).tone == "bad"
+
+
+def test_a_lora_that_kept_step_0_says_it_draws_what_the_base_draws_and_why_that_may_be():
+    kept = version(0.8, 60, gain=0.0)
+    kept.metrics["lora"]["chosen_step"] = 0
+    said = verdict(kept)
+    assert said.tone == "bad"
+    assert "so it kept step 0 and draws what the base draws" in said.line
+    assert said.caveats[-1].startswith("A LoRA changes how the picture a prompt asks for looks")
+    moved = version(0.8, 60, gain=0.0)
+    moved.metrics["lora"]["chosen_step"] = 40
+    assert verdict(moved).line.startswith("This LoRA didn't beat the base model")
+    assert not any("what a prompt names" in c for c in verdict(moved).caveats)
