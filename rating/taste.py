@@ -22,7 +22,7 @@ from rating import blind, jobs, refine_jobs, sharing, verdict
 from rating import taste_files as files
 from rating.job_views import job_widget, widget
 from rating.models import Image, Job, Rating, TasteVersion, db, get_or_404, get_version_or_404
-from rating.rate import judged_counts, page_or_fragment, visible_image_or_404
+from rating.rate import judged_counts, page_or_fragment, rate_from_form, visible_image_or_404
 from rating.taste_jobs import PHASES
 
 bp = Blueprint("taste", __name__, url_prefix="/taste")
@@ -289,6 +289,15 @@ def image(image_id: int):
         version=refine_jobs.latest_scorer_version(current_user),
         job=jobs.latest(current_user.id, "refine_image", image_id=image_id),
     )
+
+
+@bp.post("/images/<int:image_id>/stars")
+@login_required
+def rate_image(image_id: int):
+    """Set or change my stars for this image from its page, and show the page again."""
+    visible_image_or_404(image_id)
+    rate_from_form(image_id)
+    return redirect(url_for("taste.image", image_id=image_id))
 
 
 @bp.post("/images/<int:image_id>/improve")

@@ -171,3 +171,20 @@ def test_oversized_upload_is_refused_with_a_message(app, admin_site):
     app.config["MAX_CONTENT_LENGTH"] = 2000
     html = upload(admin_site, "kind,image_sha256\n" + "x" * 5000, "big.csv")
     assert "That upload is too large." in html and "Send a smaller file." in html
+
+
+def test_an_images_page_rates_it_and_changes_its_stars(app, admin_site):
+    page = admin_site.client.get("/taste/images/3").get_data(as_text=True)
+    assert "Not rated by you yet:" in page and 'aria-label="Rate this image"' in page
+    assert admin_site.client.post("/taste/images/3/stars", data={"stars": 4}).status_code == 400
+    rated = admin_site.post("/taste/images/3/stars", {"stars": 4})
+    assert rated.status_code == 302 and rated.headers["Location"].endswith("/taste/images/3")
+    page = admin_site.client.get("/taste/images/3").get_data(as_text=True)
+    assert "Your rating:" in page and page.count('class="on" title=') == 4
+    assert admin_site.post("/taste/images/3/stars", {"stars": 9}).status_code == 400
+    admin_site.post("/taste/images/3/stars", {"stars": 2})
+    with app.app_context():
+        assert db.session.scalar(db.select(Rating.stars).where(Rating.image_id == 3)) == 2
+        db.session.get(Image, 5).hidden = True
+        db.session.commit()
+    assert admin_site.post("/taste/images/5/stars", {"stars": 3}).status_code == 404
