@@ -17,11 +17,15 @@ from rating.models import Job, TasteVersion, db
 from rating.taste_files import version_folder
 
 
-def draw(base, version: TasteVersion, specs: list[dict], progress: JobProgress) -> tuple:
+def draw(
+    base, version: TasteVersion, specs: list[dict], progress: JobProgress, report=None
+) -> tuple:
     """Draw the pairs `specs` lays out (rating.blind.plan) and keep their pictures; return
-    (pairs as the version records them, how many came out identical and were dropped)."""
+    (pairs as the version records them, how many came out identical and were dropped).
+    `report(pictures drawn, of how many, message)` shows the count (default: the job's)."""
     from trainer import sample
 
+    report = report or progress.report
     lora_folder = version_folder(version) / version.lora_dir
     steps = int(current_app.config["TASTE_SAMPLE_STEPS"])
     pictures = {}  # (strength, pair index) → picture; each strength's adapter loaded once
@@ -36,7 +40,7 @@ def draw(base, version: TasteVersion, specs: list[dict], progress: JobProgress) 
             lora=lora_folder if strength else None,
             strength=strength,
             steps=steps,
-            progress=lambda done, total, _, said=said, before=before: progress.report(
+            progress=lambda done, total, _, said=said, before=before: report(
                 before + done, count, f"blind check, {said}: pair {done} of {total}"
             ),
             should_stop=progress.should_stop,

@@ -133,6 +133,11 @@ class JobProgress:
         db.session.refresh(self.job, ["stop_requested"])
         self._last_commit = self._last_check = now
 
+    def part(self, before: int, total: int) -> Callable[..., None]:
+        """A `report` for one part of a longer count: its own steps shown after `before` of
+        `total`, so a phase made of several parts fills one bar that never starts over."""
+        return lambda step, _of, message="": self.report(before + step, total, message)
+
     def should_stop(self) -> bool:
         """Return whether Cancel was pressed (reads the row afresh, at most twice a second)."""
         now = time.monotonic()

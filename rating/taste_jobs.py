@@ -288,6 +288,9 @@ class TasteRun:
 
         prompts = read_prompts("eval", self.prompts_file)[: int(self.config["TASTE_GRID_PROMPTS"])]
         seeds = list(range(int(self.config["TASTE_GRID_SEEDS"])))
+        # one count for the phase: the grid's renders, the blind check's pictures, the bundle
+        renders = len(STRENGTHS) * len(prompts)
+        count = renders + 2 * max(0, int(self.config["TASTE_BLIND_PAIRS"])) + 1
         model, _ = load_scorer(self.folder / SCORER)
         model.to(self.base.pipeline.device)
         grid = sample.grid(
@@ -298,7 +301,7 @@ class TasteRun:
             lora_folder=self.folder / self.version.lora_dir,
             strengths=STRENGTHS,
             steps=int(self.config["TASTE_SAMPLE_STEPS"]),
-            progress=self.progress.report,
+            progress=self.progress.part(0, count),
             should_stop=self.progress.should_stop,
         )
         self.progress.check()
@@ -323,14 +326,15 @@ class TasteRun:
             grid={"prompts": prompts, "seeds": seeds, "strengths": STRENGTHS, "cells": cells},
             scores_by_strength=grid.scores_by_strength,
         )
-        self.render_blind_check()
-        self.progress(1, 2, "writing the download bundle")
+        self.render_blind_check(report=self.progress.part(renders, count))
+        self.progress(count - 1, count, "writing the download bundle")
         write_bundle(self.version, preview=grid.image)
-        self.progress(2, 2, "done")
+        self.progress(count, count, "done")
 
-    def render_blind_check(self) -> None:
+    def render_blind_check(self, report) -> None:
         """Render the blind check's pairs: a held-out prompt and a fresh seed, drawn by the base
-        model and by my LoRA, each kept as a hidden image for the owner to judge unlabelled."""
+        model and by my LoRA, each kept as a hidden image for the owner to judge unlabelled
+        (`report`: the results phase's count, after the grid)."""
         from trainer.prompts import read_prompts
 
         wanted = int(self.config["TASTE_BLIND_PAIRS"])
@@ -340,7 +344,7 @@ class TasteRun:
             self.version.metrics.get("lora") or {}, self.config["TASTE_BLIND_STRENGTHS"]
         )
         specs = blind.plan(read_prompts("eval", self.prompts_file), wanted, strengths)
-        pairs, same = blind_jobs.draw(self.base, self.version, specs, self.progress)
+        pairs, same = blind_jobs.draw(self.base, self.version, specs, self.progress, report)
         self.record(blind={"pairs": pairs, "strengths": strengths, "identical": same})
 
 

@@ -178,7 +178,16 @@ def gate(monkeypatch):
 # ---- the whole flow -----------------------------------------------------------------------
 
 
-def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
+def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path, monkeypatch):
+    counted = []  # (step, total) the results phase reports: one bar, never starting over
+    report = JobProgress.report
+
+    def recorded(progress, step, total, message=""):
+        if progress.job.kind == "train_taste" and progress.job.phase == "results":
+            counted.append((step, total))
+        report(progress, step, total, message)
+
+    monkeypatch.setattr(JobProgress, "report", recorded)
     ada = person(site_app, "ada")
     with site_app.app_context():  # two picks between images she never rated: they count too
         ids = db.session.scalars(select(Image.id).order_by(Image.id).offset(RATED).limit(4)).all()
@@ -197,6 +206,10 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path):
     html, status, phase = wait_until_done(ada, job_id)
     assert status == "succeeded", html
     assert html.count('data-state="done"') == 4 and "Held-out SRCC" in html
+    grid_renders, blind_pictures = 4 * TINY["TASTE_GRID_PROMPTS"], 2 * TINY["TASTE_BLIND_PAIRS"]
+    assert {total for _, total in counted} == {grid_renders + blind_pictures + 1}
+    steps = [step for step, _ in counted]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == counted[-1][1]
     version = version_of(site_app, job_id)
     assert version.complete and version.ratings_count == RATED and version.is_demo
     assert version.picks_count == 2 and version.metrics["encoded"]["picked_only"] == 4
