@@ -180,10 +180,18 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def call(record: dict) -> str:
+    """What a win record says: "lora" (preferred beyond chance), "base" (the base model was),
+    or "open" (its 95 % interval still spans 50 %: too close to call)."""
+    return "lora" if record["low"] > 0.5 else "base" if record["high"] < 0.5 else "open"
+
+
 def record(won: float, answered: int) -> dict:
-    """A win record: pairs answered, pairs won (ties as half), the rate and its interval."""
+    """A win record: pairs answered, pairs won (ties as half), the rate, its interval, and
+    what it says (`call`)."""
     low, high = wilson(won, answered)
-    return {"answered": answered, "won": won, "rate": won / answered, "low": low, "high": high}
+    found = {"answered": answered, "won": won, "rate": won / answered, "low": low, "high": high}
+    return found | {"call": call(found)}
 
 
 def results(version: TasteVersion) -> list[dict]:
@@ -242,6 +250,7 @@ def render_check(version: TasteVersion, notice: str = ""):
     (and the job drawing more pairs, when I asked for more)."""
     pairs, answers = pairs_of(version), picks_of(version)
     waiting = [k for k in range(len(pairs)) if k not in answers]
+    more_job = None if waiting else jobs.latest(version.owner_id, MORE_PAIRS, version_id=version.id)
     context = dict(
         version=version,
         index=waiting[0] if waiting else None,
@@ -250,7 +259,7 @@ def render_check(version: TasteVersion, notice: str = ""):
         results=results(version),
         reveal=[] if waiting else revealed(version, answers),
         notice=notice,
-        more_job=jobs.latest(version.owner_id, MORE_PAIRS, version_id=version.id),
+        more_job=more_job,  # looked up once the check is done: a pick's answer needs none
         more_pairs=more_pairs(),
     )
     return page_or_fragment("taste/blind.html", "taste/_blind_card.html", **context)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rating.blind import call
 from rating.models import TasteVersion
 
 MIN_GAIN = 0.05  # stars: a held-out gain smaller than this is no gain worth claiming
@@ -112,10 +113,11 @@ def verdict(version: TasteVersion, blind: dict | None = None) -> Verdict | None:
             f"In your blind check you preferred it in {blind['won']:g} of {blind['answered']}"
             f" pairs ({blind['rate']:.0%}, 95% CI {blind['low']:.0%}–{blind['high']:.0%})"
         )
-        if blind["low"] > 0.5:
+        said_by_eyes = call(blind)
+        if said_by_eyes == "lora":
             tone = "good" if tone == "open" else tone  # their own eyes outrank any scorer
             caveats.insert(0, f"{said}: your own eyes agree.")
-        elif blind["high"] < 0.5:
+        elif said_by_eyes == "base":
             tone = "bad"
             caveats.insert(0, f"{said}: your own eyes disagree with the scorer; {more}.")
         else:
