@@ -32,6 +32,7 @@ from rating.models import (
     site_setting,
 )
 from rating.rate import page_or_fragment
+from rating.sources import demo
 from rating.sources.civitai import LEVELS, PERIODS, SORTS
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -80,13 +81,15 @@ def load_demo():
     job = jobs.enqueue_once(
         "demo_pack",
         current_user.id,
-        lock_key="demo_pack",
+        lock_key=demo.LOCK,
         count=count,
         seed=current_app.config["DEMO_PACK_SEED"],
     )
     if not request.headers.get("HX-Request"):
         return redirect(url_for("admin.index"))
-    return job_widget(job)
+    response = job_widget(job)
+    response.headers.setdefault("HX-Trigger", "job-started")  # the home page says it is loading
+    return response
 
 
 @bp.post("/crowd-model")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 from flask import current_app
-from sqlalchemy import bindparam, func, select
-from sqlalchemy.orm import joinedload
+from sqlalchemy import Row, bindparam, func, select
 
 from rating.models import Comparison, Image, Rating, Source, TasteVersion, db
 
@@ -118,7 +117,13 @@ STILL_UNRATED = _unrated(bindparam("user_id"), []).where(
 )
 
 
-UNRATED_IMAGES = STILL_UNRATED.with_only_columns(Image).options(joinedload(Image.source))
+# What a rating card shows of an image, as plain rows: the card needs no ORM objects, and rows
+# cost a third of what loading images with their sources does on every key press.
+CARD_IMAGE = select(
+    Image.id, Image.sha256, Image.width, Image.height, Image.title, Source.kind.label("source_kind")
+).join(Source)
+UNRATED_CARDS = STILL_UNRATED.with_only_columns(*CARD_IMAGE.selected_columns).join(Source)
+CARDS = CARD_IMAGE.where(Image.id.in_(bindparam("ids", expanding=True)))
 
 
 def still_unrated(user_id: int, ids: list[int]) -> list[int]:
@@ -129,13 +134,19 @@ def still_unrated(user_id: int, ids: list[int]) -> list[int]:
     return [i for i in ids if i in ok]
 
 
-def unrated_images(user_id: int, ids: list[int]) -> dict[int, Image]:
-    """The images among `ids` that are visible and not yet rated by the person, with their
-    sources, by id: what still_unrated keeps, loaded in the same statement."""
-    if not ids:
-        return {}
-    found = db.session.scalars(UNRATED_IMAGES, {"user_id": user_id, "ids": ids})
-    return {image.id: image for image in found}
+def unrated_cards(user_id: int, ids: list[int]) -> dict[int, Row]:
+    """What the card shows (`CARD_IMAGE`) of the images among `ids` that are visible and not
+    yet rated by the person, by id: what still_unrated keeps, loaded in the same statement."""
+    return _cards(UNRATED_CARDS, {"user_id": user_id, "ids": ids}) if ids else {}
+
+
+def cards(ids: list[int]) -> dict[int, Row]:
+    """What the card shows (`CARD_IMAGE`) of the images `ids`, rated or not, by id."""
+    return _cards(CARDS, {"ids": ids}) if ids else {}
+
+
+def _cards(statement, params: dict) -> dict[int, Row]:
+    return {row.id: row for row in db.session.connection().execute(statement, params)}
 
 
 def next_pair(user_id: int, recent: list[int], tries: int = 8) -> tuple[int, int] | None:

@@ -8,20 +8,21 @@ from dataclasses import dataclass, field
 from flask import Blueprint, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 from sqlalchemy import bindparam, func, select
-from sqlalchemy.orm import joinedload
 
 from rating.database import statement_by_statement
-from rating.models import Comparison, Image, Rating, db
+from rating.models import Comparison, Image, Job, Rating, db
 from rating.picking import (
+    cards,
     join_history,
     join_ids,
     next_image_ids,
     next_pair,
     parse_history,
     parse_ids,
-    unrated_images,
+    unrated_cards,
 )
 from rating.ratings import save_pick, save_rating, undo_rating
+from rating.sources import demo
 
 bp = Blueprint("rate", __name__)
 
@@ -33,7 +34,7 @@ JUDGED_COUNTS = select(RATED_COUNT.scalar_subquery(), PICKS_COUNT.scalar_subquer
 def judged_counts(user_id: int) -> tuple[int, int]:
     """A person's star ratings and pairwise picks, counted in one statement (rate-and-next
     asks on every key press)."""
-    rated, picked = db.session.execute(JUDGED_COUNTS, {"user_id": user_id}).one()
+    rated, picked = db.session.connection().execute(JUDGED_COUNTS, {"user_id": user_id}).one()
     return rated, picked
 
 
@@ -97,12 +98,14 @@ def rate_from_form(image_id: int) -> int:
 def home():
     """Show the start page: what to do next, for a visitor, a rater or an admin."""
     pool = db.session.scalar(select(func.count(Image.id)).where(Image.hidden.is_(False)))
-    mine = 0
+    mine, loading = 0, None
     if current_user.is_authenticated:
         mine = db.session.scalar(
             select(func.count(Rating.id)).where(Rating.user_id == current_user.id)
         )
-    return render_template("home.html", pool=pool, mine=mine)
+        if not pool:  # an empty pool may be one the demo pack is filling right now
+            loading = db.session.scalar(select(Job).where(Job.lock_key == demo.LOCK))
+    return render_template("home.html", pool=pool, mine=mine, loading=loading)
 
 
 @bp.get("/rate")
@@ -169,7 +172,7 @@ def render_card(
     user_id = current_user.id
     config = current_app.config
     rating_now = [] if rating is None else [rating]
-    images = unrated_images(user_id, [*rating_now, *sitting.queue])  # ids and images at once
+    images = unrated_cards(user_id, [*rating_now, *sitting.queue])  # ids and images at once
     newly_rated = rating is not None and images.pop(rating, None) is not None
     queue = [i for i in sitting.queue if i in images]
     if focus is not None:
@@ -180,9 +183,7 @@ def render_card(
     sitting.queue = queue[: 1 + config["PICK_AHEAD"]]
     queue = queue[: 1 + config["PREFETCH"]]  # shown now, and loaded ahead by the browser
     missing = [i for i in queue if i not in images]  # just chosen, or the undone one
-    if missing:
-        shown = select(Image).options(joinedload(Image.source)).where(Image.id.in_(missing))
-        images |= {i.id: i for i in db.session.scalars(shown)}
+    images |= cards(missing)
     image = images.get(queue[0]) if queue else None
     current = None
     if image is not None and focus is not None:  # the rest of the queue is unrated by design

@@ -55,7 +55,7 @@ def save_rating(user_id: int, image_id: int, stars: int) -> bool:
     statement = _upsert(db.session.get_bind().dialect.name)
     params = {"user_id": user_id, "image_id": image_id, "stars": stars, "now": utcnow()}
     with write_turn():
-        stored = db.session.execute(statement, params).first() is not None
+        stored = db.session.connection().execute(statement, params).first() is not None
         db.session.commit()
     return stored
 

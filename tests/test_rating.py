@@ -9,7 +9,9 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import event
 
-from rating.models import Comparison, Image, Rating, db
+from rating import jobs
+from rating.models import Comparison, Image, Job, Rating, Source, db
+from rating.sources import demo
 
 
 def card(response) -> dict:
@@ -46,6 +48,16 @@ def test_rating_commits_and_shows_the_next_image(app, admin_site, client):
     assert after["rated"] == 1
     assert after["history"] == f"{first}:4"  # the image and the stars this page gave it
     assert 'id="rate-card"' in after["html"] and "<html" not in after["html"]  # a fragment
+
+
+def test_a_demo_pack_image_says_so_on_its_card_and_others_do_not(app, admin_site, client):
+    state = card(client.get("/rate"))  # the fixture's pool is the demo pack
+    assert "demo pack</figcaption>" in state["html"]
+    assert "demo pack</figcaption>" in rate(admin_site, state, 3)["html"]  # the next card too
+    with app.app_context():
+        db.session.execute(db.update(Source).values(kind="upload"))
+        db.session.commit()
+    assert "demo pack</figcaption>" not in card(client.get("/rate"))["html"]
 
 
 def test_the_next_images_are_prefetched(admin_site, client):
@@ -267,6 +279,28 @@ def test_empty_pool_says_what_to_do(site, client):
     assert "Load the demo pack" in client.get("/").get_data(as_text=True)
     assert "Nothing left to rate" in client.get("/rate").get_data(as_text=True)
     assert "Not enough images" in client.get("/pairs").get_data(as_text=True)
+
+
+def test_while_the_demo_pack_is_being_made_the_start_page_says_so(app, site, client, second_site):
+    site.register("admin")
+    with app.app_context():  # a pack queued and not yet in: what a worker has not reached
+        db.session.add(Job(owner_id=1, kind="demo_pack", lock_key=demo.LOCK, params={"count": 6}))
+        db.session.commit()
+    html = client.get("/").get_data(as_text=True)
+    assert "The demo pack is being made" in html and "pool is empty" not in html
+    assert 'hx-get="/jobs/' in html  # the admin who started it sees its progress, polled
+    second_site.register("bea")
+    html = second_site.client.get("/").get_data(as_text=True)
+    assert "An admin started it" in html and 'hx-get="/jobs/' not in html
+
+
+def test_loading_the_demo_pack_tells_the_start_page_to_say_so(site, client, monkeypatch):
+    site.register("admin")
+    monkeypatch.setattr(jobs, "_queue_task", lambda job: None)  # queued, no worker yet
+    response = site.post("/admin/demo", {"count": 3}, htmx=True)
+    assert response.headers["HX-Trigger"] == "job-started"  # the panel asks for itself again
+    html = client.get("/").get_data(as_text=True)
+    assert "The demo pack is being made" in html and "job-started from:body" in html
 
 
 def test_thumbnails_are_small_and_cached_for_long(app, admin_site, client):

@@ -11,6 +11,8 @@ from rating.models import Job, Source, db
 from rating.pool import ImportTally, PoolImporter
 from trainer.demo_art import demo_image_style, render_demo_image
 
+LOCK = "demo_pack"  # one demo pack at a time: each takes the next images, two would overlap
+
 
 def next_demo_index() -> int:
     """Return the first demo image index not loaded yet, so each click adds new images."""
