@@ -111,15 +111,16 @@ class JobProgress:
         if self.should_stop():
             raise JobCancelled()
 
-    def report(self, step: int, total: int, message: str = "") -> None:
-        """Record progress and commit it now and then; never raises."""
+    def report(self, step: int, total: int, message: str = "", shown: str = "") -> None:
+        """Record progress and commit it now and then; never raises. The page shows `shown`
+        where given (plain words for a trainer's figures), the log keeps `message`."""
         if step == 0 or total != self.job.total:
             # A count starts: the phase's pace, and so its ETA, is measured from now, not
             # from the loading and setup before it.
             self.job.phase_started_at = utcnow()
         self.job.progress, self.job.total = step, total
-        if message:
-            self.job.message = message[:500]
+        if shown or message:
+            self.job.message = (shown or message)[:500]
         now = time.monotonic()
         if now - self._last_commit >= self.min_interval or step >= total:
             if message:
@@ -137,6 +138,11 @@ class JobProgress:
         """A `report` for one part of a longer count: its own steps shown after `before` of
         `total`, so a phase made of several parts fills one bar that never starts over."""
         return lambda step, _of, message="": self.report(before + step, total, message)
+
+    def in_words(self, shown: str) -> Callable[..., None]:
+        """A `report` for a trainer whose messages are figures ("epoch 3: loss 0.412"): the
+        page says `shown`, and the figures go to the log."""
+        return lambda step, total, message="": self.report(step, total, message, shown)
 
     def should_stop(self) -> bool:
         """Return whether Cancel was pressed (reads the row afresh, at most twice a second)."""

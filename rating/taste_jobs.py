@@ -190,7 +190,7 @@ class TasteRun:
             scorer.ScorerConfig.from_dict(self.config["TASTE_SCORER"]),
             picks=self.picks,
             init=init,
-            progress=self.progress.report,
+            progress=self.progress.in_words("Learning what you like from your ratings"),
             should_stop=self.progress.should_stop,
         )
         self.progress.check()
@@ -238,7 +238,7 @@ class TasteRun:
             self.folder / SCORER,
             self.folder / LORA,
             images=self.pool_latents,
-            progress=self.progress.report,
+            progress=self.progress.in_words("Teaching the model to draw more of what you like"),
             should_stop=self.progress.should_stop,
         )
         result = self.smaller_after_oom(train, config)

@@ -646,6 +646,18 @@ def test_the_eta_counts_from_when_the_count_started_not_the_setup(app):
         assert 90 <= job.eta_seconds <= 110  # 98 steps left at a second each, not 4,900 s
 
 
+def test_a_trainers_figures_go_to_the_log_and_the_page_says_plain_words(app):
+    with app.app_context():
+        job = Job(kind="train_taste", owner_id=None, status="running")
+        db.session.add(job)
+        db.session.commit()
+        report = JobProgress(job).in_words("Learning what you like from your ratings")
+        report(3, 10, "epoch 2: loss 0.412")
+        assert (job.progress, job.total) == (3, 10)
+        assert job.message == "Learning what you like from your ratings"
+        assert "epoch 2: loss 0.412" in job.log and "epoch" not in job.message
+
+
 def test_while_a_training_runs_the_button_says_so_and_links_to_it(app, site):
     site.register("ada")
     with app.app_context():
