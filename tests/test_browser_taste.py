@@ -130,7 +130,10 @@ def test_train_my_taste_in_the_browser(page, problems, live_server, screenshots,
     page.get_by_role("button", name="Improve this image").click()
     refine = page.locator("#refine-job .refine-job")
     expect(refine).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
-    expect(refine.locator(".before-after img")).to_have_count(2)
+    expect(refine.locator(".before-after img")).to_have_count(3)  # the original, before, after
+    original = refine.locator("figure.original img")
+    expect(original).to_have_js_property("complete", True)
+    assert original.evaluate("img => img.naturalWidth") > 0  # the picture itself, loaded
     shoot(page, screenshots, "24-taste-improve-image")
 
     assert not problems, "\n".join(problems)

@@ -164,11 +164,11 @@ def gate(monkeypatch):
     held = Gate()
     report = JobProgress.report  # every report: the job's own and the trainers'
 
-    def waiting(self, step, total, message=""):
+    def waiting(self, step, total, message="", shown=""):
         if self.job.kind == "train_taste" and self.job.phase == held.phase:
             held.reached.set()
             held.release.wait(timeout=JOB_SECONDS)
-        return report(self, step, total, message)
+        return report(self, step, total, message, shown)
 
     monkeypatch.setattr(JobProgress, "report", waiting)
     yield held
@@ -182,10 +182,10 @@ def test_train_my_taste_from_ratings_to_a_downloaded_lora(site_app, tmp_path, mo
     counted = []  # (step, total) the results phase reports: one bar, never starting over
     report = JobProgress.report
 
-    def recorded(progress, step, total, message=""):
+    def recorded(progress, step, total, message="", shown=""):
         if progress.job.kind == "train_taste" and progress.job.phase == "results":
             counted.append((step, total))
-        report(progress, step, total, message)
+        report(progress, step, total, message, shown)
 
     monkeypatch.setattr(JobProgress, "report", recorded)
     ada = person(site_app, "ada")
@@ -311,7 +311,8 @@ def improve_an_image(app, site: Site) -> None:
     """On an image's page, "Improve this image" refines it with my scorer: both scores shown."""
     with app.app_context():
         pool = select(Image.id).where(Image.hidden.is_(False))  # not a blind-check picture
-        image_id = db.session.scalar(pool.order_by(Image.id.desc()))
+        image = db.session.scalar(select(Image).where(Image.id.in_(pool)).order_by(Image.id.desc()))
+        image_id = image.id
     page = site.client.get(f"/taste/images/{image_id}").get_data(as_text=True)
     assert re.search(r'id="improve-button"\s*>', page)  # enabled: I have a scorer
     response = site.post(f"/taste/images/{image_id}/improve", htmx=True)
@@ -321,6 +322,7 @@ def improve_an_image(app, site: Site) -> None:
     before = float(re.search(r'class="score-before">([\d.]+)<', html).group(1))
     after = float(re.search(r'class="score-after">([\d.]+)<', html).group(1))
     assert after >= before and "demo model" in html
+    assert f'href="/img/{image.sha256}/original"' in html  # the original, beside the two
     for which in ("before", "after"):
         picture = fetch(site, f"/taste/refined/{job_id}/{which}.png")
         assert picture.status_code == 200 and picture.data.startswith(b"\x89PNG")
