@@ -12,11 +12,13 @@ DEFAULTS: dict[str, object] = {
     # Where the server listens; 127.0.0.1 keeps a fresh install private to this machine.
     "HOST": "127.0.0.1",
     "PORT": 5000,
-    # Worker threads of each web process; 0: 4 with one process, 2 each with several. Python
-    # runs one thread at a time per process: threads past that only overlap waits (database,
-    # slow clients), and several processes already overlap one another's. bench/rating_load.py,
-    # 4 processes on 2 cores, PostgreSQL: 311 ratings/s and p99 210 ms with 2 threads each,
-    # 294 and 323 ms with 4; one process: 4 threads serve static files in half the p99 of 2.
+    # Worker threads of each web process; 0: two per core shared among the processes, 1 to 4
+    # each (on 2 cores: 4 for one process, 2 each for two, 1 each for four). Python runs one
+    # thread at a time per process: threads past that only overlap waits (database, slow
+    # clients), and several processes already overlap one another's. bench/rating_load.py,
+    # 4 processes on 2 cores, PostgreSQL: p99 210 ms with 2 threads each against 323 with 4,
+    # then 226 and 257 ms with 1 each against 275 and 316 with 2; one process: 4 threads
+    # serve static files in half the p99 of 2 (rating/server.py server_threads).
     "SERVER_THREADS": 0,
     # Processes that serve the site, each with SERVER_THREADS threads (0: one per core). With
     # more than one, `python app.py` forks them on one socket and runs the job worker beside

@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 import pytest
 from flask import Flask, request
 
-from rating.server import MAX_CHUNK_LINE, MAX_TRAILER, server_threads, settle_heap
+from rating import server
+from rating.server import MAX_CHUNK_LINE, MAX_TRAILER, server_threads, settle_heap, web_processes
 from tests.serving import serving
 
 HEAD = (
@@ -95,12 +96,17 @@ def test_other_clients_are_served_while_one_sends_a_bad_line(echo_url):
         ).endswith("pong")
 
 
-def test_one_web_process_gets_four_threads_and_several_two_each():
+def test_web_processes_share_two_threads_a_core(monkeypatch):
+    monkeypatch.setattr(server, "cores", lambda: 2)
     app = Flask(__name__)
-    app.config.update(SERVER_THREADS=0, WEB_PROCESSES=1)
-    assert server_threads(app) == 4
-    app.config.update(WEB_PROCESSES=3)
-    assert server_threads(app) == 2
+    app.config.update(SERVER_THREADS=0, WEB_PROCESSES=0)
+    assert (web_processes(app), server_threads(app)) == (2, 2)  # one process per core
+    for processes, threads in ((1, 4), (2, 2), (3, 1), (4, 1), (16, 1)):
+        app.config.update(WEB_PROCESSES=processes)
+        assert server_threads(app) == threads
+    monkeypatch.setattr(server, "cores", lambda: 16)
+    app.config.update(WEB_PROCESSES=1)
+    assert server_threads(app) == 4  # never more: they would only contend for the GIL
     app.config.update(SERVER_THREADS=6)
     assert server_threads(app) == 6  # as set
 
