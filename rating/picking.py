@@ -122,7 +122,7 @@ STILL_UNRATED = _unrated(bindparam("user_id"), []).where(
 CARD_IMAGE = select(
     Image.id, Image.sha256, Image.width, Image.height, Image.title, Source.kind.label("source_kind")
 ).join(Source)
-UNRATED_CARDS = STILL_UNRATED.with_only_columns(*CARD_IMAGE.selected_columns).join(Source)
+UNRATED_CARDS = CARD_IMAGE.where(STILL_UNRATED.whereclause)
 CARDS = CARD_IMAGE.where(Image.id.in_(bindparam("ids", expanding=True)))
 
 
