@@ -13,7 +13,14 @@ held-out images.
 With --refresh N the list is also remade every N ratings between checkpoints, from a quick
 refit (`REFRESH`), as a page that kept its scorer up to date while the person rates would.
 
+With --oracle N, a bound on any way of choosing instead: from the same `--start` random ratings,
+each next image up to N is the one (of `--oracle-candidates` unrated ones drawn at random) whose
+rating most raises the held-out SRCC itself, a cheat no selection can use: the statistics head's
+ridge fit, with the penalty and weights chosen at the start, is refitted for every candidate and
+scored on the held-out images. The product's scorer is then trained on those N ratings.
+
     .venv/bin/python bench/active_selection.py        # --raters ..., --checkpoints 30 50 100 200
+    .venv/bin/python bench/active_selection.py --oracle 50
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import statistics
 import time
 
 import torch
+from scipy.stats import rankdata
 from scorer_battery import Rater, data_file, fields, srcc, tastes
 
 from rating.picking import in_turn
@@ -80,6 +88,29 @@ def sitting(stars, pool, test, test_stars, share: float, args, seed: int) -> dic
     return found
 
 
+def oracle_sitting(stars, pool, test, test_stars, args, seed: int) -> float:
+    """SRCC after `args.oracle` ratings chosen by their effect on the held-out SRCC (see above)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(pool), generator=g).tolist()
+    rated = order[: args.start]
+    model = sc.train(data_file(pool[rated], stars[rated])).model
+    scale = model.stats_scale.double()
+    z = model.standardised_stats(pool).double() * scale
+    z_test = model.standardised_stats(test).double() * scale
+    alpha, truth = float(model.stats_alpha), torch.from_numpy(rankdata(test_stars))
+
+    def held_out(rows: list[int]) -> float:
+        weights, _ = sc.ridge(z[rows], stars[rows], alpha)
+        return sc._pearson(torch.from_numpy(rankdata(z_test @ weights.double())), truth)
+
+    while len(rated) < args.oracle:
+        unrated = [i for i in order if i not in set(rated)]
+        drawn = torch.randperm(len(unrated), generator=g)[: args.oracle_candidates]
+        rated.append(max((unrated[k] for k in drawn), key=lambda i: held_out(rated + [i])))
+    model = sc.train(data_file(pool[rated], stars[rated])).model
+    return srcc(sc.predict(model, test), test_stars)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", type=int, default=32)
@@ -92,6 +123,8 @@ def main() -> None:
     parser.add_argument("--raters", nargs="+", help="names from the battery (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refresh", type=int, default=0, help="refit the list every N ratings")
+    parser.add_argument("--oracle", type=int, default=0, help="bound: rate up to N by a cheat")
+    parser.add_argument("--oracle-candidates", type=int, default=60)
     args = parser.parse_args()
     g = torch.Generator().manual_seed(args.seed)
     battery = tastes(args.side)
@@ -100,6 +133,18 @@ def main() -> None:
     raters = [r for r in raters if not args.raters or r.name in args.raters]
     pool, test = fields(args.pool, args.side, g), fields(args.test, args.side, g)
     began = time.perf_counter()
+    if args.oracle:
+        found = []
+        for k, rater in enumerate(raters):
+            stars, test_stars = rater.stars(pool), rater.stars(test)
+            found.append(oracle_sitting(stars, pool, test, test_stars, args, seed=args.seed + k))
+            print(f"  {rater.name:22s} oracle  N={args.oracle}: {found[-1]:.3f}", flush=True)
+        print(
+            f"\nSYNTHETIC: {len(raters)} battery raters; mean SRCC after {args.start} random "
+            f"ratings and {args.oracle - args.start} chosen by the held-out SRCC itself: "
+            f"{statistics.fmean(found):.3f} ({time.perf_counter() - began:.0f} s)"
+        )
+        return
     table: dict[float, dict[int, list[float]]] = {
         s: {n: [] for n in args.checkpoints} for s in args.shares
     }

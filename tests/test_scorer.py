@@ -397,3 +397,35 @@ def test_how_much_of_a_crowd_a_scorer_keeps_is_chosen_by_cross_validation(traine
     assert found[60, "opposite"][1] > 0.6 and found[240, "opposite"][1] > 0.8, found
     scratch = sc.train(synthetic(60, seed=21), TINY).metrics
     assert scratch["crowd_weight"] is None and scratch["dropped_crowd"] is False
+
+
+def test_a_trained_epoch_replaces_the_fitted_head_only_when_it_is_surely_better():
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(1, 6, (60,), generator=g).float()
+    close = target + 0.3 * torch.randn(60, generator=g)
+    guess = torch.randn(60, generator=g)
+    assert sc._confidently_better(close, guess, target, 0.95)
+    assert not sc._confidently_better(guess, close, target, 0.95)
+    assert not sc._confidently_better(close, close, target, 0.5)  # a tie is no win
+    # six held-out images (30 ratings): one misordered pair against two is better, not surely
+    few = torch.tensor([1.0, 2, 3, 4, 5, 3])
+    ours, theirs = torch.tensor([2.0, 1, 3, 4, 5, 3.5]), torch.tensor([2.0, 1, 4, 3, 5, 3.5])
+    assert sc._confidently_better(ours, theirs, few, 0.5)
+    assert not sc._confidently_better(ours, theirs, few, 0.95)
+    unrated = torch.full((4,), float("nan"))  # nothing rated to judge by: no replacement
+    assert not sc._confidently_better(unrated, unrated, unrated, 0.0)
+
+
+def test_with_few_ratings_the_fitted_head_is_chosen_again_on_all_of_them():
+    """30 ratings leave 6 held-out images: no epoch can surely beat the fitted head there, and
+    the head is then fitted on all 30, its penalty and weights chosen on all of them."""
+    data = synthetic(30, seed=4)
+    trained = sc.train(data, TINY)
+    assert trained.metrics["best_epoch"] == 0, trained.metrics
+    fresh = sc.Scorer(TINY)
+    fresh.fit_stats(data.latents)
+    torch.nn.init.zeros_(fresh.net.fc.weight)
+    torch.nn.init.zeros_(fresh.net.fc.bias)
+    sc.fit_stats_head(fresh, data.latents, data.scores, torch.arange(30))
+    x = synthetic(50, seed=5).latents
+    assert torch.allclose(sc.predict(trained.model, x), sc.predict(fresh.eval(), x), atol=1e-5)

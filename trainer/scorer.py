@@ -82,6 +82,10 @@ class ScorerConfig(FromDict):
     # cross-validation, so a taste for composition is within reach without costing the others
     stats: int = 2
     baseline_margin: float = 0.01  # held-out SRCC a trained epoch must add to replace it
+    # ... and in this share of paired bootstrap resamples of the held-out images it must rank
+    # them better than the fitted head alone: a fifth of a few dozen ratings is a noisy judge,
+    # and the best of many epochs beats a sound baseline by luck (bench/README.md, the choice)
+    baseline_confidence: float = 0.95
 
 
 LAYOUT_GRIDS = (4, 8, 16, 32)  # where the energy sits, coarse to fine (composition)
@@ -258,6 +262,8 @@ class Scorer(nn.Module):
 
 
 RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+CHOOSE_AGAIN_BELOW = 500  # ratings under which the refit on all of them chooses afresh: at 1,000
+# choosing again costs ~17 s of cross-validation and changes little (bench/README.md, the choice)
 FEW_FOR_CV = 8  # under this many rated training rows, no cross-validation: the largest alpha
 # (5 folds of 8 rows are noisy, but the choice between a crowd's say and none is one comparison,
 # and the largest alpha alone let a crowd unlike the person outvote their first ratings)
@@ -831,9 +837,12 @@ def train(
     patience = math.ceil(config.patience * epochs / config.epochs)
     total = steps_per_epoch * epochs
     best, best_state, best_epoch, stale, step, epochs_run = None, None, 0, 0, 0, 0
+    head_alone = None  # the fitted head's held-out guesses, which a trained epoch must beat
     if len(val_rows) and model.stats_head is not None:  # the fitted head alone, as a baseline
         model.eval()
-        best = _evaluate(model, latents[val_rows], scores[val_rows], val_picks, cached, device)
+        best, head_alone = _evaluate(
+            model, latents[val_rows], scores[val_rows], val_picks, cached, device
+        )
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for epoch in range(epochs):
         if should_stop():
@@ -868,11 +877,19 @@ def train(
             best_epoch = epoch + 1
             continue
         model.eval()
-        found = _evaluate(model, latents[val_rows], scores[val_rows], val_picks, cached, device)
-        # over the fitted head alone, the CNN must win by a margin: 20% of a few hundred
-        # images is a noisy judge, and a lucky epoch would replace a sound baseline
-        margin = config.baseline_margin if best_epoch == 0 and best is not None else 0.0
-        if best is None or _quality(found) > _quality(best) + margin:
+        found, guesses = _evaluate(
+            model, latents[val_rows], scores[val_rows], val_picks, cached, device
+        )
+        # over the fitted head alone, the CNN must win by a margin and with confidence: 20% of
+        # a few hundred images is a noisy judge, and a lucky epoch would replace a sound baseline
+        over_head = best_epoch == 0 and best is not None
+        margin = config.baseline_margin if over_head else 0.0
+        better = best is None or _quality(found) > _quality(best) + margin
+        if better and over_head and found.get("srcc") is not None:
+            better = _confidently_better(
+                guesses, head_alone, scores[val_rows], config.baseline_confidence
+            )
+        if better:
             best, best_epoch, stale = found, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
@@ -881,13 +898,15 @@ def train(
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+    rated = int(torch.isfinite(data.scores).sum())
     if best_epoch == 0 and model.stats_head is not None and (not crowd_head or crowd_weight == 0):
         # the fitted head alone did best (with no say left to a crowd): fit it again on every
         # rating, held-out ones too (the figures stay those measured on the held-out images
-        # before this refit): from scratch as chosen on the training rows; with the crowd set
-        # aside, choosing afresh, as its choice leaned on the crowd's tastes
+        # before this refit), choosing the penalty and weights afresh when ratings are few
+        # (a fifth more to choose from is worth most then) or when the crowd was set aside
+        # (its choice leaned on the crowd's tastes); else as chosen on the training rows
         every = torch.arange(len(data.scores))
-        again = not crowd_head
+        again = not crowd_head and rated >= CHOOSE_AGAIN_BELOW
         fit_stats_head(model.cpu(), data.latents, data.scores, every, picks=picks, again=again)
     model.eval()
     result = dict(best or {})
@@ -901,7 +920,6 @@ def train(
         dropped_crowd=crowd_weight == 0,
     )
     progress(total, total, f"done: held-out SRCC {result.get('srcc')}")
-    rated = int(torch.isfinite(data.scores).sum())
     return TrainedScorer(
         model=model.cpu(),
         config=config,
@@ -955,13 +973,43 @@ def _evaluate(
     cached: bool,
     device: torch.device,
 ) -> dict:
+    """Held-out metrics, and the guesses they were measured on."""
     logits = _logits(model, x, cached, device)
     pred = model.to_score(logits.to(device)).cpu()
     rated = torch.isfinite(target)
     found = metrics(pred[rated], target[rated]) if rated.sum() > 1 else {"srcc": None}
     if picks:
         found["pick_accuracy"] = pick_accuracy(pred, picks)
-    return found
+    return found, pred
+
+
+RESAMPLES = 200  # paired bootstrap resamples behind `_confidently_better`
+
+
+def _confidently_better(
+    pred: torch.Tensor, baseline: torch.Tensor, target: torch.Tensor, confidence: float
+) -> bool:
+    """Whether `pred` ranks the rated targets better (SRCC) than `baseline` does in at least
+    `confidence` of paired bootstrap resamples of them (the same images for both, so what
+    they share cancels)."""
+    rated = torch.isfinite(target)
+    pred, baseline, target = pred[rated], baseline[rated], target[rated]
+    if len(target) < 3:
+        return False
+    drawn = torch.randint(
+        len(target), (RESAMPLES, len(target)), generator=torch.Generator().manual_seed(0)
+    )
+    ranks = [rankdata(v.double().numpy()[drawn.numpy()], axis=1) for v in (pred, baseline, target)]
+    ours, theirs, truth = (torch.from_numpy(r) for r in ranks)
+    wins = _row_pearson(ours, truth) > _row_pearson(theirs, truth)
+    return float(wins.double().mean()) >= confidence
+
+
+def _row_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b (0 where one is constant)."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    denominator = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(denominator > 0, (a * b).sum(1) / denominator.clamp_min(1e-300), 0.0)
 
 
 def _quality(found: dict) -> float:
