@@ -473,6 +473,7 @@ def fit_stats_head(
     return kept
 
 
+CROWD_SAY = ("net.fc.", "stats_head.", "stats_scale")  # what a personal fit scales or sets
 CROWD_WEIGHTS = (1.0, 0.5, 0.0)  # how much of a crowd model's say a personal fit may keep
 
 
@@ -808,6 +809,8 @@ def train(
     )
     train_picks, val_picks = _split_picks(picks, train_rows, val_rows)
     crowd_weight = None  # with a crowd model's head: how much of its say the scorer keeps
+    # the crowd's own say, as loaded, for a refit on every rating (see below)
+    crowd = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(CROWD_SAY)}
     if model.stats_head is not None:
         if not crowd_head:  # the crowd's head keeps its own standardisation
             model.fit_stats(latents)
@@ -899,15 +902,19 @@ def train(
     if best_state is not None:
         model.load_state_dict(best_state)
     rated = int(torch.isfinite(data.scores).sum())
-    if best_epoch == 0 and model.stats_head is not None and (not crowd_head or crowd_weight == 0):
-        # the fitted head alone did best (with no say left to a crowd): fit it again on every
-        # rating, held-out ones too (the figures stay those measured on the held-out images
-        # before this refit), choosing the penalty and weights afresh when ratings are few
-        # (a fifth more to choose from is worth most then) or when the crowd was set aside
-        # (its choice leaned on the crowd's tastes); else as chosen on the training rows
-        every = torch.arange(len(data.scores))
-        again = not crowd_head and rated >= CHOOSE_AGAIN_BELOW
-        fit_stats_head(model.cpu(), data.latents, data.scores, every, picks=picks, again=again)
+    if best_epoch == 0 and model.stats_head is not None:
+        # the fitted head alone did best: fit it again on every rating, held-out ones too (the
+        # figures stay those measured on the held-out images before this refit). Under
+        # CHOOSE_AGAIN_BELOW ratings everything is chosen afresh on all of them, the crowd's
+        # say too (a fifth more to choose from is worth most when there are few); above, as
+        # chosen on the training rows, and a crowd that keeps a say keeps that fit
+        every, few = torch.arange(len(data.scores)), rated < CHOOSE_AGAIN_BELOW
+        if crowd_head and few:
+            model.cpu().load_state_dict(crowd, strict=False)
+            crowd_weight = fit_stats_head(model, data.latents, data.scores, every, True, picks)
+        elif not crowd_head or crowd_weight == 0:  # with the crowd set aside, as from scratch
+            again = not crowd_head and not few
+            fit_stats_head(model.cpu(), data.latents, data.scores, every, picks=picks, again=again)
     model.eval()
     result = dict(best or {})
     result.update(
