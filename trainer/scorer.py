@@ -979,7 +979,7 @@ def _evaluate(
     picks: Sequence[Pick],
     cached: bool,
     device: torch.device,
-) -> dict:
+) -> tuple[dict, torch.Tensor]:
     """Held-out metrics, and the guesses they were measured on."""
     logits = _logits(model, x, cached, device)
     pred = model.to_score(logits.to(device)).cpu()
