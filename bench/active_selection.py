@@ -30,7 +30,6 @@ import statistics
 import time
 
 import torch
-from scipy.stats import rankdata
 from scorer_battery import Rater, data_file, fields, srcc, tastes
 
 from rating.picking import in_turn
@@ -97,14 +96,15 @@ def oracle_sitting(stars, pool, test, test_stars, args, seed: int) -> float:
     scale = model.stats_scale.double()
     z = model.standardised_stats(pool).double() * scale
     z_test = model.standardised_stats(test).double() * scale
-    alpha, truth = float(model.stats_alpha), torch.from_numpy(rankdata(test_stars))
+    alpha = float(model.stats_alpha)
 
     def held_out(rows: list[int]) -> float:
         weights, _ = sc.ridge(z[rows], stars[rows], alpha)
-        return sc._pearson(torch.from_numpy(rankdata(z_test @ weights.double())), truth)
+        return srcc(z_test @ weights.double(), test_stars)
 
     while len(rated) < args.oracle:
-        unrated = [i for i in order if i not in set(rated)]
+        taken = set(rated)
+        unrated = [i for i in order if i not in taken]
         drawn = torch.randperm(len(unrated), generator=g)[: args.oracle_candidates]
         rated.append(max((unrated[k] for k in drawn), key=lambda i: held_out(rated + [i])))
     model = sc.train(data_file(pool[rated], stars[rated])).model

@@ -310,8 +310,8 @@ def assert_other_downloads(site: Site, version: TasteVersion, tmp_path: Path) ->
 def improve_an_image(app, site: Site) -> None:
     """On an image's page, "Improve this image" refines it with my scorer: both scores shown."""
     with app.app_context():
-        pool = select(Image.id).where(Image.hidden.is_(False))  # not a blind-check picture
-        image = db.session.scalar(select(Image).where(Image.id.in_(pool)).order_by(Image.id.desc()))
+        pool = select(Image).where(Image.hidden.is_(False))  # not a blind-check picture
+        image = db.session.scalar(pool.order_by(Image.id.desc()))
         image_id = image.id
     page = site.client.get(f"/taste/images/{image_id}").get_data(as_text=True)
     assert re.search(r'id="improve-button"\s*>', page)  # enabled: I have a scorer

@@ -576,9 +576,14 @@ def implied_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denominator = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denominator if denominator > 0 else 0.0  # constant → 0
+    return float(_row_pearson(a.double().view(1, -1), b.double().view(1, -1))[0])
+
+
+def _row_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b (0 where one is constant)."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    denominator = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(denominator > 0, (a * b).sum(1) / denominator.clamp_min(1e-300), 0.0)
 
 
 def pick_accuracy(pred: torch.Tensor, picks: Sequence[Pick]) -> float | None:
@@ -810,7 +815,8 @@ def train(
     train_picks, val_picks = _split_picks(picks, train_rows, val_rows)
     crowd_weight = None  # with a crowd model's head: how much of its say the scorer keeps
     # the crowd's own say, as loaded, for a refit on every rating (see below)
-    crowd = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(CROWD_SAY)}
+    state = model.state_dict().items() if crowd_head else ()
+    crowd = {k: v.clone() for k, v in state if k.startswith(CROWD_SAY)}
     if model.stats_head is not None:
         if not crowd_head:  # the crowd's head keeps its own standardisation
             model.fit_stats(latents)
@@ -1010,13 +1016,6 @@ def _confidently_better(
     ours, theirs, truth = (torch.from_numpy(r) for r in ranks)
     wins = _row_pearson(ours, truth) > _row_pearson(theirs, truth)
     return float(wins.double().mean()) >= confidence
-
-
-def _row_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of each row of a with the same row of b (0 where one is constant)."""
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    denominator = a.norm(dim=1) * b.norm(dim=1)
-    return torch.where(denominator > 0, (a * b).sum(1) / denominator.clamp_min(1e-300), 0.0)
 
 
 def _quality(found: dict) -> float:
